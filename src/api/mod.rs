@@ -1,0 +1,124 @@
+//! HTTP: every route, the OCI error model and the one-line request log. The only module that knows URLs.
+//! No compression layer: clients rely on identity encoding for digests and ranges (protocol.md §0.4).
+
+mod blobs;
+pub mod error;
+mod manifests;
+mod ops;
+mod passthrough;
+pub mod path;
+pub mod range;
+
+use crate::cache::Outcome;
+use crate::oci::RepoName;
+use crate::state::AppState;
+use crate::upstream::RegistryClient;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use error::{Error, ErrorNote, OciCode};
+use http::{HeaderValue, Method, header};
+use path::Endpoint;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Which upstream served a request and how, attached to responses for the request log.
+#[derive(Debug, Clone)]
+pub struct RequestNote {
+    /// Registry name.
+    pub registry: String,
+    /// Cache outcome.
+    pub outcome: Outcome,
+}
+
+/// A request routed to an upstream: the state, the registry client and the upstream repository name.
+pub struct Routed {
+    /// Shared state.
+    pub state: AppState,
+    /// The registry.
+    pub client: Arc<RegistryClient>,
+    /// The repository as the upstream names it.
+    pub repo: RepoName,
+}
+
+/// The application: `/v2/` API, health endpoints, request log and API-version header.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2/", get(base))
+        .route("/v2", get(base))
+        .route("/v2/{*rest}", any(dispatch))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .fallback(|| async { Error::new(OciCode::NameUnknown, "unknown endpoint") })
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+async fn base() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], "{}")
+}
+
+async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let headers = req.headers().clone();
+    let rest = uri.path().strip_prefix("/v2/").unwrap_or_default();
+    let ns: Option<String> = uri
+        .query()
+        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "ns").map(|(_, v)| v.into_owned()));
+    let result = async {
+        let endpoint = path::parse(rest);
+        if !matches!(method, Method::GET | Method::HEAD) || matches!(endpoint, Ok(Endpoint::Upload)) {
+            return Err(Error::new(OciCode::Unsupported, "wharf is a pull-only mirror"));
+        }
+        let routed = |name: &str| -> Result<Routed, Error> {
+            let (client, repo) = state.upstreams.route(ns.as_deref(), name)?;
+            Ok(Routed { state: state.clone(), client, repo })
+        };
+        let head = method == Method::HEAD;
+        match endpoint? {
+            Endpoint::Blob(name, digest) if head => blobs::head(routed(name)?, digest).await,
+            Endpoint::Blob(name, digest) => blobs::get(routed(name)?, digest, &headers).await,
+            Endpoint::Manifest(name, reference) => manifests::get_or_head(routed(name)?, reference, &headers, !head).await,
+            Endpoint::TagsList(name) => passthrough::forward(routed(name)?, "tags/list", uri.query()).await,
+            Endpoint::Referrers(name, digest) => {
+                passthrough::forward(routed(name)?, &format!("referrers/{digest}"), uri.query()).await
+            }
+            Endpoint::Upload => unreachable!("handled above"),
+        }
+    }
+    .await;
+    let mut resp = result.unwrap_or_else(IntoResponse::into_response);
+    if let Some(ns) = ns.and_then(|ns| HeaderValue::from_str(&ns).ok()) {
+        // distribution-spec "Registry Proxying": echo the namespace the request was scoped to.
+        resp.headers_mut().insert("oci-namespace", ns);
+    }
+    resp
+}
+
+/// One line per request, and the API-version header on every response.
+async fn log_request(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let target = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    let note = resp.extensions().get::<RequestNote>();
+    let bytes = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-");
+    let error = resp.extensions().get::<ErrorNote>().map(|n| n.0.as_str()).unwrap_or("");
+    tracing::info!(
+        target: "wharf::request",
+        %method,
+        target = %target,
+        status = resp.status().as_u16(),
+        upstream = note.map(|n| n.registry.as_str()).unwrap_or("-"),
+        cache = note.map(|n| n.outcome.as_str()).unwrap_or("-"),
+        bytes,
+        ms = start.elapsed().as_millis() as u64,
+        error,
+        "request"
+    );
+    resp
+}

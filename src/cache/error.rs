@@ -1,0 +1,36 @@
+//! What the cache can report to the API layer.
+
+use crate::oci::Digest;
+
+/// A cache failure; `api` maps each variant to an OCI error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The upstream could not supply the content.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::Error),
+    /// The upstream's bytes did not hash to the requested digest; nothing was stored.
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// What the client asked for.
+        expected: Digest,
+        /// What the bytes hashed to.
+        actual: Digest,
+    },
+    /// The upstream sent a different number of bytes than it announced.
+    #[error("size mismatch: announced {announced}, received {received}")]
+    SizeMismatch {
+        /// `Content-Length`.
+        announced: u64,
+        /// Bytes received.
+        received: u64,
+    },
+    /// Local disk failure.
+    #[error("storage I/O")]
+    Io(#[from] std::io::Error),
+    /// Metadata database failure.
+    #[error("metadata database")]
+    Meta(#[from] sled::Error),
+    /// A blocking task panicked or was cancelled.
+    #[error("background task failed")]
+    Task(#[from] tokio::task::JoinError),
+}

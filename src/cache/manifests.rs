@@ -1,0 +1,219 @@
+//! Manifests and tags: by-digest manifests are immutable and cached forever; tags are answered from cache
+//! within the freshness window, revalidated with a HEAD after it, and served stale when the upstream fails.
+
+use super::meta::{TagEntry, now_secs};
+use super::{Cache, Error, Outcome};
+use crate::oci::{AcceptSet, Digest, Reference, RepoName};
+use crate::upstream::{self, RegistryClient};
+use bytes::Bytes;
+
+/// A manifest's identity, enough for a HEAD answer.
+#[derive(Debug, Clone)]
+pub struct ManifestInfo {
+    /// sha256 of the exact bytes.
+    pub digest: Digest,
+    /// Media type exactly as the upstream sent it.
+    pub media_type: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A manifest answer: always the info; the bytes for GET.
+#[derive(Debug, Clone)]
+pub struct ManifestAnswer {
+    /// Digest, type, size.
+    pub info: ManifestInfo,
+    /// Exact bytes (None for HEAD).
+    pub bytes: Option<Bytes>,
+    /// Hit, miss, revalidated or stale.
+    pub outcome: Outcome,
+}
+
+/// Registries answer a tag with a platform manifest when lists are not accepted, so the cache keeps the
+/// two answers apart.
+fn tag_key(registry: &str, repo: &RepoName, tag: &str, accept: &AcceptSet) -> String {
+    let class = if accept.accepts_index() { "index" } else { "single" };
+    format!("{registry}/{repo}:{tag}#{class}")
+}
+
+/// A manifest body without a usable `Content-Type`: take its `mediaType` field, else assume OCI.
+fn sniff_media_type(bytes: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(bytes)
+        .ok()
+        .and_then(|p| p.media_type)
+        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into())
+}
+
+impl Cache {
+    /// GET (`want_body`) or HEAD a manifest by tag or digest.
+    pub async fn manifest(
+        &self,
+        client: &RegistryClient,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &AcceptSet,
+        want_body: bool,
+    ) -> Result<ManifestAnswer, Error> {
+        match reference {
+            Reference::Digest(d) => self.manifest_by_digest(client, repo, d, accept, want_body).await,
+            Reference::Tag(t) => self.manifest_by_tag(client, repo, t, accept, want_body).await,
+        }
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        client: &RegistryClient,
+        repo: &RepoName,
+        digest: &Digest,
+        accept: &AcceptSet,
+        want_body: bool,
+    ) -> Result<ManifestAnswer, Error> {
+        if let Some((info, bytes)) = self.read_manifest(digest).await? {
+            return Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Hit });
+        }
+        if !want_body {
+            let head = client.head_manifest(repo, &digest.to_string(), accept).await?;
+            if let (Some(size), false) = (head.size, head.media_type.is_empty()) {
+                let info = ManifestInfo { digest: digest.clone(), media_type: head.media_type, size };
+                return Ok(ManifestAnswer { info, bytes: None, outcome: Outcome::Miss });
+            }
+        }
+        let (info, bytes) = self.fetch_manifest(client, repo, &digest.to_string(), accept, Some(digest)).await?;
+        Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Miss })
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        client: &RegistryClient,
+        repo: &RepoName,
+        tag: &str,
+        accept: &AcceptSet,
+        want_body: bool,
+    ) -> Result<ManifestAnswer, Error> {
+        let key = tag_key(&client.name, repo, tag, accept);
+        let known = self.shared.meta.tag(&key)?;
+        let now = now_secs();
+        if let Some(entry) = known.as_ref().filter(|e| now < e.checked_at.saturating_add(self.shared.tag_ttl)) {
+            return self.answer_from_entry(client, repo, entry, accept, want_body, Outcome::Hit).await;
+        }
+        let Some(entry) = known else {
+            return self.fetch_tag(client, repo, tag, &key, accept, want_body).await;
+        };
+        match client.head_manifest(repo, tag, accept).await {
+            Ok(head) if head.digest.as_ref() == Some(&entry.digest) => {
+                let entry = TagEntry { checked_at: now, ..entry };
+                self.shared.meta.put_tag(&key, &entry)?;
+                self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Revalidated).await
+            }
+            Ok(_) => self.fetch_tag(client, repo, tag, &key, accept, want_body).await,
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(registry = %client.name, %repo, tag, error = %e, "upstream failed; serving last known manifest");
+                match self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Stale).await {
+                    Ok(answer) => Ok(answer),
+                    Err(_) => Err(e.into()),
+                }
+            }
+            Err(upstream::Error::NotFound) => {
+                self.shared.meta.remove_tag(&key)?;
+                Err(upstream::Error::NotFound.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// GETs a tag upstream (by digest when a HEAD already told it), stores it and records the tag.
+    async fn fetch_tag(
+        &self,
+        client: &RegistryClient,
+        repo: &RepoName,
+        tag: &str,
+        key: &str,
+        accept: &AcceptSet,
+        want_body: bool,
+    ) -> Result<ManifestAnswer, Error> {
+        let (info, bytes) = self.fetch_manifest(client, repo, tag, accept, None).await?;
+        let entry =
+            TagEntry { digest: info.digest.clone(), media_type: info.media_type.clone(), size: info.size, checked_at: now_secs() };
+        self.shared.meta.put_tag(key, &entry)?;
+        Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Miss })
+    }
+
+    async fn answer_from_entry(
+        &self,
+        client: &RegistryClient,
+        repo: &RepoName,
+        entry: &TagEntry,
+        accept: &AcceptSet,
+        want_body: bool,
+        outcome: Outcome,
+    ) -> Result<ManifestAnswer, Error> {
+        let cached = self.read_manifest(&entry.digest).await?;
+        let (info, bytes) = match cached {
+            Some(found) => found,
+            None if outcome == Outcome::Stale => return Err(Error::Io(std::io::ErrorKind::NotFound.into())),
+            None => self.fetch_manifest(client, repo, &entry.digest.to_string(), accept, Some(&entry.digest)).await?,
+        };
+        Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome })
+    }
+
+    /// GETs a manifest, checks it against `expected` (or the upstream's `Docker-Content-Digest`), stores it.
+    async fn fetch_manifest(
+        &self,
+        client: &RegistryClient,
+        repo: &RepoName,
+        reference: &str,
+        accept: &AcceptSet,
+        expected: Option<&Digest>,
+    ) -> Result<(ManifestInfo, Bytes), Error> {
+        let (head, bytes) = client.get_manifest(repo, reference, accept).await?;
+        let digest = match expected.or(head.digest.as_ref()) {
+            Some(d) if d.matches(&bytes) => d.clone(),
+            Some(d) => return Err(Error::DigestMismatch { expected: d.clone(), actual: Digest::sha256_of(&bytes) }),
+            None => Digest::sha256_of(&bytes),
+        };
+        let media_type = if head.media_type.is_empty() || head.media_type == "text/plain" {
+            sniff_media_type(&bytes)
+        } else {
+            head.media_type
+        };
+        let info = ManifestInfo { digest: digest.clone(), media_type: media_type.clone(), size: bytes.len() as u64 };
+        let store = self.shared.store.clone();
+        let to_write = bytes.clone();
+        tokio::task::spawn_blocking(move || store.write_manifest(&digest, &media_type, &to_write)).await??;
+        Ok((info, bytes))
+    }
+
+    async fn read_manifest(&self, digest: &Digest) -> Result<Option<(ManifestInfo, Bytes)>, Error> {
+        let store = self.shared.store.clone();
+        let d = digest.clone();
+        let found = tokio::task::spawn_blocking(move || store.read_manifest(&d)).await??;
+        Ok(found.map(|(media_type, bytes)| {
+            let info = ManifestInfo { digest: digest.clone(), media_type, size: bytes.len() as u64 };
+            (info, Bytes::from(bytes))
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_keys_split_by_index_acceptance() {
+        let repo = RepoName::parse("a/b").unwrap();
+        let all = AcceptSet::all_manifests();
+        let single = AcceptSet::from_headers(["application/vnd.oci.image.manifest.v1+json"]);
+        assert_ne!(tag_key("r", &repo, "t", &all), tag_key("r", &repo, "t", &single));
+    }
+
+    #[test]
+    fn sniffs_media_type() {
+        assert_eq!(sniff_media_type(br#"{"mediaType":"application/vnd.oci.image.index.v1+json"}"#), "application/vnd.oci.image.index.v1+json");
+        assert_eq!(sniff_media_type(b"not json"), "application/vnd.oci.image.manifest.v1+json");
+    }
+}

@@ -1,0 +1,290 @@
+//! Configuration: embedded defaults < `--config` TOML < `WHARF_…` environment < command-line flags.
+//! Built once at start-up into a validated [`Config`]; nothing else reads files or the environment for settings.
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Why the configuration could not be built; names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A value failed to parse or a key is unknown.
+    #[error("configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// A value parsed but is not usable.
+    #[error("configuration key `{key}`: {reason}")]
+    Value {
+        /// Dotted key path.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Every setting wharf has. `config/wharf.toml` documents each key; a test checks it matches `Default`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on for registry clients.
+    pub listen: SocketAddr,
+    /// Where blobs, manifests and metadata live.
+    pub data_dir: PathBuf,
+    /// Registry used when a request names none (what Docker's `registry-mirrors` sends).
+    pub default_registry: String,
+    /// Seconds a tag is answered from cache before a HEAD revalidates it upstream.
+    pub tag_ttl: u64,
+    /// `text` (human) or `json` log lines.
+    pub log_format: LogFormat,
+    /// Upstream credentials as a docker `config.json` (the Kubernetes `dockerconfigjson` format).
+    pub credentials_file: Option<PathBuf>,
+    /// Seconds in-flight responses get to finish after SIGTERM.
+    pub shutdown_grace: u64,
+    /// How wharf talks to upstreams.
+    pub upstream: UpstreamSettings,
+    /// Registries wharf mirrors, keyed by the name clients use (`docker.io`, `ghcr.io`, `myreg:5000`).
+    pub registries: BTreeMap<String, RegistryConfig>,
+}
+
+/// Output format of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings shared by all upstream connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSettings {
+    /// Seconds to establish a TCP/TLS connection.
+    pub connect_timeout: u64,
+    /// Seconds without any bytes from the upstream before a request fails (a stalled read).
+    pub read_timeout: u64,
+    /// Extra PEM CA files trusted in addition to the platform roots.
+    pub ca_files: Vec<PathBuf>,
+    /// Redirects followed per request.
+    pub max_redirects: usize,
+}
+
+/// One upstream registry.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Endpoint, e.g. `https://registry-1.docker.io`. `http://` needs `insecure = true`.
+    pub url: String,
+    /// Allows plain HTTP (tests, air-gapped mirrors).
+    #[serde(default)]
+    pub insecure: bool,
+    /// Username for token or Basic auth.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password for `username`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A registry token used as the Basic password or identity token.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for RegistryConfig {
+    // Secrets never reach logs, so they are redacted here rather than at every call site.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("url", &self.url)
+            .field("insecure", &self.insecure)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl RegistryConfig {
+    /// A registry at `url` without credentials; plain HTTP allowed when the URL says so.
+    pub fn at(url: &str) -> Self {
+        RegistryConfig {
+            url: url.to_owned(),
+            insecure: url.starts_with("http://"),
+            username: None,
+            password: None,
+            token: None,
+        }
+    }
+}
+
+/// The registries wharf knows without configuration. Anything else must be configured: never an open proxy.
+pub const BUILTIN_REGISTRIES: &[(&str, &str)] = &[
+    ("docker.io", "https://registry-1.docker.io"),
+    ("ghcr.io", "https://ghcr.io"),
+    ("quay.io", "https://quay.io"),
+    ("registry.k8s.io", "https://registry.k8s.io"),
+    ("gcr.io", "https://gcr.io"),
+    ("mcr.microsoft.com", "https://mcr.microsoft.com"),
+    ("public.ecr.aws", "https://public.ecr.aws"),
+];
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            data_dir: PathBuf::from("./wharf-data"),
+            default_registry: "docker.io".into(),
+            tag_ttl: 60,
+            log_format: LogFormat::Text,
+            credentials_file: None,
+            shutdown_grace: 30,
+            upstream: UpstreamSettings::default(),
+            registries: BUILTIN_REGISTRIES.iter().map(|(n, u)| (n.to_string(), RegistryConfig::at(u))).collect(),
+        }
+    }
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        UpstreamSettings { connect_timeout: 10, read_timeout: 60, ca_files: Vec::new(), max_redirects: 10 }
+    }
+}
+
+/// Values given as command-line flags; `None` leaves the lower layers alone.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--default-registry`.
+    pub default_registry: Option<String>,
+    /// `--tag-ttl`.
+    pub tag_ttl: Option<u64>,
+    /// `--credentials`.
+    pub credentials_file: Option<PathBuf>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
+    /// `--upstream NAME=URL`, repeatable.
+    pub upstreams: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Builds the layered configuration and validates it.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, Error> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(Error::Value { key: "--config".into(), reason: format!("{} is not a file", file.display()) });
+            }
+            fig = fig.merge(Toml::file(file));
+        }
+        fig = fig.merge(Env::prefixed("WHARF_").split("__"));
+        let mut config: Config = fig.extract().map_err(Box::new)?;
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = o.listen {
+            self.listen = v;
+        }
+        if let Some(v) = &o.data_dir {
+            self.data_dir = v.clone();
+        }
+        if let Some(v) = &o.default_registry {
+            self.default_registry = v.clone();
+        }
+        if let Some(v) = o.tag_ttl {
+            self.tag_ttl = v;
+        }
+        if let Some(v) = &o.credentials_file {
+            self.credentials_file = Some(v.clone());
+        }
+        if let Some(v) = o.log_format {
+            self.log_format = v;
+        }
+        for (name, url) in &o.upstreams {
+            let entry = self.registries.entry(name.clone()).or_insert_with(|| RegistryConfig::at(url));
+            entry.url = url.clone();
+            entry.insecure |= url.starts_with("http://");
+        }
+    }
+
+    /// Checks what serde cannot: URLs, schemes and references between keys.
+    pub fn validate(&self) -> Result<(), Error> {
+        for (name, reg) in &self.registries {
+            let key = format!("registries.\"{name}\".url");
+            let url = url::Url::parse(&reg.url).map_err(|e| Error::Value { key: key.clone(), reason: e.to_string() })?;
+            match url.scheme() {
+                "https" => {}
+                "http" if reg.insecure => {}
+                "http" => return Err(Error::Value { key, reason: "plain http needs `insecure = true`".into() }),
+                other => return Err(Error::Value { key, reason: format!("unsupported scheme {other:?}") }),
+            }
+            if name.is_empty() || name.contains('/') {
+                return Err(Error::Value { key: format!("registries.\"{name}\""), reason: "not a registry name".into() });
+            }
+        }
+        if !self.registries.contains_key(&self.default_registry) {
+            return Err(Error::Value {
+                key: "default_registry".into(),
+                reason: format!("{:?} is not a configured registry", self.default_registry),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Parses `NAME=URL` for `--upstream`.
+pub fn parse_upstream_flag(s: &str) -> Result<(String, String), String> {
+    let (name, url) = s.split_once('=').ok_or_else(|| format!("expected REGISTRY=URL, got {s:?}"))?;
+    if name.is_empty() || url.is_empty() {
+        return Err(format!("expected REGISTRY=URL, got {s:?}"));
+    }
+    Ok((name.to_owned(), url.trim_end_matches('/').to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_example_equals_defaults() {
+        let text = include_str!("../config/wharf.toml");
+        let parsed: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .expect("config/wharf.toml parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn flags_override_and_http_upstreams_are_insecure() {
+        let o = Overrides {
+            tag_ttl: Some(5),
+            upstreams: vec![("local.test".into(), "http://127.0.0.1:1".into())],
+            ..Default::default()
+        };
+        let c = Config::load(None, &o).unwrap();
+        assert_eq!(c.tag_ttl, 5);
+        assert!(c.registries["local.test"].insecure);
+        assert!(c.registries.contains_key("docker.io"));
+    }
+
+    #[test]
+    fn http_without_insecure_is_refused() {
+        let mut c = Config::default();
+        c.registries.insert("x".into(), RegistryConfig { insecure: false, ..RegistryConfig::at("http://x") });
+        assert!(matches!(c.validate(), Err(Error::Value { .. })));
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let r = RegistryConfig { password: Some("hunter2".into()), ..RegistryConfig::at("https://x") };
+        assert!(!format!("{r:?}").contains("hunter2"));
+    }
+}

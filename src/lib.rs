@@ -1,0 +1,24 @@
+//! wharf: a pull-through caching OCI registry mirror.
+//!
+//! # Layout
+//! - [`oci`]: names, references, digests, media types (pure, no I/O).
+//! - [`upstream`]: registry clients, token auth, routing a request to a configured registry.
+//! - [`cache`]: the blob store, in-flight fills, manifests and tags, sled metadata.
+//! - [`api`]: HTTP routes, OCI errors, `Range`.
+//! - [`config`], [`state`], [`server`], [`telemetry`]: wiring.
+//!
+//! # A blob's path
+//! `GET /v2/<name>/blobs/<digest>?ns=…` → `api::path` parses from the right → `upstream::Upstreams::route`
+//! picks the registry → `cache::Cache::blob` answers hit, joins a running fill, or starts one (one upstream GET,
+//! written to a temporary file while hashing) → `cache::reader` streams from the file, following the fill →
+//! at the end the fill verifies size and digest and renames the file into `blobs/sha256/<2 hex>/<hex>`.
+
+pub mod api;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod oci;
+pub mod server;
+pub mod state;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,54 @@
+//! Serves the router on a listener until shutdown, then drains: in-flight responses and fills get
+//! `shutdown_grace` seconds to finish.
+
+use crate::state::AppState;
+use std::future::Future;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+/// Runs until `shutdown` resolves, then waits up to `grace` for open connections and background fills.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    tasks: TaskTracker,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let app = crate::api::router(state);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; draining");
+        let _ = tx.send(());
+    });
+    let deadline = async move {
+        if rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        res = server => res?,
+        _ = deadline => {
+            tracing::warn!("shutdown grace period over; closing remaining connections");
+            return Ok(());
+        }
+    }
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!("background fills still running at shutdown; their temporary files are removed at next start");
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,38 @@
+//! Shared application state: cheap-clone handles to the config, the upstreams and the cache.
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::upstream::Upstreams;
+use std::sync::Arc;
+use tokio_util::task::TaskTracker;
+
+/// Handles every request needs.
+#[derive(Clone)]
+pub struct AppState {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// Upstream registries.
+    pub upstreams: Upstreams,
+    /// Blobs, manifests, tags.
+    pub cache: Cache,
+}
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Upstream clients could not be built.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::SetupError),
+    /// The data directory could not be opened.
+    #[error("opening the data directory")]
+    Cache(#[from] crate::cache::Error),
+}
+
+impl AppState {
+    /// Builds the state from a validated config; background fills run on `tasks`. Blocking.
+    pub fn open(config: Config, tasks: TaskTracker) -> Result<AppState, OpenError> {
+        let upstreams = Upstreams::from_config(&config)?;
+        let cache = Cache::open(&config.data_dir, config.tag_ttl, tasks)?;
+        Ok(AppState { config: Arc::new(config), upstreams, cache })
+    }
+}

@@ -1,0 +1,205 @@
+//! `WWW-Authenticate` challenges (RFC 9110 §11.6.1, RFC 6750 §3) and the token cache.
+//! Tokens are keyed by (host, scope) so one repository's token is never used for another, or on another host.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One parsed challenge: the scheme (lowercased) and its parameters (names lowercased).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// `bearer`, `basic`, …
+    pub scheme: String,
+    /// `realm`, `service`, `scope`, …
+    pub params: HashMap<String, String>,
+}
+
+/// Parses every challenge in a `WWW-Authenticate` value; malformed parts end parsing instead of failing.
+pub fn parse_challenges(value: &str) -> Vec<Challenge> {
+    let mut out: Vec<Challenge> = Vec::new();
+    let mut p = Parser { s: value.as_bytes(), i: 0 };
+    loop {
+        p.skip_ws_commas();
+        let Some(word) = p.token() else { break };
+        p.skip_ws();
+        if p.peek() == Some(b'=') && !out.is_empty() {
+            // A parameter of the current challenge.
+            p.i += 1;
+            p.skip_ws();
+            let Some(value) = p.value() else { break };
+            out.last_mut().unwrap().params.insert(word.to_ascii_lowercase(), value);
+        } else {
+            out.push(Challenge { scheme: word.to_ascii_lowercase(), params: HashMap::new() });
+        }
+    }
+    out
+}
+
+struct Parser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
+            self.i += 1;
+        }
+    }
+    fn skip_ws_commas(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b',')) {
+            self.i += 1;
+        }
+    }
+    fn token(&mut self) -> Option<String> {
+        let start = self.i;
+        while let Some(c) = self.peek() {
+            if c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&c) {
+                self.i += 1;
+            } else {
+                break;
+            }
+        }
+        (self.i > start).then(|| String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
+    }
+    fn value(&mut self) -> Option<String> {
+        if self.peek() != Some(b'"') {
+            // Unquoted: be lenient (some servers send bare URLs) and read to the next separator.
+            let start = self.i;
+            while !matches!(self.peek(), None | Some(b',' | b' ' | b'\t')) {
+                self.i += 1;
+            }
+            return (self.i > start).then(|| String::from_utf8_lossy(&self.s[start..self.i]).into_owned());
+        }
+        self.i += 1;
+        let mut out = Vec::new();
+        while let Some(c) = self.peek() {
+            self.i += 1;
+            match c {
+                b'"' => return Some(String::from_utf8_lossy(&out).into_owned()),
+                b'\\' => {
+                    if let Some(n) = self.peek() {
+                        out.push(n);
+                        self.i += 1;
+                    }
+                }
+                _ => out.push(c),
+            }
+        }
+        None
+    }
+}
+
+/// A bearer token response (distribution `docs/spec/auth/token.md`).
+#[derive(Debug, serde::Deserialize)]
+pub struct TokenResponse {
+    /// The token (`token` and `access_token` are equivalent).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// OAuth2 spelling of the same.
+    #[serde(default)]
+    pub access_token: Option<String>,
+    /// Lifetime in seconds; 60 when omitted.
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+}
+
+impl TokenResponse {
+    /// The token and its lifetime.
+    pub fn into_parts(self) -> Option<(String, Duration)> {
+        let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
+        Some((token, Duration::from_secs(self.expires_in.unwrap_or(60).max(1))))
+    }
+}
+
+/// `Authorization` values per (host, scope), valid until shortly before they expire.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    // std Mutex: held only for map operations, never across an await.
+    entries: Mutex<HashMap<(String, String), (String, Instant)>>,
+}
+
+impl TokenCache {
+    /// A cached header value for `host` and `scope`, if still valid.
+    pub fn get(&self, host: &str, scope: &str) -> Option<String> {
+        let mut map = self.entries.lock().unwrap();
+        let key = (host.to_owned(), scope.to_owned());
+        match map.get(&key) {
+            Some((value, until)) if *until > Instant::now() => Some(value.clone()),
+            Some(_) => {
+                map.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Stores a header value; refreshed 10 s (or a fifth of the lifetime) before expiry.
+    pub fn put(&self, host: &str, scope: &str, value: String, lifetime: Duration) {
+        let margin = Duration::from_secs(10).min(lifetime / 5);
+        let until = Instant::now() + lifetime - margin;
+        let mut map = self.entries.lock().unwrap();
+        if map.len() > 10_000 {
+            let now = Instant::now();
+            map.retain(|_, (_, u)| *u > now);
+        }
+        map.insert((host.to_owned(), scope.to_owned()), (value, until));
+    }
+
+    /// Forgets a value the upstream refused.
+    pub fn remove(&self, host: &str, scope: &str) {
+        self.entries.lock().unwrap().remove(&(host.to_owned(), scope.to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_challenge() {
+        let c = parse_challenges(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/nginx:pull""#,
+        );
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].scheme, "bearer");
+        assert_eq!(c[0].params["realm"], "https://auth.docker.io/token");
+        assert_eq!(c[0].params["scope"], "repository:library/nginx:pull");
+    }
+
+    #[test]
+    fn parses_several_challenges_and_escapes() {
+        let c = parse_challenges(r#"Basic realm="a \"q\"", Bearer realm=https://x/t , service=s"#);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].params["realm"], r#"a "q""#);
+        assert_eq!(c[1].scheme, "bearer");
+        assert_eq!(c[1].params["service"], "s");
+    }
+
+    #[test]
+    fn tolerates_garbage() {
+        for s in ["", "=", "Bearer realm=\"unterminated", ",,,", "Bearer ==", "\u{0}\u{ff}"] {
+            let _ = parse_challenges(s);
+        }
+    }
+
+    #[test]
+    fn token_cache_expires() {
+        let cache = TokenCache::default();
+        cache.put("h", "s", "Bearer t".into(), Duration::from_secs(60));
+        assert_eq!(cache.get("h", "s").as_deref(), Some("Bearer t"));
+        assert_eq!(cache.get("h", "other"), None);
+        cache.put("h", "s", "Bearer t".into(), Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(cache.get("h", "s"), None);
+    }
+
+    #[test]
+    fn token_response_defaults() {
+        let t: TokenResponse = serde_json::from_str(r#"{"access_token":"abc"}"#).unwrap();
+        assert_eq!(t.into_parts(), Some(("abc".into(), Duration::from_secs(60))));
+    }
+}

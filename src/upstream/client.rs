@@ -1,0 +1,296 @@
+//! One upstream registry's HTTP client: challenge-driven auth, manual redirects, manifest and blob fetches.
+//! Redirects are followed by hand so credentials stay on the registry's own host and each hop gets its own auth.
+
+use super::Error;
+use super::auth::{TokenCache, TokenResponse, parse_challenges};
+use super::creds::Credentials;
+use crate::oci::{AcceptSet, Digest, RepoName};
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use std::pin::Pin;
+use std::sync::Arc;
+use url::Url;
+
+/// Largest manifest wharf accepts from upstream (4 MiB, distribution's and containers/image's limit).
+pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
+
+/// A client for one configured registry.
+#[derive(Debug)]
+pub struct RegistryClient {
+    /// The name clients use for this registry (`docker.io`).
+    pub name: String,
+    base: Url,
+    http: reqwest::Client,
+    creds: Option<Credentials>,
+    tokens: Arc<TokenCache>,
+    max_redirects: usize,
+}
+
+/// What a manifest HEAD (or GET) told us about a manifest.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    /// `Docker-Content-Digest`, when the upstream sent a valid one.
+    pub digest: Option<Digest>,
+    /// `Content-Type` without parameters.
+    pub media_type: String,
+    /// `Content-Length`.
+    pub size: Option<u64>,
+}
+
+/// A streaming blob body from upstream.
+pub struct BlobStream {
+    /// `Content-Length`, when known.
+    pub size: Option<u64>,
+    /// The bytes.
+    pub body: Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>,
+}
+
+/// A pass-through answer (tags/list, referrers): status, the headers worth forwarding, and the body.
+pub struct Passthrough {
+    /// Upstream status.
+    pub status: StatusCode,
+    /// Content-Type, Link, OCI-Filters-Applied.
+    pub headers: HeaderMap,
+    /// The body, streamed.
+    pub body: Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>,
+}
+
+impl RegistryClient {
+    /// A client for `base` sharing the process-wide connection pool `http`.
+    pub fn new(
+        name: String,
+        base: Url,
+        http: reqwest::Client,
+        creds: Option<Credentials>,
+        max_redirects: usize,
+    ) -> Self {
+        RegistryClient { name, base, http, creds, tokens: Arc::new(TokenCache::default()), max_redirects }
+    }
+
+    fn url(&self, repo: &RepoName, tail: &str) -> Url {
+        let mut u = self.base.clone();
+        let path = format!("{}/v2/{}/{}", self.base.path().trim_end_matches('/'), repo, tail);
+        u.set_path(&path);
+        u
+    }
+
+    /// HEAD a manifest: digest, type and size without counting as a pull on Docker Hub.
+    pub async fn head_manifest(&self, repo: &RepoName, reference: &str, accept: &AcceptSet) -> Result<ManifestHead, Error> {
+        let url = self.url(repo, &format!("manifests/{reference}"));
+        let resp = self.send(Method::HEAD, url, repo, accept_headers(accept)).await?;
+        Ok(manifest_head(resp.headers()))
+    }
+
+    /// GET a manifest, byte-exact, refusing bodies over [`MAX_MANIFEST_SIZE`].
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        accept: &AcceptSet,
+    ) -> Result<(ManifestHead, Bytes), Error> {
+        let url = self.url(repo, &format!("manifests/{reference}"));
+        let resp = self.send(Method::GET, url, repo, accept_headers(accept)).await?;
+        let head = manifest_head(resp.headers());
+        if head.size.is_some_and(|s| s > MAX_MANIFEST_SIZE as u64) {
+            return Err(Error::Protocol("manifest larger than 4 MiB".into()));
+        }
+        let mut body = BytesMut::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            body.extend_from_slice(&chunk?);
+            if body.len() > MAX_MANIFEST_SIZE {
+                return Err(Error::Protocol("manifest larger than 4 MiB".into()));
+            }
+        }
+        Ok((head, body.freeze()))
+    }
+
+    /// HEAD a blob: its size, without downloading it.
+    pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, Error> {
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let resp = self.send(Method::HEAD, url, repo, HeaderMap::new()).await?;
+        Ok(content_length(resp.headers()))
+    }
+
+    /// GET a blob as a stream. The caller verifies the digest.
+    pub async fn get_blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobStream, Error> {
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let mut headers = HeaderMap::new();
+        // Transport compression would break digests and ranges; ask for the bytes as stored.
+        headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        let resp = self.send(Method::GET, url, repo, headers).await?;
+        let size = content_length(resp.headers());
+        let body = resp.bytes_stream().map(|r| r.map_err(Error::from));
+        Ok(BlobStream { size, body: Box::pin(body) })
+    }
+
+    /// GET `/v2/<repo>/<tail>?<query>` and hand back the answer as is (tags/list, referrers).
+    pub async fn passthrough(&self, repo: &RepoName, tail: &str, query: Option<&str>) -> Result<Passthrough, Error> {
+        let mut url = self.url(repo, tail);
+        url.set_query(query);
+        let resp = self.send(Method::GET, url, repo, HeaderMap::new()).await?;
+        let mut headers = HeaderMap::new();
+        for name in [header::CONTENT_TYPE, header::LINK, header::HeaderName::from_static("oci-filters-applied")] {
+            if let Some(v) = resp.headers().get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        let status = resp.status();
+        let body = resp.bytes_stream().map(|r| r.map_err(Error::from));
+        Ok(Passthrough { status, headers, body: Box::pin(body) })
+    }
+
+    /// Sends a request, answering auth challenges and following redirects; non-2xx statuses become errors.
+    async fn send(&self, method: Method, mut url: Url, repo: &RepoName, headers: HeaderMap) -> Result<reqwest::Response, Error> {
+        let scope = format!("repository:{repo}:pull");
+        let mut redirects = 0;
+        let mut auth_tried = false;
+        loop {
+            let host = host_key(&url);
+            let own_host = host == host_key(&self.base);
+            let mut req = self.http.request(method.clone(), url.clone()).headers(headers.clone());
+            let cached = self.tokens.get(&host, &scope);
+            if let Some(value) = &cached {
+                req = req.header(header::AUTHORIZATION, value);
+            } else if let (true, Some(Credentials::Bearer(t))) = (own_host, &self.creds) {
+                req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            let resp = req.send().await?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && !auth_tried {
+                auth_tried = true;
+                if cached.is_some() {
+                    self.tokens.remove(&host, &scope);
+                }
+                let challenge = resp.headers().get_all(header::WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok());
+                let challenges: Vec<_> = challenge.flat_map(parse_challenges).collect();
+                if self.authorize(&host, own_host, &scope, &challenges).await? {
+                    continue;
+                }
+                return Err(Error::Unauthorized);
+            }
+            if status.is_redirection() {
+                redirects += 1;
+                if redirects > self.max_redirects {
+                    return Err(Error::Protocol("too many redirects".into()));
+                }
+                url = redirect_target(&url, resp.headers())?;
+                auth_tried = false;
+                continue;
+            }
+            if status.is_success() {
+                return Ok(resp);
+            }
+            return Err(Error::from_status(status));
+        }
+    }
+
+    /// Obtains an `Authorization` value for `host` from its challenges. Credentials are offered only to the
+    /// registry's own host (and the token realm it names), never to a redirect target.
+    async fn authorize(&self, host: &str, own_host: bool, scope: &str, challenges: &[super::auth::Challenge]) -> Result<bool, Error> {
+        let creds = if own_host { self.creds.as_ref() } else { None };
+        if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
+            let realm = c.params.get("realm").ok_or_else(|| Error::Protocol("bearer challenge without realm".into()))?;
+            let mut realm = Url::parse(realm).map_err(|_| Error::Protocol("bad token realm".into()))?;
+            if !matches!(realm.scheme(), "http" | "https") {
+                return Err(Error::Protocol("bad token realm scheme".into()));
+            }
+            {
+                let mut q = realm.query_pairs_mut();
+                if let Some(service) = c.params.get("service") {
+                    q.append_pair("service", service);
+                }
+                q.append_pair("scope", c.params.get("scope").map(String::as_str).unwrap_or(scope));
+            }
+            let mut req = self.http.get(realm);
+            if let Some(basic) = creds.and_then(Credentials::basic_header) {
+                req = req.header(header::AUTHORIZATION, basic);
+            }
+            let resp = req.send().await?;
+            if !resp.status().is_success() {
+                return Err(match resp.status() {
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Unauthorized,
+                    s => Error::from_status(s),
+                });
+            }
+            let bytes = resp.bytes().await?;
+            let token: TokenResponse =
+                serde_json::from_slice(&bytes).map_err(|_| Error::Protocol("token response is not JSON".into()))?;
+            let (token, lifetime) = token.into_parts().ok_or_else(|| Error::Protocol("token response without token".into()))?;
+            self.tokens.put(host, scope, format!("Bearer {token}"), lifetime);
+            return Ok(true);
+        }
+        if challenges.iter().any(|c| c.scheme == "basic") {
+            if let Some(basic) = creds.and_then(Credentials::basic_header) {
+                // Basic credentials do not expire; a day bounds how long a changed password goes unnoticed.
+                self.tokens.put(host, scope, basic, std::time::Duration::from_secs(86_400));
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+fn accept_headers(accept: &AcceptSet) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let value = if accept.is_empty() { AcceptSet::all_manifests() } else { accept.clone() };
+    if let Ok(v) = HeaderValue::from_str(&value.header_value()) {
+        h.insert(header::ACCEPT, v);
+    }
+    h
+}
+
+fn manifest_head(h: &HeaderMap) -> ManifestHead {
+    let digest = h.get("docker-content-digest").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse().ok());
+    let media_type = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
+        .unwrap_or_default();
+    ManifestHead { digest, media_type, size: content_length(h) }
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn host_key(url: &Url) -> String {
+    format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
+}
+
+fn redirect_target(from: &Url, headers: &HeaderMap) -> Result<Url, Error> {
+    let location = headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| Error::Protocol("redirect without Location".into()))?;
+    let next = from.join(location).map_err(|_| Error::Protocol("bad redirect Location".into()))?;
+    if !matches!(next.scheme(), "http" | "https") {
+        return Err(Error::Protocol("redirect to a non-HTTP scheme".into()));
+    }
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_resolve_relative_and_refuse_other_schemes() {
+        let from = Url::parse("https://r.example/v2/a/blobs/x").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::LOCATION, HeaderValue::from_static("/other?sig=a%2Fb"));
+        assert_eq!(redirect_target(&from, &h).unwrap().as_str(), "https://r.example/other?sig=a%2Fb");
+        h.insert(header::LOCATION, HeaderValue::from_static("file:///etc/passwd"));
+        assert!(redirect_target(&from, &h).is_err());
+    }
+
+    #[test]
+    fn host_key_includes_port() {
+        let a = Url::parse("http://127.0.0.1:80/x").unwrap();
+        let b = Url::parse("http://127.0.0.1/y").unwrap();
+        let c = Url::parse("http://127.0.0.1:81/y").unwrap();
+        assert_eq!(host_key(&a), host_key(&b));
+        assert_ne!(host_key(&a), host_key(&c));
+    }
+}

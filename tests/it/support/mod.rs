@@ -1,0 +1,8 @@
+//! Test harness: real processes (wharf, docker-registry, containerd) and an in-process fake upstream.
+
+pub mod containerd;
+pub mod fake_upstream;
+pub mod images;
+pub mod registry;
+pub mod tools;
+pub mod wharf;
