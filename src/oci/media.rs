@@ -60,9 +60,16 @@ impl AcceptSet {
         INDEX_TYPES.iter().any(|t| self.accepts(t))
     }
 
-    /// The header value to send upstream.
+    /// The header value to send upstream: every modern manifest type the client accepts, named explicitly
+    /// (the reference registry answers `*/*` with 404 for OCI content), then the client's own entries.
     pub fn header_value(&self) -> String {
-        self.types.join(", ")
+        let mut out: Vec<&str> = MANIFEST_TYPES.iter().chain(INDEX_TYPES).copied().filter(|t| self.accepts(t)).collect();
+        for t in &self.types {
+            if !out.contains(&t.as_str()) {
+                out.push(t);
+            }
+        }
+        out.join(", ")
     }
 }
 
@@ -80,6 +87,9 @@ mod tests {
             a.header_value(),
             "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
         );
+        let wildcard = AcceptSet::from_headers(["*/*"]).header_value();
+        assert!(wildcard.starts_with("application/vnd.oci.image.manifest.v1+json"), "{wildcard}");
+        assert!(wildcard.ends_with("*/*"), "{wildcard}");
         assert!(!a.accepts_index());
         assert!(AcceptSet::from_headers(["*/*"]).accepts_index());
         assert!(AcceptSet::from_headers(Vec::<&str>::new()).accepts_index());
