@@ -65,7 +65,11 @@ impl ServeArgs {
             default_registry: self.default_registry.clone(),
             tag_ttl: self.tag_ttl,
             credentials_file: self.credentials.clone(),
-            log_format: if self.json { Some(LogFormat::Json) } else { self.log_format },
+            log_format: if self.json {
+                Some(LogFormat::Json)
+            } else {
+                self.log_format
+            },
             upstreams: self.upstreams.clone(),
         }
     }

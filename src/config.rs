@@ -141,14 +141,22 @@ impl Default for Config {
             credentials_file: None,
             shutdown_grace: 30,
             upstream: UpstreamSettings::default(),
-            registries: BUILTIN_REGISTRIES.iter().map(|(n, u)| (n.to_string(), RegistryConfig::at(u))).collect(),
+            registries: BUILTIN_REGISTRIES
+                .iter()
+                .map(|(n, u)| (n.to_string(), RegistryConfig::at(u)))
+                .collect(),
         }
     }
 }
 
 impl Default for UpstreamSettings {
     fn default() -> Self {
-        UpstreamSettings { connect_timeout: 10, read_timeout: 60, ca_files: Vec::new(), max_redirects: 10 }
+        UpstreamSettings {
+            connect_timeout: 10,
+            read_timeout: 60,
+            ca_files: Vec::new(),
+            max_redirects: 10,
+        }
     }
 }
 
@@ -177,7 +185,10 @@ impl Config {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.is_file() {
-                return Err(Error::Value { key: "--config".into(), reason: format!("{} is not a file", file.display()) });
+                return Err(Error::Value {
+                    key: "--config".into(),
+                    reason: format!("{} is not a file", file.display()),
+                });
             }
             fig = fig.merge(Toml::file(file));
         }
@@ -208,7 +219,10 @@ impl Config {
             self.log_format = v;
         }
         for (name, url) in &o.upstreams {
-            let entry = self.registries.entry(name.clone()).or_insert_with(|| RegistryConfig::at(url));
+            let entry = self
+                .registries
+                .entry(name.clone())
+                .or_insert_with(|| RegistryConfig::at(url));
             entry.url = url.clone();
             entry.insecure |= url.starts_with("http://");
         }
@@ -218,15 +232,31 @@ impl Config {
     pub fn validate(&self) -> Result<(), Error> {
         for (name, reg) in &self.registries {
             let key = format!("registries.\"{name}\".url");
-            let url = url::Url::parse(&reg.url).map_err(|e| Error::Value { key: key.clone(), reason: e.to_string() })?;
+            let url = url::Url::parse(&reg.url).map_err(|e| Error::Value {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
             match url.scheme() {
                 "https" => {}
                 "http" if reg.insecure => {}
-                "http" => return Err(Error::Value { key, reason: "plain http needs `insecure = true`".into() }),
-                other => return Err(Error::Value { key, reason: format!("unsupported scheme {other:?}") }),
+                "http" => {
+                    return Err(Error::Value {
+                        key,
+                        reason: "plain http needs `insecure = true`".into(),
+                    });
+                }
+                other => {
+                    return Err(Error::Value {
+                        key,
+                        reason: format!("unsupported scheme {other:?}"),
+                    });
+                }
             }
             if name.is_empty() || name.contains('/') {
-                return Err(Error::Value { key: format!("registries.\"{name}\""), reason: "not a registry name".into() });
+                return Err(Error::Value {
+                    key: format!("registries.\"{name}\""),
+                    reason: "not a registry name".into(),
+                });
             }
         }
         if !self.registries.contains_key(&self.default_registry) {
@@ -241,7 +271,9 @@ impl Config {
 
 /// Parses `NAME=URL` for `--upstream`.
 pub fn parse_upstream_flag(s: &str) -> Result<(String, String), String> {
-    let (name, url) = s.split_once('=').ok_or_else(|| format!("expected REGISTRY=URL, got {s:?}"))?;
+    let (name, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected REGISTRY=URL, got {s:?}"))?;
     if name.is_empty() || url.is_empty() {
         return Err(format!("expected REGISTRY=URL, got {s:?}"));
     }
@@ -278,13 +310,22 @@ mod tests {
     #[test]
     fn http_without_insecure_is_refused() {
         let mut c = Config::default();
-        c.registries.insert("x".into(), RegistryConfig { insecure: false, ..RegistryConfig::at("http://x") });
+        c.registries.insert(
+            "x".into(),
+            RegistryConfig {
+                insecure: false,
+                ..RegistryConfig::at("http://x")
+            },
+        );
         assert!(matches!(c.validate(), Err(Error::Value { .. })));
     }
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let r = RegistryConfig { password: Some("hunter2".into()), ..RegistryConfig::at("https://x") };
+        let r = RegistryConfig {
+            password: Some("hunter2".into()),
+            ..RegistryConfig::at("https://x")
+        };
         assert!(!format!("{r:?}").contains("hunter2"));
     }
 }

@@ -33,6 +33,10 @@ impl AppState {
     pub fn open(config: Config, tasks: TaskTracker) -> Result<AppState, OpenError> {
         let upstreams = Upstreams::from_config(&config)?;
         let cache = Cache::open(&config.data_dir, config.tag_ttl, tasks)?;
-        Ok(AppState { config: Arc::new(config), upstreams, cache })
+        Ok(AppState {
+            config: Arc::new(config),
+            upstreams,
+            cache,
+        })
     }
 }

@@ -12,7 +12,11 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 /// `GET /v2/<name>/blobs/<digest>`.
 pub async fn get(routed: Routed, digest: Digest, headers: &HeaderMap) -> Result<Response, Error> {
     let Routed { state, client, repo } = routed;
-    let (handle, outcome) = state.cache.blob(&client, &repo, &digest).await.map_err(|e| Error::cache(&e, Subject::Blob))?;
+    let (handle, outcome) = state
+        .cache
+        .blob(&client, &repo, &digest)
+        .await
+        .map_err(|e| Error::cache(&e, Subject::Blob))?;
     let (source, size) = match handle {
         BlobHandle::Committed { file, size } => (reader::Source::Committed(file), size),
         BlobHandle::Filling { fill, size: Some(size) } => (reader::Source::Filling(fill), size),
@@ -46,24 +50,38 @@ pub async fn get(routed: Routed, digest: Digest, headers: &HeaderMap) -> Result<
         }
     };
     blob_headers(&mut resp, &digest, &etag);
-    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome });
+    resp.extensions_mut().insert(RequestNote {
+        registry: client.name.clone(),
+        outcome,
+    });
     Ok(resp)
 }
 
 /// `HEAD /v2/<name>/blobs/<digest>`: never starts a download.
 pub async fn head(routed: Routed, digest: Digest) -> Result<Response, Error> {
     let Routed { state, client, repo } = routed;
-    let (size, outcome) = state.cache.blob_info(&client, &repo, &digest).await.map_err(|e| Error::cache(&e, Subject::Blob))?;
+    let (size, outcome) = state
+        .cache
+        .blob_info(&client, &repo, &digest)
+        .await
+        .map_err(|e| Error::cache(&e, Subject::Blob))?;
     let mut resp = Response::new(Body::empty());
     set(&mut resp, header::CONTENT_LENGTH, size.to_string());
     blob_headers(&mut resp, &digest, &format!("\"{digest}\""));
-    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome });
+    resp.extensions_mut().insert(RequestNote {
+        registry: client.name.clone(),
+        outcome,
+    });
     Ok(resp)
 }
 
 fn blob_headers(resp: &mut Response, digest: &Digest, etag: &str) {
     set(resp, header::CONTENT_TYPE, "application/octet-stream".into());
-    set(resp, header::HeaderName::from_static("docker-content-digest"), digest.to_string());
+    set(
+        resp,
+        header::HeaderName::from_static("docker-content-digest"),
+        digest.to_string(),
+    );
     set(resp, header::ETAG, etag.to_owned());
     set(resp, header::ACCEPT_RANGES, "bytes".into());
     set(resp, header::CACHE_CONTROL, "max-age=31536000".into());

@@ -42,13 +42,33 @@ impl OciCode {
             DigestInvalid => ("DIGEST_INVALID", StatusCode::BAD_REQUEST, "provided digest is invalid"),
             ManifestUnknown => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND, "manifest unknown"),
             NameInvalid => ("NAME_INVALID", StatusCode::BAD_REQUEST, "invalid repository name"),
-            NameUnknown => ("NAME_UNKNOWN", StatusCode::NOT_FOUND, "repository name not known to registry"),
+            NameUnknown => (
+                "NAME_UNKNOWN",
+                StatusCode::NOT_FOUND,
+                "repository name not known to registry",
+            ),
             Unauthorized => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED, "authentication required"),
-            Denied => ("DENIED", StatusCode::FORBIDDEN, "requested access to the resource is denied"),
-            Unsupported => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED, "the operation is unsupported"),
-            Unavailable => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE, "upstream registry unavailable"),
+            Denied => (
+                "DENIED",
+                StatusCode::FORBIDDEN,
+                "requested access to the resource is denied",
+            ),
+            Unsupported => (
+                "UNSUPPORTED",
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the operation is unsupported",
+            ),
+            Unavailable => (
+                "UNAVAILABLE",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream registry unavailable",
+            ),
             Unknown => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR, "unknown error"),
-            RangeInvalid => ("RANGE_INVALID", StatusCode::RANGE_NOT_SATISFIABLE, "requested range not satisfiable"),
+            RangeInvalid => (
+                "RANGE_INVALID",
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "requested range not satisfiable",
+            ),
         }
     }
 }
@@ -78,12 +98,20 @@ pub struct Error {
 impl Error {
     /// An error with a detail message.
     pub fn new(code: OciCode, detail: impl Into<String>) -> Self {
-        Error { code, detail: detail.into(), range_size: None }
+        Error {
+            code,
+            detail: detail.into(),
+            range_size: None,
+        }
     }
 
     /// 416 for a blob of `size` bytes.
     pub fn unsatisfiable(size: u64) -> Self {
-        Error { code: OciCode::RangeInvalid, detail: format!("blob size is {size}"), range_size: Some(size) }
+        Error {
+            code: OciCode::RangeInvalid,
+            detail: format!("blob size is {size}"),
+            range_size: Some(size),
+        }
     }
 
     /// Maps an upstream failure for `subject`.
@@ -148,13 +176,16 @@ impl IntoResponse for Error {
         let (code, status, message) = self.code.describe();
         let body = serde_json::json!({"errors": [{"code": code, "message": message, "detail": self.detail}]});
         let mut resp = (status, Json(body)).into_response();
-        if let Some(size) = self.range_size {
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                resp.headers_mut().insert(header::CONTENT_RANGE, v);
-            }
+        if let Some(size) = self.range_size
+            && let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}"))
+        {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
         }
         if self.code == OciCode::Unauthorized {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"wharf\""));
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"wharf\""),
+            );
         }
         resp.extensions_mut().insert(ErrorNote(Arc::new(self.detail)));
         resp

@@ -10,7 +10,12 @@ use axum::response::Response;
 use http::{HeaderMap, StatusCode, header};
 
 /// `GET` (`want_body`) or `HEAD /v2/<name>/manifests/<reference>`.
-pub async fn get_or_head(routed: Routed, reference: Reference, headers: &HeaderMap, want_body: bool) -> Result<Response, Error> {
+pub async fn get_or_head(
+    routed: Routed,
+    reference: Reference,
+    headers: &HeaderMap,
+    want_body: bool,
+) -> Result<Response, Error> {
     let Routed { state, client, repo } = routed;
     let accept = AcceptSet::from_headers(headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
     let answer = state
@@ -43,15 +48,26 @@ pub async fn get_or_head(routed: Routed, reference: Reference, headers: &HeaderM
                 let mut r = Response::new(Body::from(part));
                 *r.status_mut() = StatusCode::PARTIAL_CONTENT;
                 set(&mut r, header::CONTENT_LENGTH, (end + 1 - start).to_string());
-                set(&mut r, header::CONTENT_RANGE, format!("bytes {start}-{end}/{}", info.size));
+                set(
+                    &mut r,
+                    header::CONTENT_RANGE,
+                    format!("bytes {start}-{end}/{}", info.size),
+                );
                 r
             }
             RangeAnswer::Unsatisfiable => return Err(Error::unsatisfiable(info.size)),
         },
     };
     set(&mut resp, header::CONTENT_TYPE, info.media_type.clone());
-    set(&mut resp, header::HeaderName::from_static("docker-content-digest"), info.digest.to_string());
+    set(
+        &mut resp,
+        header::HeaderName::from_static("docker-content-digest"),
+        info.digest.to_string(),
+    );
     set(&mut resp, header::ETAG, etag);
-    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome: answer.outcome });
+    resp.extensions_mut().insert(RequestNote {
+        registry: client.name.clone(),
+        outcome: answer.outcome,
+    });
     Ok(resp)
 }

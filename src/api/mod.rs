@@ -65,9 +65,11 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let uri = req.uri().clone();
     let headers = req.headers().clone();
     let rest = uri.path().strip_prefix("/v2/").unwrap_or_default();
-    let ns: Option<String> = uri
-        .query()
-        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "ns").map(|(_, v)| v.into_owned()));
+    let ns: Option<String> = uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "ns")
+            .map(|(_, v)| v.into_owned())
+    });
     let result = async {
         let endpoint = path::parse(rest);
         if !matches!(method, Method::GET | Method::HEAD) || matches!(endpoint, Ok(Endpoint::Upload)) {
@@ -75,13 +77,19 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         }
         let routed = |name: &str| -> Result<Routed, Error> {
             let (client, repo) = state.upstreams.route(ns.as_deref(), name)?;
-            Ok(Routed { state: state.clone(), client, repo })
+            Ok(Routed {
+                state: state.clone(),
+                client,
+                repo,
+            })
         };
         let head = method == Method::HEAD;
         match endpoint? {
             Endpoint::Blob(name, digest) if head => blobs::head(routed(name)?, digest).await,
             Endpoint::Blob(name, digest) => blobs::get(routed(name)?, digest, &headers).await,
-            Endpoint::Manifest(name, reference) => manifests::get_or_head(routed(name)?, reference, &headers, !head).await,
+            Endpoint::Manifest(name, reference) => {
+                manifests::get_or_head(routed(name)?, reference, &headers, !head).await
+            }
             Endpoint::TagsList(name) => passthrough::forward(routed(name)?, "tags/list", uri.query()).await,
             Endpoint::Referrers(name, digest) => {
                 passthrough::forward(routed(name)?, &format!("referrers/{digest}"), uri.query()).await
@@ -102,11 +110,22 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
 async fn log_request(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
-    let target = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
     let mut resp = next.run(req).await;
-    resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
     let note = resp.extensions().get::<RequestNote>();
-    let bytes = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-");
+    let bytes = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
     let error = resp.extensions().get::<ErrorNote>().map(|n| n.0.as_str()).unwrap_or("");
     tracing::info!(
         target: "wharf::request",

@@ -16,11 +16,17 @@ pub async fn forward(routed: Routed, tail: &str, query: Option<&str>) -> Result<
             .finish()
     });
     let query = query.filter(|q| !q.is_empty());
-    let answer = client.passthrough(&repo, tail, query.as_deref()).await.map_err(|e| Error::upstream(&e, Subject::Repository))?;
+    let answer = client
+        .passthrough(&repo, tail, query.as_deref())
+        .await
+        .map_err(|e| Error::upstream(&e, Subject::Repository))?;
     let body = Body::from_stream(answer.body.map_err(std::io::Error::other));
     let mut resp = Response::new(body);
     *resp.status_mut() = answer.status;
     *resp.headers_mut() = answer.headers;
-    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome: Outcome::Passthrough });
+    resp.extensions_mut().insert(RequestNote {
+        registry: client.name.clone(),
+        outcome: Outcome::Passthrough,
+    });
     Ok(resp)
 }

@@ -46,7 +46,11 @@ pub struct Fill {
 impl Fill {
     /// A fill in the `Starting` state.
     pub fn new(digest: Digest, file: Arc<File>) -> Self {
-        Fill { digest, file, state: watch::Sender::new(FillState::Starting) }
+        Fill {
+            digest,
+            file,
+            state: watch::Sender::new(FillState::Starting),
+        }
     }
 
     /// A receiver of state changes.
@@ -57,7 +61,10 @@ impl Fill {
     /// Waits until the size is known (or the fill failed): what a response needs before its headers.
     pub async fn wait_started(&self) -> Result<Option<u64>, Arc<Error>> {
         let mut rx = self.subscribe();
-        let state = rx.wait_for(|s| !matches!(s, FillState::Starting)).await.map(|s| s.clone());
+        let state = rx
+            .wait_for(|s| !matches!(s, FillState::Starting))
+            .await
+            .map(|s| s.clone());
         match state {
             Ok(FillState::Streaming { total, .. }) => Ok(total),
             Ok(FillState::Done { size }) => Ok(Some(size)),
@@ -69,7 +76,10 @@ impl Fill {
     /// Waits for the end: the committed size, or the error.
     pub async fn wait_done(&self) -> Result<u64, Arc<Error>> {
         let mut rx = self.subscribe();
-        let state = rx.wait_for(|s| matches!(s, FillState::Done { .. } | FillState::Failed(_))).await.map(|s| s.clone());
+        let state = rx
+            .wait_for(|s| matches!(s, FillState::Done { .. } | FillState::Failed(_)))
+            .await
+            .map(|s| s.clone());
         match state {
             Ok(FillState::Done { size }) => Ok(size),
             Ok(FillState::Failed(e)) => Err(e),
@@ -141,7 +151,10 @@ impl Fill {
             return Err(Error::SizeMismatch { announced, received });
         }
         if actual != self.digest {
-            return Err(Error::DigestMismatch { expected: self.digest.clone(), actual });
+            return Err(Error::DigestMismatch {
+                expected: self.digest.clone(),
+                actual,
+            });
         }
         Ok(written)
     }

@@ -40,7 +40,10 @@ pub struct BlobEntry {
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Meta {
@@ -57,7 +60,12 @@ impl Meta {
             }
         };
         let tree = |name: &str| db.open_tree(name).map_err(io::Error::other);
-        let meta = Meta { tags: tree("tags")?, blobs: tree("blobs")?, refs: tree("refs")?, db };
+        let meta = Meta {
+            tags: tree("tags")?,
+            blobs: tree("blobs")?,
+            refs: tree("refs")?,
+            db,
+        };
         let fresh = !existed || meta.db.get("initialized").map_err(io::Error::other)?.is_none();
         Ok((meta, fresh))
     }
@@ -75,7 +83,8 @@ impl Meta {
 
     /// Stores a tag entry.
     pub fn put_tag(&self, key: &str, entry: &TagEntry) -> Result<(), sled::Error> {
-        self.tags.insert(key, serde_json::to_vec(entry).expect("tag entries serialize"))?;
+        self.tags
+            .insert(key, serde_json::to_vec(entry).expect("tag entries serialize"))?;
         Ok(())
     }
 
@@ -87,8 +96,14 @@ impl Meta {
 
     /// Records a committed blob and, when known, a repository that references it.
     pub fn record_blob(&self, digest: &Digest, size: u64, repo: Option<&str>) -> Result<(), sled::Error> {
-        let entry = BlobEntry { size, stored_at: now_secs() };
-        self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
+        let entry = BlobEntry {
+            size,
+            stored_at: now_secs(),
+        };
+        self.blobs.insert(
+            digest.to_string(),
+            serde_json::to_vec(&entry).expect("blob entries serialize"),
+        )?;
         if let Some(repo) = repo {
             self.refs.insert(format!("{repo}\0{digest}"), &[][..])?;
         }
@@ -97,7 +112,10 @@ impl Meta {
 
     /// The recorded entry for a blob.
     pub fn blob(&self, digest: &Digest) -> Result<Option<BlobEntry>, sled::Error> {
-        Ok(self.blobs.get(digest.to_string())?.and_then(|v| serde_json::from_slice(&v).ok()))
+        Ok(self
+            .blobs
+            .get(digest.to_string())?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
     /// Number of blobs recorded.

@@ -103,8 +103,16 @@ impl Cache {
             meta.mark_initialized()?;
             tracing::info!(blobs = blobs.len(), "metadata rebuilt from the blob tree");
         }
-        let shared = Shared { store, meta, inflight: Inflight::default(), tasks, tag_ttl };
-        Ok(Cache { shared: Arc::new(shared) })
+        let shared = Shared {
+            store,
+            meta,
+            inflight: Inflight::default(),
+            tasks,
+            tag_ttl,
+        };
+        Ok(Cache {
+            shared: Arc::new(shared),
+        })
     }
 
     /// The on-disk store (readiness checks write through it).
@@ -127,15 +135,24 @@ impl Cache {
     ) -> Result<(BlobHandle, Outcome), Error> {
         let shared = self.shared.clone();
         let d = digest.clone();
-        let lookup =
-            tokio::task::spawn_blocking(move || shared.inflight.lookup_or_claim(&shared.store, &d)).await??;
+        let lookup = tokio::task::spawn_blocking(move || shared.inflight.lookup_or_claim(&shared.store, &d)).await??;
         let (fill, outcome) = match lookup {
-            Lookup::Hit(file, size) => return Ok((BlobHandle::Committed { file: Arc::new(file), size }, Outcome::Hit)),
+            Lookup::Hit(file, size) => {
+                return Ok((
+                    BlobHandle::Committed {
+                        file: Arc::new(file),
+                        size,
+                    },
+                    Outcome::Hit,
+                ));
+            }
             Lookup::Joined(fill) => (fill, Outcome::Coalesced),
             Lookup::Owner(fill, temp) => {
                 let this = self.clone();
                 let (client, repo, f) = (client.clone(), repo.clone(), fill.clone());
-                self.shared.tasks.spawn(async move { this.run_fill(f, temp, &client, &repo).await });
+                self.shared
+                    .tasks
+                    .spawn(async move { this.run_fill(f, temp, &client, &repo).await });
                 (fill, Outcome::Miss)
             }
         };
@@ -151,7 +168,9 @@ impl Cache {
             let store = self.shared.store.clone();
             let d = digest.clone();
             tokio::task::spawn_blocking(move || store.commit_blob(temp, &d)).await??;
-            self.shared.meta.record_blob(&digest, size, Some(&format!("{}/{}", client.name, repo)))?;
+            self.shared
+                .meta
+                .record_blob(&digest, size, Some(&format!("{}/{}", client.name, repo)))?;
             Ok::<u64, Error>(size)
         }
         .await;
@@ -173,16 +192,21 @@ impl Cache {
     }
 
     /// Size of a blob for a HEAD: from disk, from a running fill, or from an upstream HEAD. Never starts a fill.
-    pub async fn blob_info(&self, client: &RegistryClient, repo: &RepoName, digest: &Digest) -> Result<(u64, Outcome), Error> {
+    pub async fn blob_info(
+        &self,
+        client: &RegistryClient,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(u64, Outcome), Error> {
         let store = self.shared.store.clone();
         let d = digest.clone();
         if let Some(size) = tokio::task::spawn_blocking(move || store.blob_size(&d)).await?? {
             return Ok((size, Outcome::Hit));
         }
-        if let Some(fill) = self.shared.inflight.get(digest) {
-            if let Ok(Some(size)) = fill.wait_started().await {
-                return Ok((size, Outcome::Coalesced));
-            }
+        if let Some(fill) = self.shared.inflight.get(digest)
+            && let Ok(Some(size)) = fill.wait_started().await
+        {
+            return Ok((size, Outcome::Coalesced));
         }
         match client.head_blob(repo, digest).await? {
             Some(size) => Ok((size, Outcome::Passthrough)),

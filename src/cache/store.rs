@@ -41,7 +41,9 @@ impl BlobStore {
             let entry = entry?;
             let _ = fs::remove_file(entry.path());
         }
-        Ok(BlobStore { root: Arc::new(root.to_path_buf()) })
+        Ok(BlobStore {
+            root: Arc::new(root.to_path_buf()),
+        })
     }
 
     /// The data directory.
@@ -51,7 +53,11 @@ impl BlobStore {
 
     fn path(&self, kind: &str, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.root.join(kind).join(digest.algorithm().as_str()).join(&hex[..2]).join(hex)
+        self.root
+            .join(kind)
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
     }
 
     /// Opens a committed blob: the file and its size, or `None` on a miss.
@@ -80,7 +86,11 @@ impl BlobStore {
         let name: u64 = rand::random();
         let path = self.root.join("tmp").join(format!("{name:016x}"));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-        Ok(TempFile { path, file: Arc::new(file), armed: true })
+        Ok(TempFile {
+            path,
+            file: Arc::new(file),
+            armed: true,
+        })
     }
 
     /// Makes a verified temporary file the blob for `digest`: fsync, rename, fsync the directory.
@@ -115,7 +125,9 @@ impl BlobStore {
             Err(e) => return Err(e),
         };
         // Layout: "<media type>\n<bytes>". Written atomically, so a malformed file means tampering: treat as a miss.
-        let Some(nl) = data.iter().position(|b| *b == b'\n') else { return Ok(None) };
+        let Some(nl) = data.iter().position(|b| *b == b'\n') else {
+            return Ok(None);
+        };
         let media_type = String::from_utf8_lossy(&data[..nl]).into_owned();
         let bytes = data[nl + 1..].to_vec();
         if !digest.matches(&bytes) {
@@ -149,7 +161,9 @@ impl BlobStore {
                 for entry in fs::read_dir(prefix?.path())? {
                     let entry = entry?;
                     let name = entry.file_name();
-                    let parsed = name.to_str().and_then(|n| format!("{}:{n}", algo.as_str()).parse::<Digest>().ok());
+                    let parsed = name
+                        .to_str()
+                        .and_then(|n| format!("{}:{n}", algo.as_str()).parse::<Digest>().ok());
                     if let Some(d) = parsed {
                         out.push((d, entry.metadata()?.len()));
                     }
@@ -199,9 +213,14 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         let body = br#"{"schemaVersion":2}"#;
         let d = Digest::sha256_of(body);
-        store.write_manifest(&d, "application/vnd.oci.image.manifest.v1+json", body).unwrap();
+        store
+            .write_manifest(&d, "application/vnd.oci.image.manifest.v1+json", body)
+            .unwrap();
         let (mt, bytes) = store.read_manifest(&d).unwrap().unwrap();
-        assert_eq!((mt.as_str(), bytes.as_slice()), ("application/vnd.oci.image.manifest.v1+json", &body[..]));
+        assert_eq!(
+            (mt.as_str(), bytes.as_slice()),
+            ("application/vnd.oci.image.manifest.v1+json", &body[..])
+        );
         fs::write(store.path("manifests", &d), b"x\n{}").unwrap();
         assert!(store.read_manifest(&d).unwrap().is_none());
     }

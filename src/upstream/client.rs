@@ -65,7 +65,14 @@ impl RegistryClient {
         creds: Option<Credentials>,
         max_redirects: usize,
     ) -> Self {
-        RegistryClient { name, base, http, creds, tokens: Arc::new(TokenCache::default()), max_redirects }
+        RegistryClient {
+            name,
+            base,
+            http,
+            creds,
+            tokens: Arc::new(TokenCache::default()),
+            max_redirects,
+        }
     }
 
     fn url(&self, repo: &RepoName, tail: &str) -> Url {
@@ -76,7 +83,12 @@ impl RegistryClient {
     }
 
     /// HEAD a manifest: digest, type and size without counting as a pull on Docker Hub.
-    pub async fn head_manifest(&self, repo: &RepoName, reference: &str, accept: &AcceptSet) -> Result<ManifestHead, Error> {
+    pub async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        accept: &AcceptSet,
+    ) -> Result<ManifestHead, Error> {
         let url = self.url(repo, &format!("manifests/{reference}"));
         let resp = self.send(Method::HEAD, url, repo, accept_headers(accept)).await?;
         Ok(manifest_head(resp.headers()))
@@ -122,7 +134,10 @@ impl RegistryClient {
         let resp = self.send(Method::GET, url, repo, headers).await?;
         let size = content_length(resp.headers());
         let body = resp.bytes_stream().map(|r| r.map_err(Error::from));
-        Ok(BlobStream { size, body: Box::pin(body) })
+        Ok(BlobStream {
+            size,
+            body: Box::pin(body),
+        })
     }
 
     /// GET `/v2/<repo>/<tail>?<query>` and hand back the answer as is (tags/list, referrers).
@@ -131,18 +146,32 @@ impl RegistryClient {
         url.set_query(query);
         let resp = self.send(Method::GET, url, repo, HeaderMap::new()).await?;
         let mut headers = HeaderMap::new();
-        for name in [header::CONTENT_TYPE, header::LINK, header::HeaderName::from_static("oci-filters-applied")] {
+        for name in [
+            header::CONTENT_TYPE,
+            header::LINK,
+            header::HeaderName::from_static("oci-filters-applied"),
+        ] {
             if let Some(v) = resp.headers().get(&name) {
                 headers.insert(name, v.clone());
             }
         }
         let status = resp.status();
         let body = resp.bytes_stream().map(|r| r.map_err(Error::from));
-        Ok(Passthrough { status, headers, body: Box::pin(body) })
+        Ok(Passthrough {
+            status,
+            headers,
+            body: Box::pin(body),
+        })
     }
 
     /// Sends a request, answering auth challenges and following redirects; non-2xx statuses become errors.
-    async fn send(&self, method: Method, mut url: Url, repo: &RepoName, headers: HeaderMap) -> Result<reqwest::Response, Error> {
+    async fn send(
+        &self,
+        method: Method,
+        mut url: Url,
+        repo: &RepoName,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, Error> {
         let scope = format!("repository:{repo}:pull");
         let mut redirects = 0;
         let mut auth_tried = false;
@@ -163,7 +192,11 @@ impl RegistryClient {
                 if cached.is_some() {
                     self.tokens.remove(&host, &scope);
                 }
-                let challenge = resp.headers().get_all(header::WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok());
+                let challenge = resp
+                    .headers()
+                    .get_all(header::WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok());
                 let challenges: Vec<_> = challenge.flat_map(parse_challenges).collect();
                 if self.authorize(&host, own_host, &scope, &challenges).await? {
                     continue;
@@ -188,10 +221,19 @@ impl RegistryClient {
 
     /// Obtains an `Authorization` value for `host` from its challenges. Credentials are offered only to the
     /// registry's own host (and the token realm it names), never to a redirect target.
-    async fn authorize(&self, host: &str, own_host: bool, scope: &str, challenges: &[super::auth::Challenge]) -> Result<bool, Error> {
+    async fn authorize(
+        &self,
+        host: &str,
+        own_host: bool,
+        scope: &str,
+        challenges: &[super::auth::Challenge],
+    ) -> Result<bool, Error> {
         let creds = if own_host { self.creds.as_ref() } else { None };
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
-            let realm = c.params.get("realm").ok_or_else(|| Error::Protocol("bearer challenge without realm".into()))?;
+            let realm = c
+                .params
+                .get("realm")
+                .ok_or_else(|| Error::Protocol("bearer challenge without realm".into()))?;
             let mut realm = Url::parse(realm).map_err(|_| Error::Protocol("bad token realm".into()))?;
             if !matches!(realm.scheme(), "http" | "https") {
                 return Err(Error::Protocol("bad token realm scheme".into()));
@@ -217,16 +259,19 @@ impl RegistryClient {
             let bytes = resp.bytes().await?;
             let token: TokenResponse =
                 serde_json::from_slice(&bytes).map_err(|_| Error::Protocol("token response is not JSON".into()))?;
-            let (token, lifetime) = token.into_parts().ok_or_else(|| Error::Protocol("token response without token".into()))?;
+            let (token, lifetime) = token
+                .into_parts()
+                .ok_or_else(|| Error::Protocol("token response without token".into()))?;
             self.tokens.put(host, scope, format!("Bearer {token}"), lifetime);
             return Ok(true);
         }
-        if challenges.iter().any(|c| c.scheme == "basic") {
-            if let Some(basic) = creds.and_then(Credentials::basic_header) {
-                // Basic credentials do not expire; a day bounds how long a changed password goes unnoticed.
-                self.tokens.put(host, scope, basic, std::time::Duration::from_secs(86_400));
-                return Ok(true);
-            }
+        if challenges.iter().any(|c| c.scheme == "basic")
+            && let Some(basic) = creds.and_then(Credentials::basic_header)
+        {
+            // Basic credentials do not expire; a day bounds how long a changed password goes unnoticed.
+            self.tokens
+                .put(host, scope, basic, std::time::Duration::from_secs(86_400));
+            return Ok(true);
         }
         Ok(false)
     }
@@ -234,7 +279,11 @@ impl RegistryClient {
 
 fn accept_headers(accept: &AcceptSet) -> HeaderMap {
     let mut h = HeaderMap::new();
-    let value = if accept.is_empty() { AcceptSet::all_manifests() } else { accept.clone() };
+    let value = if accept.is_empty() {
+        AcceptSet::all_manifests()
+    } else {
+        accept.clone()
+    };
     if let Ok(v) = HeaderValue::from_str(&value.header_value()) {
         h.insert(header::ACCEPT, v);
     }
@@ -242,13 +291,20 @@ fn accept_headers(accept: &AcceptSet) -> HeaderMap {
 }
 
 fn manifest_head(h: &HeaderMap) -> ManifestHead {
-    let digest = h.get("docker-content-digest").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse().ok());
+    let digest = h
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse().ok());
     let media_type = h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
         .unwrap_or_default();
-    ManifestHead { digest, media_type, size: content_length(h) }
+    ManifestHead {
+        digest,
+        media_type,
+        size: content_length(h),
+    }
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
@@ -256,7 +312,12 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 fn host_key(url: &Url) -> String {
-    format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or(""),
+        url.port_or_known_default().unwrap_or(0)
+    )
 }
 
 fn redirect_target(from: &Url, headers: &HeaderMap) -> Result<Url, Error> {
@@ -264,7 +325,9 @@ fn redirect_target(from: &Url, headers: &HeaderMap) -> Result<Url, Error> {
         .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| Error::Protocol("redirect without Location".into()))?;
-    let next = from.join(location).map_err(|_| Error::Protocol("bad redirect Location".into()))?;
+    let next = from
+        .join(location)
+        .map_err(|_| Error::Protocol("bad redirect Location".into()))?;
     if !matches!(next.scheme(), "http" | "https") {
         return Err(Error::Protocol("redirect to a non-HTTP scheme".into()));
     }
@@ -280,7 +343,10 @@ mod tests {
         let from = Url::parse("https://r.example/v2/a/blobs/x").unwrap();
         let mut h = HeaderMap::new();
         h.insert(header::LOCATION, HeaderValue::from_static("/other?sig=a%2Fb"));
-        assert_eq!(redirect_target(&from, &h).unwrap().as_str(), "https://r.example/other?sig=a%2Fb");
+        assert_eq!(
+            redirect_target(&from, &h).unwrap().as_str(),
+            "https://r.example/other?sig=a%2Fb"
+        );
         h.insert(header::LOCATION, HeaderValue::from_static("file:///etc/passwd"));
         assert!(redirect_target(&from, &h).is_err());
     }

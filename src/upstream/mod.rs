@@ -65,7 +65,8 @@ impl Upstreams {
         for path in &config.upstream.ca_files {
             let shown = path.display().to_string();
             let pem = std::fs::read(path).map_err(|e| SetupError::Ca(shown.clone(), e.to_string()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| SetupError::Ca(shown.clone(), e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| SetupError::Ca(shown.clone(), e.to_string()))?;
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
@@ -84,7 +85,10 @@ impl Upstreams {
             );
             registries.insert(name.clone(), Arc::new(client));
         }
-        Ok(Upstreams { registries: Arc::new(registries), default: config.default_registry.clone() })
+        Ok(Upstreams {
+            registries: Arc::new(registries),
+            default: config.default_registry.clone(),
+        })
     }
 
     /// Chooses the upstream for a request, in order: containerd's `ns` parameter; a path prefix naming a
@@ -98,7 +102,10 @@ impl Upstreams {
         let (registry, name) = match ns {
             Some(ns) => {
                 let ns = canonical_registry(ns);
-                let reg = self.registries.get(ns).ok_or_else(|| RouteError::UnknownRegistry(ns.to_owned()))?;
+                let reg = self
+                    .registries
+                    .get(ns)
+                    .ok_or_else(|| RouteError::UnknownRegistry(ns.to_owned()))?;
                 // containerd with `override_path` sends both; strip the prefix when it repeats `ns`.
                 let name = match rest {
                     Some(r) if canonical_registry(first) == ns => r,
@@ -138,7 +145,10 @@ mod tests {
     use crate::config::Overrides;
 
     fn upstreams() -> Upstreams {
-        let o = Overrides { upstreams: vec![("myreg.example:5000".into(), "http://127.0.0.1:1".into())], ..Default::default() };
+        let o = Overrides {
+            upstreams: vec![("myreg.example:5000".into(), "http://127.0.0.1:1".into())],
+            ..Default::default()
+        };
         Upstreams::from_config(&Config::load(None, &o).unwrap()).unwrap()
     }
 
@@ -160,7 +170,10 @@ mod tests {
     #[test]
     fn refuses_unconfigured_registries() {
         let u = upstreams();
-        assert!(matches!(u.route(Some("evil.example"), "x/y"), Err(RouteError::UnknownRegistry(_))));
+        assert!(matches!(
+            u.route(Some("evil.example"), "x/y"),
+            Err(RouteError::UnknownRegistry(_))
+        ));
         // An unknown first component is just part of a Docker Hub name, never a host to contact.
         let (r, n) = u.route(None, "evil.example/x").unwrap();
         assert_eq!((r.name.as_str(), n.as_str()), ("docker.io", "evil.example/x"));
