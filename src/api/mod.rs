@@ -130,7 +130,7 @@ async fn log_request(req: Request, next: Next) -> Response {
     tracing::info!(
         target: "wharf::request",
         %method,
-        target = %target,
+        path = %target,
         status = resp.status().as_u16(),
         upstream = note.map(|n| n.registry.as_str()).unwrap_or("-"),
         cache = note.map(|n| n.outcome.as_str()).unwrap_or("-"),
