@@ -1,1 +1,175 @@
-//! Test support: containerd.
+//! A real `containerd` (1.6, Debian's) as a child process, for pulls through wharf with `ctr`.
+//!
+//! Root, state and the gRPC socket live in a tempdir under /tmp (unix socket paths are limited to 108
+//! bytes); the generated version-2 config disables CRI, the non-native snapshotters, `opt` and tracing,
+//! so it starts in well under a second and touches nothing on the host. `ctr content fetch` resolves and
+//! fetches client-side (in `ctr`), honours `--hosts-dir` and writes into containerd's content store
+//! without unpacking.
+
+#![allow(dead_code)] // harness: not every helper is used by every test
+
+use super::images::{run, run_ok};
+use super::registry::die_with_parent_thread;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The containerd namespace every helper uses.
+pub const NAMESPACE: &str = "test";
+
+/// A running containerd, killed on drop. The child gets `PR_SET_PDEATHSIG`: drop it on the thread that
+/// started it (a test body does).
+pub struct Containerd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd and waits until `ctr version` answers.
+    pub fn start() -> Containerd {
+        super::tools::require("containerd");
+        super::tools::require("ctr");
+        let dir = tempfile::Builder::new()
+            .prefix("wharf-ctd-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let socket = dir.path().join("state/containerd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, config_toml(dir.path())).expect("write containerd config");
+        std::fs::create_dir_all(dir.path().join("tmp")).expect("create containerd temp dir");
+        let log = std::fs::File::create(dir.path().join("containerd.log")).expect("create log");
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        die_with_parent_thread(&mut cmd);
+        let child = cmd.spawn().expect("spawn containerd");
+        let mut c = Containerd {
+            child: Some(child),
+            dir,
+            socket,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("containerd exited at start-up ({status}):\n{}", c.log());
+            }
+            if c.socket.exists() && run(c.ctr().arg("version"), Duration::from_secs(10)).status.success() {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not answer `ctr version`:\n{}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The gRPC socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `ctr --address SOCKET --namespace test`, ready for more arguments.
+    pub fn ctr(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(&self.socket).arg("--namespace").arg(NAMESPACE);
+        cmd
+    }
+
+    /// `ctr content fetch --hosts-dir DIR --all-platforms REFERENCE`; returns the output, success or not.
+    pub fn fetch(&self, hosts_dir: &Path, reference: &str) -> Output {
+        let mut cmd = self.ctr();
+        cmd.args(["content", "fetch", "--all-platforms", "--hosts-dir"])
+            .arg(hosts_dir)
+            .arg(reference);
+        run(&mut cmd, Duration::from_secs(600))
+    }
+
+    /// [`Containerd::fetch`], panicking with ctr's and containerd's output unless it succeeds.
+    pub fn fetch_ok(&self, hosts_dir: &Path, reference: &str) {
+        let out = self.fetch(hosts_dir, reference);
+        if !out.status.success() {
+            let (o, e) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            panic!(
+                "ctr content fetch {reference} failed ({})\nstdout:\n{o}\nstderr:\n{e}",
+                out.status
+            );
+        }
+    }
+
+    /// Every digest in the content store (`ctr content ls -q`).
+    pub fn content_digests(&self) -> BTreeSet<String> {
+        let out = run_ok(self.ctr().args(["content", "ls", "-q"]), Duration::from_secs(30));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// containerd's own log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.contains("loading plugin")).collect();
+            eprintln!("---- containerd log (last 30 lines) ----");
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn config_toml(dir: &Path) -> String {
+    let disabled = [
+        "io.containerd.grpc.v1.cri",
+        "io.containerd.snapshotter.v1.aufs",
+        "io.containerd.snapshotter.v1.btrfs",
+        "io.containerd.snapshotter.v1.devmapper",
+        "io.containerd.snapshotter.v1.zfs",
+        "io.containerd.snapshotter.v1.overlayfs",
+        "io.containerd.internal.v1.opt",
+        "io.containerd.internal.v1.tracing",
+        "io.containerd.tracing.processor.v1.otlp",
+    ];
+    let disabled: Vec<String> = disabled.iter().map(|p| format!("  \"{p}\",\n")).collect();
+    let d = dir.display();
+    format!(
+        "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ntemp = \"{d}/tmp\"\n\
+         disabled_plugins = [\n{}]\n\n\
+         [grpc]\n  address = \"{d}/state/containerd.sock\"\n\n\
+         [ttrpc]\n  address = \"{d}/state/containerd.ttrpc.sock\"\n\n\
+         [debug]\n  address = \"\"\n  level = \"info\"\n",
+        disabled.concat()
+    )
+}
+
+/// Writes `DIR/<registry>/hosts.toml` naming `mirror_url` (wharf, plain http) as the only pull and resolve
+/// host; `server` points at 127.0.0.1:1, where nothing listens, so a pull can only succeed via the mirror.
+pub fn write_hosts_dir(dir: &Path, registry: &str, mirror_url: &str) {
+    let d = dir.join(registry);
+    std::fs::create_dir_all(&d).expect("create hosts dir");
+    let toml = format!(
+        "server = \"http://127.0.0.1:1\"\n\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+    );
+    std::fs::write(d.join("hosts.toml"), toml).expect("write hosts.toml");
+}
