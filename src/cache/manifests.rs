@@ -129,9 +129,16 @@ impl Cache {
                 // A HEAD is free on Docker Hub while a GET counts as a pull: learn the tag with a HEAD.
                 let head = client.head_manifest(repo, tag, accept).await?;
                 if let (Some(digest), Some(size), false) = (head.digest, head.size, head.media_type.is_empty()) {
-                    let entry = TagEntry { digest, media_type: head.media_type, size, checked_at: now };
+                    let entry = TagEntry {
+                        digest,
+                        media_type: head.media_type,
+                        size,
+                        checked_at: now,
+                    };
                     self.shared.meta.put_tag(&key, &entry)?;
-                    return self.answer_from_entry(client, repo, &entry, accept, false, Outcome::Miss).await;
+                    return self
+                        .answer_from_entry(client, repo, &entry, accept, false, Outcome::Miss)
+                        .await;
                 }
             }
             return self.fetch_tag(client, repo, tag, &key, accept, want_body).await;
@@ -201,9 +208,16 @@ impl Cache {
     ) -> Result<ManifestAnswer, Error> {
         if !want_body {
             // A HEAD (the kubelet's `Always` policy) needs only what the tag entry records: no disk read.
-            let info =
-                ManifestInfo { digest: entry.digest.clone(), media_type: entry.media_type.clone(), size: entry.size };
-            return Ok(ManifestAnswer { info, bytes: None, outcome });
+            let info = ManifestInfo {
+                digest: entry.digest.clone(),
+                media_type: entry.media_type.clone(),
+                size: entry.size,
+            };
+            return Ok(ManifestAnswer {
+                info,
+                bytes: None,
+                outcome,
+            });
         }
         let cached = self.read_manifest(&entry.digest).await?;
         let (info, bytes) = match cached {

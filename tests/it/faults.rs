@@ -1,1 +1,394 @@
-//! Tests: faults.
+//! Upstream faults: broken and lying upstreams never produce a clean wrong response or a committed blob;
+//! auth challenges, cross-host redirects, 429/5xx/unreachable upstreams and slow bodies are handled.
+
+use crate::support::fake_upstream::{
+    Auth, FakeUpstream, Outcome, REGISTRY, REPO, basic, blob_path, client, fetch, get_ok, headers_of, spawn_fetch,
+    wait_until,
+};
+use crate::support::wharf::Wharf;
+use std::path::Path;
+use std::time::Duration;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Asserts a failed fill reached the client as a failure: a broken body or an error status, never a clean 200.
+fn assert_not_clean(what: &str, outcome: &Outcome, size: usize) {
+    match outcome {
+        Outcome::Broken(s, e) => println!("{what}: {s} then a broken body ({e})"),
+        Outcome::Failed(e) => println!("{what}: no response ({e})"),
+        Outcome::Complete(s, _, _) if *s >= 500 => {}
+        Outcome::Complete(s, _, b) => panic!(
+            "{what}: expected a broken connection or 5xx, got a clean {s} with {} of {size} bytes",
+            b.len()
+        ),
+    }
+}
+
+fn wharf_with(up: &FakeUpstream, dir: &Path, extra: &[&str]) -> Wharf {
+    let mut args = up.wharf_args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Wharf::start(dir, &args)
+}
+
+/// Writes a docker `config.json` with `entry` as the auth entry of [`REGISTRY`].
+fn credentials(dir: &Path, entry: serde_json::Value) -> String {
+    let path = dir.join("config.json");
+    let doc = serde_json::json!({ "auths": { REGISTRY: entry } });
+    std::fs::write(&path, doc.to_string()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+async fn error_code(resp: reqwest::Response) -> String {
+    let v: serde_json::Value = resp.json().await.expect("a JSON error body");
+    v["errors"][0]["code"].as_str().expect("errors[0].code").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_drop_mid_blob_commits_nothing_and_the_next_request_refills() {
+    let up = FakeUpstream::start().await;
+    let (digest, data) = up.add_random_blob(2 * 1024 * 1024 + 11);
+    up.drop_after(&digest, Some(700_000));
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = wharf_with(&up, dir.path(), &[]);
+    let url = format!("{}/v2/{REPO}/blobs/{digest}", wharf.url());
+    let http = client();
+
+    let outcome = fetch(&http, &url, &[]).await;
+    assert_not_clean("upstream dropped mid-blob", &outcome, data.len());
+    assert!(up.blob_gets(&digest) >= 1, "wharf never asked upstream");
+    assert!(
+        !blob_path(dir.path(), &digest).exists(),
+        "a truncated blob was committed"
+    );
+
+    up.drop_after(&digest, None);
+    let before = up.blob_gets(&digest);
+    get_ok(&http, &url, &data).await;
+    assert!(
+        up.blob_gets(&digest) > before,
+        "the next request must start a fresh fill"
+    );
+    let path = blob_path(dir.path(), &digest);
+    wait_until("the good blob is committed", || path.is_file()).await;
+    assert!(std::fs::read(&path).unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_bytes_are_never_served_complete_nor_committed() {
+    let up = FakeUpstream::start().await;
+    let (digest, data) = up.add_random_blob(1024 * 1024 + 3);
+    up.wrong_bytes(&digest, true);
+    let gate = up.gate(&digest, 64 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = wharf_with(&up, dir.path(), &[]);
+    let url = format!("{}/v2/{REPO}/blobs/{digest}", wharf.url());
+    let http = client();
+
+    // Two clients: the one that started the fill and one that joined it while it was in progress.
+    let (first, _) = spawn_fetch(&http, &url, &[]);
+    gate.wait_reached().await;
+    let (joiner, joined) = spawn_fetch(&http, &url, &[]);
+    headers_of("a client joining the fill", joined).await;
+    gate.release();
+    assert_not_clean("starter of a fill with wrong bytes", &first.await.unwrap(), data.len());
+    assert_not_clean("joiner of a fill with wrong bytes", &joiner.await.unwrap(), data.len());
+    assert!(
+        !blob_path(dir.path(), &digest).exists(),
+        "bytes with the wrong digest were committed"
+    );
+
+    up.wrong_bytes(&digest, false);
+    let before = up.blob_gets(&digest);
+    get_ok(&http, &url, &data).await;
+    assert!(
+        up.blob_gets(&digest) > before,
+        "after a bad fill the next request must refetch"
+    );
+    let path = blob_path(dir.path(), &digest);
+    wait_until("the good blob is committed", || path.is_file()).await;
+    assert!(std::fs::read(&path).unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_challenge_fetches_a_token_with_configured_credentials() {
+    let up = FakeUpstream::start().await;
+    up.set_auth(Auth::Bearer(Some(("alice".into(), "s3cret".into()))));
+    let (digest, data) = up.add_random_blob(300_000);
+    let body = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}", "layers":[]}}"#);
+    up.put_manifest(REPO, "v1", OCI_MANIFEST, body.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let auth = basic("alice", "s3cret")
+        .to_str()
+        .unwrap()
+        .trim_start_matches("Basic ")
+        .to_string();
+    let creds = credentials(dir.path(), serde_json::json!({ "auth": auth }));
+    let data_dir = dir.path().join("data");
+    let wharf = wharf_with(&up, &data_dir, &["--credentials", &creds]);
+    let http = client();
+
+    get_ok(&http, &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
+    let resp = http
+        .get(format!("{}/v2/{REPO}/manifests/v1", wharf.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap(), body.as_bytes());
+
+    assert!(
+        up.challenges() >= 1,
+        "the fake never challenged: the test proves nothing"
+    );
+    assert!(up.token_requests() >= 1, "wharf never asked the realm for a token");
+    let seen = up.requests();
+    for r in seen.iter().filter(|r| r.path.starts_with("/token")) {
+        assert_eq!(
+            r.authorization.as_deref(),
+            Some(basic("alice", "s3cret").to_str().unwrap())
+        );
+        assert!(
+            r.path.contains("scope=repository"),
+            "token request without a scope: {}",
+            r.path
+        );
+    }
+    let ok_blob = seen
+        .iter()
+        .find(|r| r.method == "GET" && r.path.contains("/blobs/") && r.status == 200)
+        .expect("blob GET");
+    assert!(
+        ok_blob
+            .authorization
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("Bearer tok-")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_bearer_token_and_basic_challenge() {
+    // Anonymous token flow: the token request carries no credentials.
+    let up = FakeUpstream::start().await;
+    up.set_auth(Auth::Bearer(None));
+    let (digest, data) = up.add_random_blob(100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = wharf_with(&up, dir.path(), &[]);
+    get_ok(&client(), &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
+    assert!(up.token_requests() >= 1);
+    assert!(
+        up.requests()
+            .iter()
+            .filter(|r| r.path.starts_with("/token"))
+            .all(|r| r.authorization.is_none())
+    );
+
+    // A plain Basic challenge, credentials given as username/password fields.
+    let up = FakeUpstream::start().await;
+    up.set_auth(Auth::Basic("bob".into(), "pw".into()));
+    let (digest, data) = up.add_random_blob(100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = credentials(dir.path(), serde_json::json!({"username": "bob", "password": "pw"}));
+    let wharf = wharf_with(&up, &dir.path().join("data"), &["--credentials", &creds]);
+    get_ok(&client(), &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
+    let seen = up.requests();
+    let ok_blob = seen
+        .iter()
+        .find(|r| r.method == "GET" && r.path.contains("/blobs/") && r.status == 200)
+        .expect("blob GET");
+    assert_eq!(
+        ok_blob.authorization.as_deref(),
+        Some(basic("bob", "pw").to_str().unwrap())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_to_another_host_never_carries_authorization() {
+    for auth in [
+        Auth::Bearer(Some(("alice".into(), "pw".into()))),
+        Auth::Basic("alice".into(), "pw".into()),
+    ] {
+        let up = FakeUpstream::start().await;
+        up.set_auth(auth.clone());
+        up.redirect_blobs(true);
+        let (digest, data) = up.add_random_blob(500_000);
+        let dir = tempfile::tempdir().unwrap();
+        let creds = credentials(dir.path(), serde_json::json!({"username": "alice", "password": "pw"}));
+        let wharf = wharf_with(&up, &dir.path().join("data"), &["--credentials", &creds]);
+        get_ok(&client(), &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
+
+        let seen = up.requests();
+        let main = seen
+            .iter()
+            .find(|r| r.listener == "main" && r.status == 307)
+            .expect("redirected GET");
+        assert!(
+            main.authorization.is_some(),
+            "{auth:?}: the registry host got no credentials"
+        );
+        let cdn: Vec<_> = seen.iter().filter(|r| r.listener == "cdn").collect();
+        assert!(!cdn.is_empty(), "{auth:?}: wharf did not follow the redirect");
+        for r in cdn {
+            assert_eq!(
+                r.authorization, None,
+                "{auth:?}: Authorization leaked from {} to {} ({r:?})",
+                up.addr, up.cdn_addr
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tag_ttl_then_head_revalidation_then_stale_if_error() {
+    let mut up = FakeUpstream::start().await;
+    // Odd spacing: wharf must serve these exact bytes, not a re-serialization.
+    let v1 = format!("{{ \"schemaVersion\": 2,\n  \"mediaType\": \"{OCI_MANIFEST}\",  \"layers\": [] }}");
+    let d1 = up.put_manifest(REPO, "v1", OCI_MANIFEST, v1.clone());
+    let http = client();
+    let check = async |url: &str, want: &str, ctx: &str| {
+        let resp = http.get(url).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{ctx}");
+        assert_eq!(resp.headers()["content-type"], OCI_MANIFEST, "{ctx}");
+        assert_eq!(
+            resp.bytes().await.unwrap(),
+            want.as_bytes(),
+            "{ctx}: body not byte-exact"
+        );
+    };
+
+    // Within the freshness window, no upstream request at all.
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = wharf_with(&up, dir.path(), &["--tag-ttl", "3600"]);
+    let tag_url = format!("{}/v2/{REPO}/manifests/v1", wharf.url());
+    check(&tag_url, &v1, "first fetch").await;
+    let n = up.manifest_gets() + up.manifest_heads();
+    check(&tag_url, &v1, "fresh tag").await;
+    assert_eq!(
+        up.manifest_gets() + up.manifest_heads(),
+        n,
+        "a fresh tag must not go upstream"
+    );
+    drop(wharf);
+
+    // TTL 0: every request revalidates with a HEAD; unchanged digest → no GET; changed → new body.
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = wharf_with(&up, dir.path(), &["--tag-ttl", "0"]);
+    let tag_url = format!("{}/v2/{REPO}/manifests/v1", wharf.url());
+    let digest_url = format!("{}/v2/{REPO}/manifests/{d1}", wharf.url());
+    check(&tag_url, &v1, "first fetch").await;
+    let (gets, heads) = (up.manifest_gets(), up.manifest_heads());
+    check(&tag_url, &v1, "revalidated tag").await;
+    assert!(
+        up.manifest_heads() > heads,
+        "an expired tag must be revalidated with a HEAD upstream"
+    );
+    assert_eq!(
+        up.manifest_gets(),
+        gets,
+        "an unchanged digest must not be fetched again"
+    );
+    let v2 = v1.replace("\"layers\"", "\"annotations\": {}, \"layers\"");
+    up.put_manifest(REPO, "v1", OCI_MANIFEST, v2.clone());
+    check(&tag_url, &v2, "tag moved upstream").await;
+    up.put_manifest(REPO, "v1", OCI_MANIFEST, v1.clone());
+    check(&tag_url, &v1, "tag moved back").await;
+
+    // Upstream failing: the last known manifest is served; unknown tags and cold blobs are 503.
+    let (cold, _) = up.add_random_blob(1000);
+    for status in [429, 500, 503] {
+        up.fail_with(Some(status));
+        let n = up.manifest_gets() + up.manifest_heads();
+        check(&tag_url, &v1, &format!("stale tag while upstream answers {status}")).await;
+        assert!(
+            up.manifest_gets() + up.manifest_heads() > n,
+            "wharf did not try upstream ({status})"
+        );
+        check(
+            &digest_url,
+            &v1,
+            &format!("manifest by digest while upstream answers {status}"),
+        )
+        .await;
+        let resp = http
+            .get(format!("{}/v2/{REPO}/manifests/nope", wharf.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 503, "unknown tag while upstream answers {status}");
+        println!("upstream {status} → unknown tag error code {}", error_code(resp).await);
+        let resp = http
+            .get(format!("{}/v2/{REPO}/blobs/{cold}", wharf.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 503, "cold blob while upstream answers {status}");
+        println!("upstream {status} → cold blob error code {}", error_code(resp).await);
+    }
+    up.stop().await;
+    check(&tag_url, &v1, "stale tag while upstream is unreachable").await;
+    let resp = http
+        .get(format!("{}/v2/{REPO}/manifests/nope", wharf.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503, "unknown tag while upstream is unreachable");
+    let resp = http
+        .get(format!("{}/v2/{REPO}/blobs/{cold}", wharf.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503, "cold blob while upstream is unreachable");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_upstream_content_is_404_with_oci_codes() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = wharf_with(&up, dir.path(), &[]);
+    let http = client();
+    let missing = format!("sha256:{}", "ab".repeat(32));
+    let resp = http
+        .get(format!("{}/v2/{REPO}/blobs/{missing}", wharf.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(resp).await, "BLOB_UNKNOWN");
+    let resp = http
+        .get(format!("{}/v2/{REPO}/manifests/nope", wharf.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(resp).await, "MANIFEST_UNKNOWN");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_upstream_first_bytes_reach_the_client_before_the_upstream_finishes() {
+    let up = FakeUpstream::start().await;
+    let (digest, data) = up.add_random_blob(2 * 1024 * 1024);
+    let gate = up.gate(&digest, 256 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = wharf_with(&up, dir.path(), &[]);
+    let mut resp = client()
+        .get(format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()))
+        .send()
+        .await
+        .expect("headers while the upstream body is held");
+    assert_eq!(resp.status(), 200);
+    let first = tokio::time::timeout(Duration::from_secs(30), resp.chunk())
+        .await
+        .expect("no body bytes while the upstream is held: wharf waits for the whole blob")
+        .unwrap()
+        .expect("a first chunk");
+    assert!(
+        !first.is_empty() && !gate.is_released(),
+        "first bytes arrived before the upstream finished"
+    );
+    gate.release();
+    let mut body = first.to_vec();
+    while let Some(c) = resp.chunk().await.unwrap() {
+        body.extend_from_slice(&c);
+    }
+    assert!(body == data, "streamed body differs from the blob");
+}

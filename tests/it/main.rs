@@ -5,6 +5,7 @@ mod support;
 mod api;
 mod containerd;
 mod faults;
+mod lifecycle;
 mod range;
 mod restart;
 mod single_flight;

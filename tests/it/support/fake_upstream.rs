@@ -1,1 +1,614 @@
-//! Test support: fake_upstream.
+//! An in-process fake upstream registry (axum on 127.0.0.1:0) serving blobs and manifests from memory,
+//! with per-route counters, a log of the `Authorization` header each request carried, and runtime fault
+//! knobs: dropped connections, wrong bytes, bearer/basic challenges, 429/5xx, cross-host redirects, gates.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use sha2::{Digest as _, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// The registry name tests configure wharf with (`--upstream fake.test=URL`).
+pub const REGISTRY: &str = "fake.test";
+/// Repository used by tests that do not care.
+pub const REPO: &str = "test/app";
+const CHUNK: usize = 32 * 1024;
+const DIGEST_HEADER: HeaderName = HeaderName::from_static("docker-content-digest");
+
+/// How the fake authenticates `/v2/` requests.
+#[derive(Clone, Debug, Default)]
+pub enum Auth {
+    /// Everything is public.
+    #[default]
+    Anonymous,
+    /// `401 Bearer realm=<this>/token`; the token endpoint wants these Basic credentials (`None`: anonymous).
+    Bearer(Option<(String, String)>),
+    /// `401 Basic`; requests must carry these credentials.
+    Basic(String, String),
+}
+
+/// One request as the fake saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// `main` or `cdn` (the redirect target).
+    pub listener: &'static str,
+    pub method: String,
+    pub path: String,
+    pub authorization: Option<String>,
+    pub status: u16,
+}
+
+/// Holds a blob's body after `after` bytes until [`Gate::release`]; applies to every GET of that digest.
+pub struct Gate {
+    after: usize,
+    reached: watch::Sender<bool>,
+    released: watch::Sender<bool>,
+}
+
+impl Gate {
+    /// Waits until some response has sent the first `after` bytes and is now held (panics after 30 s).
+    pub async fn wait_reached(&self) {
+        let mut rx = self.reached.subscribe();
+        let ok = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|r| *r)).await;
+        assert!(
+            ok.is_ok(),
+            "the upstream never got to the gate ({} bytes): wharf did not fetch the blob",
+            self.after
+        );
+    }
+    /// Lets held and future responses finish.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+    /// Whether the test released the gate (an upstream response cannot have finished before this).
+    pub fn is_released(&self) -> bool {
+        *self.released.borrow()
+    }
+}
+
+#[derive(Default)]
+struct Faults {
+    drop_after: HashMap<String, usize>,
+    wrong_bytes: HashSet<String>,
+    fail_with: Option<u16>,
+    auth: Auth,
+    redirect_blobs: bool,
+    gates: HashMap<String, Arc<Gate>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    base: String,
+    cdn_base: String,
+    blobs: Mutex<HashMap<String, Bytes>>,
+    /// (repo, tag or digest) → (content type, body).
+    manifests: Mutex<HashMap<(String, String), (String, Bytes)>>,
+    faults: Mutex<Faults>,
+    tokens: Mutex<HashSet<String>>,
+    blob_gets: Mutex<HashMap<String, usize>>,
+    blob_heads: Mutex<HashMap<String, usize>>,
+    manifest_gets: AtomicUsize,
+    manifest_heads: AtomicUsize,
+    token_requests: AtomicUsize,
+    challenges: AtomicUsize,
+    seen: Mutex<Vec<Seen>>,
+}
+
+/// The running fake. Dropping it stops accepting connections.
+pub struct FakeUpstream {
+    /// The registry listener (`127.0.0.1:port`).
+    pub addr: SocketAddr,
+    /// The redirect target: another host (`127.0.0.2` when available) and port.
+    pub cdn_addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Vec<oneshot::Sender<()>>,
+}
+
+impl FakeUpstream {
+    /// Binds both listeners on loopback ephemeral ports and spawns them on the current runtime.
+    pub async fn start() -> FakeUpstream {
+        let main = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cdn = match TcpListener::bind("127.0.0.2:0").await {
+            Ok(l) => l,
+            Err(_) => TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let (addr, cdn_addr) = (main.local_addr().unwrap(), cdn.local_addr().unwrap());
+        let shared = Arc::new(Shared {
+            base: format!("http://{addr}"),
+            cdn_base: format!("http://{cdn_addr}"),
+            ..Default::default()
+        });
+        let main_app = Router::new()
+            .route("/token", get(token))
+            .route("/v2/", get(|| async { "{}" }))
+            .route("/v2/{*rest}", any(registry))
+            .with_state(shared.clone());
+        let cdn_app = Router::new()
+            .route("/cdn/{digest}", any(cdn_blob))
+            .with_state(shared.clone());
+        let mut stop = Vec::new();
+        for (listener, app) in [(main, main_app), (cdn, cdn_app)] {
+            let (tx, rx) = oneshot::channel::<()>();
+            stop.push(tx);
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = rx.await;
+            });
+            tokio::spawn(async move { serve.await });
+        }
+        FakeUpstream {
+            addr,
+            cdn_addr,
+            shared,
+            stop,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        self.shared.base.clone()
+    }
+
+    /// Arguments that make wharf mirror this fake as its default registry [`REGISTRY`].
+    pub fn wharf_args(&self) -> Vec<String> {
+        let up = format!("{REGISTRY}={}", self.url());
+        ["--upstream", &up, "--default-registry", REGISTRY]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    /// Stores a blob and returns its digest.
+    pub fn add_blob(&self, data: impl Into<Bytes>) -> String {
+        let data = data.into();
+        let digest = sha256_digest(&data);
+        self.shared.blobs.lock().unwrap().insert(digest.clone(), data);
+        digest
+    }
+
+    /// Stores `len` random bytes; returns (digest, bytes).
+    pub fn add_random_blob(&self, len: usize) -> (String, Bytes) {
+        let data = random_bytes(len);
+        (self.add_blob(data.clone()), data)
+    }
+
+    /// Stores a manifest under `tag` (replacing the tag's previous target) and under its digest.
+    pub fn put_manifest(&self, repo: &str, tag: &str, content_type: &str, body: impl Into<Bytes>) -> String {
+        let body = body.into();
+        let digest = sha256_digest(&body);
+        let mut m = self.shared.manifests.lock().unwrap();
+        for r in [tag, digest.as_str()] {
+            m.insert(
+                (repo.to_string(), r.to_string()),
+                (content_type.to_string(), body.clone()),
+            );
+        }
+        digest
+    }
+
+    /// Upstream GETs of `digest` on the registry host (redirect targets are counted in [`Self::requests`]).
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        self.shared.blob_gets.lock().unwrap().get(digest).copied().unwrap_or(0)
+    }
+    /// Upstream HEADs of `digest`.
+    pub fn blob_heads(&self, digest: &str) -> usize {
+        self.shared.blob_heads.lock().unwrap().get(digest).copied().unwrap_or(0)
+    }
+    /// Manifest GETs (any repo, any reference), including refused ones.
+    pub fn manifest_gets(&self) -> usize {
+        self.shared.manifest_gets.load(SeqCst)
+    }
+    /// Manifest HEADs, including refused ones.
+    pub fn manifest_heads(&self) -> usize {
+        self.shared.manifest_heads.load(SeqCst)
+    }
+    /// Requests to the token endpoint.
+    pub fn token_requests(&self) -> usize {
+        self.shared.token_requests.load(SeqCst)
+    }
+    /// `401` challenges sent.
+    pub fn challenges(&self) -> usize {
+        self.shared.challenges.load(SeqCst)
+    }
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    fn faults(&self) -> MutexGuard<'_, Faults> {
+        self.shared.faults.lock().unwrap()
+    }
+    /// Drop the connection after `n` body bytes of `digest` (`None`: stop doing that).
+    pub fn drop_after(&self, digest: &str, n: Option<usize>) {
+        self.faults().drop_after.remove(digest);
+        self.faults().drop_after.extend(n.map(|n| (digest.to_string(), n)));
+    }
+    /// Serve bytes of the right length but the wrong content for `digest`.
+    pub fn wrong_bytes(&self, digest: &str, on: bool) {
+        self.faults().wrong_bytes.remove(digest);
+        self.faults().wrong_bytes.extend(on.then(|| digest.to_string()));
+    }
+    /// Answer every `/v2/` request with this status (429, 500, 503, …), or behave (`None`).
+    pub fn fail_with(&self, status: Option<u16>) {
+        self.faults().fail_with = status;
+    }
+    /// How `/v2/` requests must authenticate from now on.
+    pub fn set_auth(&self, auth: Auth) {
+        self.faults().auth = auth;
+    }
+    /// Answer blob GETs with `307` to the other listener.
+    pub fn redirect_blobs(&self, on: bool) {
+        self.faults().redirect_blobs = on;
+    }
+    /// Install a gate on `digest` after `after` bytes.
+    pub fn gate(&self, digest: &str, after: usize) -> Arc<Gate> {
+        let gate = Arc::new(Gate {
+            after,
+            reached: watch::channel(false).0,
+            released: watch::channel(false).0,
+        });
+        self.faults().gates.insert(digest.to_string(), gate.clone());
+        gate
+    }
+
+    /// Closes both listeners: new connections are refused (in-flight ones may finish).
+    pub async fn stop(&mut self) {
+        for tx in self.stop.drain(..) {
+            let _ = tx.send(());
+        }
+        wait_until("fake upstream stops listening", || {
+            std::net::TcpStream::connect(self.addr).is_err()
+        })
+        .await;
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        for tx in self.stop.drain(..) {
+            let _ = tx.send(());
+        }
+        // Unblock bodies parked on gates so their connections can end.
+        for g in self.faults().gates.values() {
+            g.release();
+        }
+    }
+}
+
+fn record(s: &Shared, listener: &'static str, method: &Method, uri: &Uri, headers: &HeaderMap, status: u16) {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("<binary>").to_string());
+    let path = uri.path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    s.seen.lock().unwrap().push(Seen {
+        listener,
+        method: method.to_string(),
+        path,
+        authorization,
+        status,
+    });
+}
+
+fn oci_error(status: StatusCode, code: &str) -> Response {
+    let body = serde_json::json!({"errors":[{"code": code, "message": code.to_lowercase(), "detail": null}]});
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn token(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    s.token_requests.fetch_add(1, SeqCst);
+    let want = match s.faults.lock().unwrap().auth.clone() {
+        Auth::Bearer(creds) => creds,
+        _ => None,
+    };
+    let ok = want.is_none_or(|(u, p)| headers.get(header::AUTHORIZATION) == Some(&basic(&u, &p)));
+    let resp = if ok {
+        let tok = format!("tok-{}", s.token_requests.load(SeqCst));
+        s.tokens.lock().unwrap().insert(tok.clone());
+        axum::Json(serde_json::json!({"token": tok, "access_token": tok, "expires_in": 300})).into_response()
+    } else {
+        oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+    };
+    record(&s, "main", &method, &uri, &headers, resp.status().as_u16());
+    resp
+}
+
+/// `Basic base64(user:pass)` as a header value.
+pub fn basic(user: &str, pass: &str) -> HeaderValue {
+    let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    HeaderValue::from_str(&format!("Basic {enc}")).unwrap()
+}
+
+async fn registry(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    let rest = uri.path().trim_start_matches("/v2/").to_string();
+    let parsed = rest.rsplit_once('/').and_then(|(front, reference)| {
+        let (repo, kind) = front.rsplit_once('/')?;
+        Some((repo.to_string(), kind.to_string(), reference.to_string()))
+    });
+    let Some((repo, kind, reference)) = parsed else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let head = method == Method::HEAD;
+    match (kind.as_str(), head) {
+        ("manifests", false) => s.manifest_gets.fetch_add(1, SeqCst),
+        ("manifests", true) => s.manifest_heads.fetch_add(1, SeqCst),
+        ("blobs", false) => bump(&s.blob_gets, &reference),
+        ("blobs", true) => bump(&s.blob_heads, &reference),
+        _ => 0,
+    };
+    let resp = respond(&s, &headers, head, &repo, &kind, &reference);
+    record(&s, "main", &method, &uri, &headers, resp.status().as_u16());
+    resp
+}
+
+fn bump(map: &Mutex<HashMap<String, usize>>, key: &str) -> usize {
+    let mut m = map.lock().unwrap();
+    let n = m.entry(key.to_string()).or_default();
+    *n += 1;
+    *n
+}
+
+fn respond(s: &Shared, headers: &HeaderMap, head: bool, repo: &str, kind: &str, reference: &str) -> Response {
+    let (auth, fail, redirect) = {
+        let f = s.faults.lock().unwrap();
+        (f.auth.clone(), f.fail_with, f.redirect_blobs)
+    };
+    let got = headers.get(header::AUTHORIZATION);
+    let challenge = match auth {
+        Auth::Anonymous => None,
+        Auth::Bearer(_) => {
+            let ok = got
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            let ok = ok.is_some_and(|t| s.tokens.lock().unwrap().contains(t));
+            (!ok).then(|| {
+                format!(
+                    r#"Bearer realm="{}/token",service="fake",scope="repository:{repo}:pull""#,
+                    s.base
+                )
+            })
+        }
+        Auth::Basic(u, p) => (got != Some(&basic(&u, &p))).then(|| r#"Basic realm="fake""#.to_string()),
+    };
+    if let Some(challenge) = challenge {
+        s.challenges.fetch_add(1, SeqCst);
+        let mut r = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&challenge).unwrap());
+        return r;
+    }
+    if let Some(code) = fail {
+        let status = StatusCode::from_u16(code).unwrap();
+        let mut r = oci_error(status, if code == 429 { "TOOMANYREQUESTS" } else { "UNAVAILABLE" });
+        if code == 429 {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        return r;
+    }
+    match kind {
+        "manifests" => {
+            let found = s
+                .manifests
+                .lock()
+                .unwrap()
+                .get(&(repo.to_string(), reference.to_string()))
+                .cloned();
+            let Some((ct, body)) = found else {
+                return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+            };
+            let hdrs = [
+                (header::CONTENT_TYPE, ct),
+                (header::CONTENT_LENGTH, body.len().to_string()),
+                (DIGEST_HEADER, sha256_digest(&body)),
+            ];
+            (hdrs, if head { Bytes::new() } else { body }).into_response()
+        }
+        "blobs" if redirect && !head => {
+            let to = format!("{}/cdn/{reference}", s.cdn_base);
+            (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, to)]).into_response()
+        }
+        "blobs" => blob_response(s, reference, head),
+        _ => oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+    }
+}
+
+async fn cdn_blob(
+    State(s): State<Arc<Shared>>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let resp = blob_response(&s, &digest, method == Method::HEAD);
+    record(&s, "cdn", &method, &uri, &headers, resp.status().as_u16());
+    resp
+}
+
+enum Step {
+    Data(Bytes),
+    Hold(Arc<Gate>),
+    Fail,
+}
+
+/// The blob body, streamed in chunks, with the drop / wrong-bytes / gate faults applied.
+fn blob_response(s: &Shared, digest: &str, head: bool) -> Response {
+    let Some(data) = s.blobs.lock().unwrap().get(digest).cloned() else {
+        return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+    };
+    let hdrs = [
+        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        (header::CONTENT_LENGTH, data.len().to_string()),
+        (DIGEST_HEADER, digest.to_string()),
+    ];
+    if head {
+        return (hdrs, Body::empty()).into_response();
+    }
+    let (drop_at, wrong, gate) = {
+        let f = s.faults.lock().unwrap();
+        (
+            f.drop_after.get(digest).copied(),
+            f.wrong_bytes.contains(digest),
+            f.gates.get(digest).cloned(),
+        )
+    };
+    let data = if wrong {
+        data.iter().map(|b| !b).collect::<Vec<u8>>().into()
+    } else {
+        data
+    };
+    let len = data.len();
+    let end = drop_at.map_or(len, |n| n.min(len));
+    let mut steps = Vec::new();
+    let mut a = 0;
+    loop {
+        if let Some(g) = gate.as_ref().filter(|g| g.after == a) {
+            steps.push(Step::Hold(g.clone()));
+        }
+        if a >= end {
+            break;
+        }
+        let mut b = (a + CHUNK).min(end);
+        if let Some(g) = gate.as_ref().filter(|g| a < g.after && g.after < b) {
+            b = g.after;
+        }
+        steps.push(Step::Data(data.slice(a..b)));
+        a = b;
+    }
+    if end < len {
+        steps.push(Step::Fail);
+    }
+    let body = stream::iter(steps)
+        .then(|step| async move {
+            match step {
+                Step::Data(d) => Some(Ok(d)),
+                Step::Hold(g) => {
+                    g.reached.send_replace(true);
+                    let _ = g.released.subscribe().wait_for(|r| *r).await;
+                    None
+                }
+                Step::Fail => {
+                    // Return Pending a few times first so hyper flushes the headers and bytes sent so far.
+                    for _ in 0..4 {
+                        tokio::task::yield_now().await;
+                    }
+                    Some(Err(std::io::Error::other("fake upstream: dropping the connection")))
+                }
+            }
+        })
+        .filter_map(futures_util::future::ready);
+    (hdrs, Body::from_stream(body)).into_response()
+}
+
+/// `sha256:<hex>` of `data`.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// `len` random bytes.
+pub fn random_bytes(len: usize) -> Bytes {
+    let mut v = vec![0u8; len];
+    rand::fill(&mut v[..]);
+    v.into()
+}
+
+/// Where wharf commits a blob: `DATA/blobs/sha256/<2 hex>/<hex>`.
+pub fn blob_path(data_dir: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    data_dir.join("blobs").join("sha256").join(&hex[..2]).join(hex)
+}
+
+/// Polls `cond` every 10 ms until it holds; panics after 30 s naming `what`.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A client for talking to wharf: no proxies, no redirects, a generous overall timeout.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// What a GET through wharf produced.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Headers and the whole body arrived cleanly.
+    Complete(u16, HeaderMap, Bytes),
+    /// Headers arrived, then the body broke (reset, truncated): the correct way to report a failed fill.
+    Broken(u16, String),
+    /// No response at all.
+    Failed(String),
+}
+
+/// GETs `url` with optional extra headers and reads the whole body.
+pub async fn fetch(client: &reqwest::Client, url: &str, extra: &[(&str, &str)]) -> Outcome {
+    spawn_fetch(client, url, extra).0.await.unwrap()
+}
+
+/// [`fetch`] in a task; the receiver yields the status and headers as soon as they arrive.
+pub fn spawn_fetch(
+    client: &reqwest::Client,
+    url: &str,
+    extra: &[(&str, &str)],
+) -> (JoinHandle<Outcome>, oneshot::Receiver<(u16, HeaderMap)>) {
+    let (client, url, (tx, rx)) = (client.clone(), url.to_string(), oneshot::channel());
+    let extra: Vec<(String, String)> = extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let task = tokio::spawn(async move {
+        let mut req = client.get(&url);
+        for (k, v) in &extra {
+            req = req.header(k, v);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return Outcome::Failed(format!("{e:?}")),
+        };
+        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+        let _ = tx.send((status, headers.clone()));
+        match resp.bytes().await {
+            Ok(b) => Outcome::Complete(status, headers, b),
+            Err(e) => Outcome::Broken(status, format!("{e:?}")),
+        }
+    });
+    (task, rx)
+}
+
+/// Waits (at most 30 s) for the response headers of a [`spawn_fetch`]; panics naming `what` otherwise.
+pub async fn headers_of(what: &str, rx: oneshot::Receiver<(u16, HeaderMap)>) -> (u16, HeaderMap) {
+    match tokio::time::timeout(Duration::from_secs(30), rx).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(_)) => panic!("{what}: the request failed before any response headers"),
+        Err(_) => panic!("{what}: no response headers within 30 s"),
+    }
+}
+
+/// GETs `url` and demands a clean `200` whose body equals `want`.
+pub async fn get_ok(client: &reqwest::Client, url: &str, want: &[u8]) -> HeaderMap {
+    match fetch(client, url, &[]).await {
+        Outcome::Complete(200, h, b) => {
+            assert_eq!(b.len(), want.len(), "GET {url}: body length");
+            assert!(b == want, "GET {url}: body differs from the upstream blob");
+            h
+        }
+        other => panic!("GET {url}: expected 200 with the blob, got {other:?}"),
+    }
+}
