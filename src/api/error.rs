@@ -127,7 +127,7 @@ impl Error {
             U::Denied => OciCode::Denied,
             U::RateLimited | U::Transport(_) | U::Protocol(_) | U::Status(_) => OciCode::Unavailable,
         };
-        Error::new(code, e.to_string())
+        Error::new(code, chain(e))
     }
 
     /// Maps a cache failure for `subject`.
@@ -144,6 +144,19 @@ impl Error {
             }
         }
     }
+}
+
+/// An error with its causes ("upstream transport error: … : connection refused"). Upstream errors carry no
+/// URLs (see `upstream::Error`), so this is safe to show.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 impl From<oci::ParseError> for Error {

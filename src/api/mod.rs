@@ -46,8 +46,8 @@ pub struct Routed {
 /// The application: `/v2/` API, health endpoints, request log and API-version header.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v2/", get(base))
-        .route("/v2", get(base))
+        .route("/v2/", any(base))
+        .route("/v2", any(base))
         .route("/v2/{*rest}", any(dispatch))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
@@ -56,8 +56,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn base() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], "{}")
+async fn base(method: Method) -> Response {
+    if !matches!(method, Method::GET | Method::HEAD) {
+        return Error::new(OciCode::Unsupported, "wharf is a pull-only mirror").into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
 }
 
 async fn dispatch(State(state): State<AppState>, req: Request) -> Response {

@@ -98,6 +98,7 @@ async fn push_and_delete_are_unsupported() {
     let app = app();
     for (method, uri) in [
         (Method::POST, "/v2/a/blobs/uploads/".to_string()),
+        (Method::POST, "/v2/".to_string()),
         (Method::PATCH, "/v2/a/blobs/uploads/some-uuid".to_string()),
         (Method::PUT, "/v2/a/manifests/latest".to_string()),
         (Method::DELETE, "/v2/a/manifests/latest".to_string()),
