@@ -71,6 +71,10 @@ pub struct UpstreamSettings {
     pub ca_files: Vec<PathBuf>,
     /// Redirects followed per request.
     pub max_redirects: usize,
+    /// Bytes per upstream range request when a large blob is fetched in parallel.
+    pub fill_chunk_size: u64,
+    /// Range requests in flight per blob (1 fetches every blob as one stream).
+    pub fill_concurrency: usize,
 }
 
 /// One upstream registry.
@@ -156,6 +160,8 @@ impl Default for UpstreamSettings {
             read_timeout: 60,
             ca_files: Vec::new(),
             max_redirects: 10,
+            fill_chunk_size: 16 * 1024 * 1024,
+            fill_concurrency: 4,
         }
     }
 }

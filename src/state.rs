@@ -1,6 +1,6 @@
 //! Shared application state: cheap-clone handles to the config, the upstreams and the cache.
 
-use crate::cache::Cache;
+use crate::cache::{Cache, FillPlan};
 use crate::config::Config;
 use crate::upstream::Upstreams;
 use std::sync::Arc;
@@ -32,7 +32,11 @@ impl AppState {
     /// Builds the state from a validated config; background fills run on `tasks`. Blocking.
     pub fn open(config: Config, tasks: TaskTracker) -> Result<AppState, OpenError> {
         let upstreams = Upstreams::from_config(&config)?;
-        let cache = Cache::open(&config.data_dir, config.tag_ttl, tasks)?;
+        let plan = FillPlan {
+            chunk_size: config.upstream.fill_chunk_size,
+            concurrency: config.upstream.fill_concurrency.max(1),
+        };
+        let cache = Cache::open(&config.data_dir, config.tag_ttl, plan, tasks)?;
         Ok(AppState {
             config: Arc::new(config),
             upstreams,

@@ -1,15 +1,19 @@
 //! One upstream download into a temporary file, hashed as it lands, with progress published to every reader.
 //! A fill belongs to the cache, not to the request that started it: it runs to the end even if that client leaves.
+//!
+//! Large blobs are fetched as several concurrent range requests written at their offsets (many upstreams and
+//! CDNs limit each connection's rate); readers see only the contiguous prefix, and the digest is computed over
+//! that prefix as it grows. An upstream that ignores ranges is streamed in one piece.
 
 use super::Error;
 use super::store::TempFile;
-use crate::oci::{Digest, Verifier};
-use crate::upstream::BlobStream;
+use crate::oci::{Digest, RepoName, Verifier};
+use crate::upstream::{self, BlobStream, RegistryClient};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use std::fs::File;
-use std::io::Write;
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 
 /// Where a fill is. Readers watch this to know how far they may read.
@@ -19,9 +23,9 @@ pub enum FillState {
     Starting,
     /// Bytes `0..written` are in the file; `total` is the announced size.
     Streaming {
-        /// Bytes written so far.
+        /// Length of the contiguous prefix written so far.
         written: u64,
-        /// `Content-Length` from upstream.
+        /// The upstream's announced size.
         total: Option<u64>,
     },
     /// Verified and committed; `size` bytes.
@@ -33,6 +37,15 @@ pub enum FillState {
     Failed(Arc<Error>),
 }
 
+/// How to fetch large blobs: range requests of `chunk_size` bytes, `concurrency` at a time (1: one stream).
+#[derive(Debug, Clone, Copy)]
+pub struct FillPlan {
+    /// Bytes per range request.
+    pub chunk_size: u64,
+    /// Range requests in flight per blob.
+    pub concurrency: usize,
+}
+
 /// A running fill, shared by every request for its digest.
 #[derive(Debug)]
 pub struct Fill {
@@ -41,6 +54,36 @@ pub struct Fill {
     /// The temporary file; an open descriptor stays valid across the rename at commit.
     pub file: Arc<File>,
     state: watch::Sender<FillState>,
+}
+
+/// Per-chunk byte counts and the contiguous prefix they add up to.
+struct Progress {
+    chunk_size: u64,
+    total: u64,
+    written: Vec<u64>,
+    prefix: u64,
+}
+
+impl Progress {
+    fn chunk_len(&self, i: usize) -> u64 {
+        (self.total - i as u64 * self.chunk_size).min(self.chunk_size)
+    }
+
+    /// Records `n` more bytes in chunk `i`; returns the new prefix if it moved.
+    fn add(&mut self, i: usize, n: u64) -> Option<u64> {
+        self.written[i] += n;
+        let before = self.prefix;
+        let mut k = (self.prefix / self.chunk_size) as usize;
+        while k < self.written.len() && self.written[k] == self.chunk_len(k) {
+            k += 1;
+        }
+        self.prefix = if k < self.written.len() {
+            k as u64 * self.chunk_size + self.written[k]
+        } else {
+            self.total
+        };
+        (self.prefix != before).then_some(self.prefix)
+    }
 }
 
 impl Fill {
@@ -102,60 +145,281 @@ impl Fill {
         self.state.send_replace(FillState::Done { size });
     }
 
-    /// Streams the upstream body into `temp` while hashing, then checks size and digest.
-    /// The file is written and hashed on the blocking pool; this task only moves `Bytes`.
-    pub async fn download(self: &Arc<Self>, temp: &TempFile, blob: BlobStream) -> Result<u64, Error> {
-        let total = blob.size;
-        self.state.send_replace(FillState::Streaming { written: 0, total });
-        let (tx, mut rx) = mpsc::channel::<Bytes>(64);
-        let file = temp.file.clone();
-        let me = self.clone();
-        let writer = tokio::task::spawn_blocking(move || -> Result<(Digest, u64), Error> {
-            let mut verifier = Verifier::new(me.digest.algorithm());
-            let mut written = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                (&*file).write_all(&chunk)?;
-                verifier.update(&chunk);
-                written += chunk.len() as u64;
-                me.state.send_modify(|s| {
-                    if let FillState::Streaming { written: w, .. } = s {
-                        *w = written;
-                    }
-                });
+    fn publish_prefix(&self, prefix: u64) {
+        self.state.send_modify(|s| {
+            if let FillState::Streaming { written, .. } = s {
+                *written = prefix;
             }
-            Ok((verifier.finish(), written))
         });
-        let mut body = blob.body;
-        let mut received = 0u64;
-        let mut upstream_error = None;
-        while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(chunk) => {
-                    received += chunk.len() as u64;
-                    if total.is_some_and(|t| received > t) || tx.send(chunk).await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    upstream_error = Some(e);
-                    break;
-                }
+    }
+
+    /// Downloads the blob into `temp` and checks size and digest. Returns the size.
+    pub async fn download(
+        self: &Arc<Self>,
+        temp: &TempFile,
+        client: &RegistryClient,
+        repo: &RepoName,
+        plan: FillPlan,
+    ) -> Result<u64, Error> {
+        let ranged = plan.concurrency > 1 && plan.chunk_size > 0;
+        let first_range = ranged.then(|| (0, plan.chunk_size - 1));
+        let first = client.get_blob(repo, &self.digest, first_range).await?;
+        match first.partial {
+            Some((_, _, total)) if total > plan.chunk_size => {
+                self.download_ranges(temp, client, repo, first, total, plan).await
+            }
+            // The first range holds the whole blob, or the upstream ignored the range: one stream.
+            partial => {
+                let total = partial.map(|(_, _, t)| t).or(first.size);
+                self.download_stream(temp, first, total).await
             }
         }
-        drop(tx);
-        let (actual, written) = writer.await??;
-        if let Some(e) = upstream_error {
-            return Err(e.into());
-        }
+    }
+
+    /// One stream, written and hashed in order on the blocking pool; this task only moves `Bytes`.
+    async fn download_stream(
+        self: &Arc<Self>,
+        temp: &TempFile,
+        blob: BlobStream,
+        total: Option<u64>,
+    ) -> Result<u64, Error> {
+        self.state.send_replace(FillState::Streaming { written: 0, total });
+        let verifier = Arc::new(Mutex::new(Verifier::new(self.digest.algorithm())));
+        let (me, v) = (self.clone(), verifier.clone());
+        let received = write_at(&temp.file, 0, total, blob.body, move |bytes, written| {
+            v.lock().unwrap().update(bytes);
+            me.publish_prefix(written);
+        })
+        .await?;
         if let Some(announced) = total.filter(|t| *t != received) {
             return Err(Error::SizeMismatch { announced, received });
         }
+        let actual = Arc::try_unwrap(verifier).map_err(|_| Error::Io(std::io::Error::other("verifier shared")))?;
+        self.check(actual.into_inner().unwrap().finish(), received)
+    }
+
+    /// Concurrent range requests written at their offsets; a hasher follows the contiguous prefix.
+    async fn download_ranges(
+        self: &Arc<Self>,
+        temp: &TempFile,
+        client: &RegistryClient,
+        repo: &RepoName,
+        first: BlobStream,
+        total: u64,
+        plan: FillPlan,
+    ) -> Result<u64, Error> {
+        self.state.send_replace(FillState::Streaming {
+            written: 0,
+            total: Some(total),
+        });
+        let chunks = total.div_ceil(plan.chunk_size) as usize;
+        let progress = Arc::new(Mutex::new(Progress {
+            chunk_size: plan.chunk_size,
+            total,
+            written: vec![0; chunks],
+            prefix: 0,
+        }));
+        let hasher = self.hash_prefix(total);
+        let mut first = Some(first);
+        let fetches = futures_util::stream::iter(0..chunks)
+            .map(|i| {
+                self.fetch_chunk(
+                    temp,
+                    client,
+                    repo,
+                    i,
+                    if i == 0 { first.take() } else { None },
+                    &progress,
+                )
+            })
+            .buffer_unordered(plan.concurrency)
+            .try_for_each(|()| async { Ok(()) });
+        let (fetched, hashed) = tokio::join!(fetches, hasher);
+        fetched?;
+        self.check(hashed?, total)
+    }
+
+    /// Fetches chunk `i` (reusing `body` for the first), retrying a broken transfer twice from where it stopped.
+    async fn fetch_chunk(
+        self: &Arc<Self>,
+        temp: &TempFile,
+        client: &RegistryClient,
+        repo: &RepoName,
+        i: usize,
+        mut body: Option<BlobStream>,
+        progress: &Arc<Mutex<Progress>>,
+    ) -> Result<(), Error> {
+        let (start, len) = {
+            let p = progress.lock().unwrap();
+            (i as u64 * p.chunk_size, p.chunk_len(i))
+        };
+        let mut got = 0u64;
+        let mut attempts = 0;
+        loop {
+            let stream = match body.take() {
+                Some(b) => b,
+                None => {
+                    let b = client
+                        .get_blob(repo, &self.digest, Some((start + got, start + len - 1)))
+                        .await?;
+                    if b.partial.is_none() {
+                        return Err(upstream::Error::Protocol("upstream stopped honouring ranges".into()).into());
+                    }
+                    b
+                }
+            };
+            let (me, p) = (self.clone(), progress.clone());
+            let mut last = 0;
+            let result = write_at(
+                &temp.file,
+                start + got,
+                Some(len - got),
+                stream.body,
+                move |_, written| {
+                    let moved = p.lock().unwrap().add(i, written - last);
+                    last = written;
+                    if let Some(prefix) = moved {
+                        me.publish_prefix(prefix);
+                    }
+                },
+            )
+            .await;
+            match result {
+                Ok(n) if got + n == len => return Ok(()),
+                Ok(n) => {
+                    got += n;
+                    if attempts >= 2 {
+                        return Err(Error::SizeMismatch {
+                            announced: len,
+                            received: got,
+                        });
+                    }
+                }
+                Err(Error::Upstream(e)) if e.is_unavailable() && attempts < 2 => {
+                    got = progress.lock().unwrap().written[i];
+                }
+                Err(e) => return Err(e),
+            }
+            attempts += 1;
+        }
+    }
+
+    /// Hashes the file's contiguous prefix as it grows (reads hit the page cache), until `total` bytes.
+    async fn hash_prefix(self: &Arc<Self>, total: u64) -> Result<Digest, Error> {
+        let mut rx = self.subscribe();
+        let mut verifier = Verifier::new(self.digest.algorithm());
+        let mut hashed = 0u64;
+        while hashed < total {
+            let available = match &*rx.borrow_and_update() {
+                FillState::Streaming { written, .. } => *written,
+                FillState::Failed(_) => return Err(Error::Io(std::io::Error::other("fill failed"))),
+                _ => hashed,
+            };
+            if available == hashed {
+                if rx.changed().await.is_err() {
+                    return Err(Error::Io(std::io::Error::other("fill vanished")));
+                }
+                continue;
+            }
+            let file = self.file.clone();
+            verifier = tokio::task::spawn_blocking(move || -> std::io::Result<Verifier> {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut pos = hashed;
+                while pos < available {
+                    let n = ((available - pos) as usize).min(buf.len());
+                    file.read_exact_at(&mut buf[..n], pos)?;
+                    verifier.update(&buf[..n]);
+                    pos += n as u64;
+                }
+                Ok(verifier)
+            })
+            .await??;
+            hashed = available;
+        }
+        Ok(verifier.finish())
+    }
+
+    fn check(&self, actual: Digest, size: u64) -> Result<u64, Error> {
         if actual != self.digest {
             return Err(Error::DigestMismatch {
                 expected: self.digest.clone(),
                 actual,
             });
         }
+        Ok(size)
+    }
+}
+
+/// Writes `body` at `offset` on the blocking pool (no more than `limit` bytes) and calls `on_write` with each
+/// piece and the running count after it is in the file. Returns the bytes written.
+async fn write_at(
+    file: &Arc<File>,
+    offset: u64,
+    limit: Option<u64>,
+    mut body: futures_util::stream::BoxStream<'static, Result<Bytes, upstream::Error>>,
+    mut on_write: impl FnMut(&[u8], u64) + Send + 'static,
+) -> Result<u64, Error> {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(64);
+    let file = file.clone();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+        let mut written = 0u64;
+        while let Some(chunk) = rx.blocking_recv() {
+            file.write_all_at(&chunk, offset + written)?;
+            written += chunk.len() as u64;
+            on_write(&chunk, written);
+        }
         Ok(written)
+    });
+    let mut received = 0u64;
+    let mut failure = None;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(chunk) => {
+                received += chunk.len() as u64;
+                if limit.is_some_and(|l| received > l) {
+                    failure = Some(Error::SizeMismatch {
+                        announced: limit.unwrap_or(0),
+                        received,
+                    });
+                    break;
+                }
+                if tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                failure = Some(e.into());
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = writer.await??;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(written),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn prefix_advances_only_over_complete_chunks() {
+        let mut p = Progress {
+            chunk_size: 10,
+            total: 25,
+            written: vec![0; 3],
+            prefix: 0,
+        };
+        assert_eq!(p.add(1, 10), None, "chunk 1 done, chunk 0 empty");
+        assert_eq!(p.add(0, 4), Some(4));
+        assert_eq!(
+            p.add(0, 6),
+            Some(20),
+            "chunk 0 completes and chunk 1 was already complete"
+        );
+        assert_eq!(p.add(2, 5), Some(25));
     }
 }

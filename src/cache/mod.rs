@@ -13,7 +13,7 @@ pub mod reader;
 mod store;
 
 pub use error::Error;
-pub use fill::{Fill, FillState};
+pub use fill::{Fill, FillPlan, FillState};
 pub use manifests::{ManifestAnswer, ManifestInfo};
 pub use store::BlobStore;
 
@@ -87,12 +87,13 @@ struct Shared {
     /// Fills run here, not on the request's task, and shutdown waits for them.
     tasks: TaskTracker,
     tag_ttl: u64,
+    plan: FillPlan,
 }
 
 impl Cache {
     /// Opens the data directory: removes leftover temporary files, opens (or rebuilds) the metadata.
     /// Blocking; call before serving.
-    pub fn open(data_dir: &Path, tag_ttl: u64, tasks: TaskTracker) -> Result<Cache, Error> {
+    pub fn open(data_dir: &Path, tag_ttl: u64, plan: FillPlan, tasks: TaskTracker) -> Result<Cache, Error> {
         let store = BlobStore::open(data_dir)?;
         let (meta, fresh) = Meta::open(&data_dir.join("meta"))?;
         if fresh {
@@ -109,6 +110,7 @@ impl Cache {
             inflight: Inflight::default(),
             tasks,
             tag_ttl,
+            plan,
         };
         Ok(Cache {
             shared: Arc::new(shared),
@@ -163,8 +165,7 @@ impl Cache {
     async fn run_fill(&self, fill: Arc<Fill>, temp: store::TempFile, client: &RegistryClient, repo: &RepoName) {
         let digest = fill.digest.clone();
         let result = async {
-            let blob = client.get_blob(repo, &digest).await?;
-            let size = fill.download(&temp, blob).await?;
+            let size = fill.download(&temp, client, repo, self.shared.plan).await?;
             let store = self.shared.store.clone();
             let d = digest.clone();
             tokio::task::spawn_blocking(move || store.commit_blob(temp, &d)).await??;

@@ -42,6 +42,8 @@ pub struct ManifestHead {
 pub struct BlobStream {
     /// `Content-Length`, when known.
     pub size: Option<u64>,
+    /// For a 206: `(first, last, complete length)` from `Content-Range`.
+    pub partial: Option<(u64, u64, u64)>,
     /// The bytes.
     pub body: Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>,
 }
@@ -125,17 +127,43 @@ impl RegistryClient {
         Ok(content_length(resp.headers()))
     }
 
-    /// GET a blob as a stream. The caller verifies the digest.
-    pub async fn get_blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobStream, Error> {
+    /// GET a blob, or the inclusive byte range `range` of it, as a stream. The caller verifies the digest.
+    pub async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<(u64, u64)>,
+    ) -> Result<BlobStream, Error> {
         let url = self.url(repo, &format!("blobs/{digest}"));
         let mut headers = HeaderMap::new();
         // Transport compression would break digests and ranges; ask for the bytes as stored.
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        if let Some((first, last)) = range
+            && let Ok(v) = HeaderValue::from_str(&format!("bytes={first}-{last}"))
+        {
+            headers.insert(header::RANGE, v);
+        }
         let resp = self.send(Method::GET, url, repo, headers).await?;
         let size = content_length(resp.headers());
+        let partial = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let content_range = resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok());
+                let parsed = content_range.and_then(parse_content_range);
+                match (parsed, range) {
+                    (Some(p), Some((first, _))) if p.0 == first => Some(p),
+                    _ => {
+                        return Err(Error::Protocol(
+                            "206 with a Content-Range that does not match the request".into(),
+                        ));
+                    }
+                }
+            }
+            _ => None,
+        };
         let body = resp.bytes_stream().map(|r| r.map_err(Error::from));
         Ok(BlobStream {
             size,
+            partial,
             body: Box::pin(body),
         })
     }
@@ -311,6 +339,14 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
+/// `bytes first-last/complete` (RFC 9110 §14.4); `None` for `*` lengths or malformed values.
+fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
+    let (range, complete) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let (first, last, complete) = (first.parse().ok()?, last.parse().ok()?, complete.parse().ok()?);
+    (first <= last && last < complete).then_some((first, last, complete))
+}
+
 fn host_key(url: &Url) -> String {
     format!(
         "{}://{}:{}",
@@ -349,6 +385,14 @@ mod tests {
         );
         h.insert(header::LOCATION, HeaderValue::from_static("file:///etc/passwd"));
         assert!(redirect_target(&from, &h).is_err());
+    }
+
+    #[test]
+    fn content_range() {
+        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99, 1000)));
+        assert_eq!(parse_content_range("bytes 0-99/*"), None);
+        assert_eq!(parse_content_range("bytes 5-2/10"), None);
+        assert_eq!(parse_content_range("bytes 0-10/10"), None);
     }
 
     #[test]

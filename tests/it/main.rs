@@ -6,6 +6,7 @@ mod api;
 mod containerd;
 mod faults;
 mod lifecycle;
+mod parallel_fill;
 mod range;
 mod restart;
 mod single_flight;

@@ -88,6 +88,10 @@ struct Faults {
     auth: Auth,
     redirect_blobs: bool,
     gates: HashMap<String, Arc<Gate>>,
+    /// Answer `Range: bytes=a-b` with 206 (off by default: a plain registry behaviour wharf must also handle).
+    honor_ranges: bool,
+    /// Break the first ranged response that covers this absolute offset, once.
+    drop_range_once: HashMap<String, usize>,
 }
 
 #[derive(Default)]
@@ -106,6 +110,8 @@ struct Shared {
     token_requests: AtomicUsize,
     challenges: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
+    /// `Range` header of every blob GET, per digest (`None`: no Range).
+    blob_ranges: Mutex<HashMap<String, Vec<Option<String>>>>,
 }
 
 /// The running fake. Dropping it stops accepting connections.
@@ -253,6 +259,27 @@ impl FakeUpstream {
     pub fn redirect_blobs(&self, on: bool) {
         self.faults().redirect_blobs = on;
     }
+    /// Serve `Range` requests on blobs with 206 (`true`) or ignore them with 200 (`false`, the default).
+    pub fn honor_ranges(&self, on: bool) {
+        self.faults().honor_ranges = on;
+    }
+
+    /// Break, once, the first ranged blob response that covers absolute offset `at`.
+    pub fn drop_range_once(&self, digest: &str, at: usize) {
+        self.faults().drop_range_once.insert(digest.to_string(), at);
+    }
+
+    /// The `Range` header of every GET of `digest` so far, in order.
+    pub fn blob_ranges(&self, digest: &str) -> Vec<Option<String>> {
+        self.shared
+            .blob_ranges
+            .lock()
+            .unwrap()
+            .get(digest)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Install a gate on `digest` after `after` bytes.
     pub fn gate(&self, digest: &str, after: usize) -> Arc<Gate> {
         let gate = Arc::new(Gate {
@@ -420,7 +447,26 @@ fn respond(s: &Shared, headers: &HeaderMap, head: bool, repo: &str, kind: &str, 
             let to = format!("{}/cdn/{reference}", s.cdn_base);
             (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, to)]).into_response()
         }
-        "blobs" => blob_response(s, reference, head),
+        "blobs" => {
+            let range = headers
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            if !head {
+                s.blob_ranges
+                    .lock()
+                    .unwrap()
+                    .entry(reference.to_string())
+                    .or_default()
+                    .push(range.clone());
+            }
+            if s.faults.lock().unwrap().honor_ranges
+                && let Some(r) = range.as_deref().and_then(parse_range)
+            {
+                return ranged_blob_response(s, reference, r);
+            }
+            blob_response(s, reference, head)
+        }
         _ => oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
     }
 }
@@ -510,6 +556,58 @@ fn blob_response(s: &Shared, digest: &str, head: bool) -> Response {
         })
         .filter_map(futures_util::future::ready);
     (hdrs, Body::from_stream(body)).into_response()
+}
+
+/// `bytes=a-b` or `bytes=a-` → (a, Some(b) | None).
+fn parse_range(v: &str) -> Option<(usize, Option<usize>)> {
+    let (a, b) = v.strip_prefix("bytes=")?.split_once('-')?;
+    Some((a.parse().ok()?, if b.is_empty() { None } else { Some(b.parse().ok()?) }))
+}
+
+/// A 206 for `range` of the blob, with the wrong-bytes and drop-once faults applied.
+fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<usize>)) -> Response {
+    let Some(data) = s.blobs.lock().unwrap().get(digest).cloned() else {
+        return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+    };
+    let last = last.unwrap_or(usize::MAX).min(data.len().saturating_sub(1));
+    if first > last {
+        return StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+    }
+    let (wrong, drop_at) = {
+        let mut f = s.faults.lock().unwrap();
+        let drop_at = f
+            .drop_range_once
+            .get(digest)
+            .copied()
+            .filter(|at| (first..=last).contains(at));
+        if drop_at.is_some() {
+            f.drop_range_once.remove(digest);
+        }
+        (f.wrong_bytes.contains(digest), drop_at)
+    };
+    let mut part = data.slice(first..=last);
+    if wrong {
+        part = part.iter().map(|b| !b).collect::<Vec<u8>>().into();
+    }
+    let hdrs = [
+        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        (header::CONTENT_LENGTH, part.len().to_string()),
+        (header::CONTENT_RANGE, format!("bytes {first}-{last}/{}", data.len())),
+    ];
+    let cut = drop_at.map(|at| at - first);
+    let pieces: Vec<Result<Bytes, std::io::Error>> = match cut {
+        Some(n) => vec![
+            Ok(part.slice(..n)),
+            Err(std::io::Error::other("fake upstream: dropping a ranged response")),
+        ],
+        None => part.chunks(CHUNK).map(|c| Ok(Bytes::copy_from_slice(c))).collect(),
+    };
+    (
+        StatusCode::PARTIAL_CONTENT,
+        hdrs,
+        Body::from_stream(stream::iter(pieces)),
+    )
+        .into_response()
 }
 
 /// `sha256:<hex>` of `data`.
