@@ -234,9 +234,9 @@ impl Fill {
             })
             .buffer_unordered(plan.concurrency)
             .try_for_each(|()| async { Ok(()) });
-        let (fetched, hashed) = tokio::join!(fetches, hasher);
-        fetched?;
-        self.check(hashed?, total)
+        // try_join: a chunk that fails for good ends the fill at once instead of leaving the hasher waiting.
+        let ((), digest) = futures_util::future::try_join(fetches, hasher).await?;
+        self.check(digest, total)
     }
 
     /// Fetches chunk `i` (reusing `body` for the first), retrying a broken transfer twice from where it stopped.

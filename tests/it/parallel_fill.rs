@@ -69,7 +69,7 @@ async fn a_broken_chunk_is_resumed_from_where_it_stopped() {
     fake.honor_ranges(true);
     let (digest, data) = fake.add_random_blob(6 * MIB);
     let cut = 5 * MIB + MIB / 2;
-    fake.drop_range_once(&digest, cut);
+    fake.drop_range(&digest, cut, 1);
     let dir = tempfile::tempdir().unwrap();
     let wharf = start(&fake, &dir);
     get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
@@ -129,4 +129,27 @@ async fn concurrent_clients_share_one_ranged_fill() {
         8,
         "each chunk fetched once for all 20 clients"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_that_keeps_failing_ends_the_fill_and_the_next_request_refills() {
+    let fake = FakeUpstream::start().await;
+    fake.honor_ranges(true);
+    let (digest, data) = fake.add_random_blob(6 * MIB);
+    fake.drop_range(&digest, 3 * MIB + 7, 100);
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = start(&fake, &dir);
+    let url = format!("{}/v2/test/app/blobs/{digest}", wharf.url());
+    match fetch(&client(), &url, &[]).await {
+        Outcome::Complete(status, _, body) => {
+            panic!("complete response ({status}, {} bytes) from a failed fill", body.len())
+        }
+        Outcome::Broken(..) | Outcome::Failed(..) => {}
+    }
+    assert!(
+        !blob_path(&wharf.data_dir, &digest).exists(),
+        "a partial blob was committed"
+    );
+    fake.drop_range(&digest, 0, 0);
+    get_ok(&client(), &url, &data).await;
 }

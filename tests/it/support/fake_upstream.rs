@@ -90,8 +90,8 @@ struct Faults {
     gates: HashMap<String, Arc<Gate>>,
     /// Answer `Range: bytes=a-b` with 206 (off by default: a plain registry behaviour wharf must also handle).
     honor_ranges: bool,
-    /// Break the first ranged response that covers this absolute offset, once.
-    drop_range_once: HashMap<String, usize>,
+    /// Break the next `n` ranged responses that cover this absolute offset: digest → (offset, n).
+    drop_range: HashMap<String, (usize, usize)>,
 }
 
 #[derive(Default)]
@@ -264,9 +264,9 @@ impl FakeUpstream {
         self.faults().honor_ranges = on;
     }
 
-    /// Break, once, the first ranged blob response that covers absolute offset `at`.
-    pub fn drop_range_once(&self, digest: &str, at: usize) {
-        self.faults().drop_range_once.insert(digest.to_string(), at);
+    /// Break the next `times` ranged responses of `digest` that cover absolute offset `at`.
+    pub fn drop_range(&self, digest: &str, at: usize, times: usize) {
+        self.faults().drop_range.insert(digest.to_string(), (at, times));
     }
 
     /// The `Range` header of every GET of `digest` so far, in order.
@@ -564,7 +564,7 @@ fn parse_range(v: &str) -> Option<(usize, Option<usize>)> {
     Some((a.parse().ok()?, if b.is_empty() { None } else { Some(b.parse().ok()?) }))
 }
 
-/// A 206 for `range` of the blob, with the wrong-bytes and drop-once faults applied.
+/// A 206 for `range` of the blob, with the wrong-bytes and drop faults applied.
 fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<usize>)) -> Response {
     let Some(data) = s.blobs.lock().unwrap().get(digest).cloned() else {
         return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
@@ -575,13 +575,13 @@ fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<
     }
     let (wrong, drop_at) = {
         let mut f = s.faults.lock().unwrap();
-        let drop_at = f
-            .drop_range_once
-            .get(digest)
-            .copied()
-            .filter(|at| (first..=last).contains(at));
-        if drop_at.is_some() {
-            f.drop_range_once.remove(digest);
+        let mut drop_at = None;
+        if let Some((at, times)) = f.drop_range.get_mut(digest)
+            && *times > 0
+            && (first..=last).contains(at)
+        {
+            *times -= 1;
+            drop_at = Some(*at);
         }
         (f.wrong_bytes.contains(digest), drop_at)
     };
