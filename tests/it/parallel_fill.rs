@@ -140,7 +140,9 @@ async fn a_chunk_that_keeps_failing_ends_the_fill_and_the_next_request_refills()
     let dir = tempfile::tempdir().unwrap();
     let wharf = start(&fake, &dir);
     let url = format!("{}/v2/test/app/blobs/{digest}", wharf.url());
-    match fetch(&client(), &url, &[]).await {
+    // A deadline, not a timing: a fill whose hasher waited forever would never end this response.
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(60), fetch(&client(), &url, &[])).await;
+    match outcome.expect("the failed fill ended its response") {
         Outcome::Complete(status, _, body) => {
             panic!("complete response ({status}, {} bytes) from a failed fill", body.len())
         }
