@@ -21,6 +21,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration as TOML (credentials redacted) and exit.
     Config(ServeArgs),
+    /// Point this node's containerd at wharf (certs.d hosts.toml with fallback); `--remove` undoes it.
+    NodeSetup(crate::node_setup::Args),
 }
 
 /// Flags for `serve`. Each overrides the config file and `WHARF_…` environment variables.
@@ -65,11 +67,7 @@ impl ServeArgs {
             default_registry: self.default_registry.clone(),
             tag_ttl: self.tag_ttl,
             credentials_file: self.credentials.clone(),
-            log_format: if self.json {
-                Some(LogFormat::Json)
-            } else {
-                self.log_format
-            },
+            log_format: if self.json { Some(LogFormat::Json) } else { self.log_format },
             upstreams: self.upstreams.clone(),
         }
     }

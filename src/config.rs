@@ -45,6 +45,12 @@ pub struct Config {
     pub shutdown_grace: u64,
     /// How wharf talks to upstreams.
     pub upstream: UpstreamSettings,
+    /// Disk bounds and eviction.
+    pub cache: CacheSettings,
+    /// Images kept pulled and pinned.
+    pub warm: WarmSettings,
+    /// The admin API listener (off by default).
+    pub admin: AdminSettings,
     /// Registries wharf mirrors, keyed by the name clients use (`docker.io`, `ghcr.io`, `myreg:5000`).
     pub registries: BTreeMap<String, RegistryConfig>,
 }
@@ -76,6 +82,75 @@ pub struct UpstreamSettings {
     /// Range requests in flight per blob (1 fetches every blob as one stream).
     pub fill_concurrency: usize,
 }
+
+/// Disk bounds, after the kubelet's image GC (`imageGCHighThresholdPercent` and friends).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Byte budget for cached blobs; 0 means no byte budget (watermarks only).
+    pub max_bytes: u64,
+    /// Start evicting when the cache filesystem is fuller than this percentage.
+    pub high_watermark: u8,
+    /// Evict until the cache filesystem is at most this full (and the cache within `max_bytes`).
+    pub low_watermark: u8,
+    /// Seconds a blob is kept after its last use even under pressure (`imageMinimumGCAge`).
+    pub min_age: u64,
+    /// Evict blobs unused for this many seconds regardless of pressure; 0 disables (`imageMaximumGCAge`).
+    pub max_idle_age: u64,
+    /// Seconds between background eviction passes.
+    pub gc_interval: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            max_bytes: 0,
+            high_watermark: 85,
+            low_watermark: 80,
+            min_age: 120,
+            max_idle_age: 0,
+            gc_interval: 60,
+        }
+    }
+}
+
+/// Images to keep pulled and pinned against eviction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmSettings {
+    /// Seconds between re-resolving the warm list (tags move).
+    pub interval: u64,
+    /// The images.
+    pub images: Vec<WarmImage>,
+}
+
+impl Default for WarmSettings {
+    fn default() -> Self {
+        WarmSettings { interval: 600, images: Vec::new() }
+    }
+}
+
+/// One warm image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmImage {
+    /// `registry/name:tag` or `registry/name@sha256:…` (`docker.io/library/nginx:1.27`).
+    pub image: String,
+    /// `os/arch[/variant]` to keep from an index; empty means the node's own platform.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+}
+
+/// The admin API: a separate listener, off unless `listen` is set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Address of the admin listener, e.g. `127.0.0.1:5001`; empty disables it.
+    pub listen: String,
+    /// Bearer token required on every admin request; empty means none.
+    pub token: String,
+}
+
 
 /// One upstream registry.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -145,10 +220,10 @@ impl Default for Config {
             credentials_file: None,
             shutdown_grace: 30,
             upstream: UpstreamSettings::default(),
-            registries: BUILTIN_REGISTRIES
-                .iter()
-                .map(|(n, u)| (n.to_string(), RegistryConfig::at(u)))
-                .collect(),
+            cache: CacheSettings::default(),
+            warm: WarmSettings::default(),
+            admin: AdminSettings::default(),
+            registries: BUILTIN_REGISTRIES.iter().map(|(n, u)| (n.to_string(), RegistryConfig::at(u))).collect(),
         }
     }
 }
@@ -225,10 +300,7 @@ impl Config {
             self.log_format = v;
         }
         for (name, url) in &o.upstreams {
-            let entry = self
-                .registries
-                .entry(name.clone())
-                .or_insert_with(|| RegistryConfig::at(url));
+            let entry = self.registries.entry(name.clone()).or_insert_with(|| RegistryConfig::at(url));
             entry.url = url.clone();
             entry.insecure |= url.starts_with("http://");
         }
@@ -238,24 +310,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), Error> {
         for (name, reg) in &self.registries {
             let key = format!("registries.\"{name}\".url");
-            let url = url::Url::parse(&reg.url).map_err(|e| Error::Value {
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
+            let url =
+                url::Url::parse(&reg.url).map_err(|e| Error::Value { key: key.clone(), reason: e.to_string() })?;
             match url.scheme() {
                 "https" => {}
                 "http" if reg.insecure => {}
                 "http" => {
-                    return Err(Error::Value {
-                        key,
-                        reason: "plain http needs `insecure = true`".into(),
-                    });
+                    return Err(Error::Value { key, reason: "plain http needs `insecure = true`".into() });
                 }
                 other => {
-                    return Err(Error::Value {
-                        key,
-                        reason: format!("unsupported scheme {other:?}"),
-                    });
+                    return Err(Error::Value { key, reason: format!("unsupported scheme {other:?}") });
                 }
             }
             if name.is_empty() || name.contains('/') {
@@ -264,6 +328,19 @@ impl Config {
                     reason: "not a registry name".into(),
                 });
             }
+        }
+        let c = &self.cache;
+        if c.low_watermark > c.high_watermark || c.high_watermark > 100 {
+            return Err(Error::Value {
+                key: "cache.low_watermark".into(),
+                reason: "watermarks need 0 <= low <= high <= 100".into(),
+            });
+        }
+        if !self.admin.listen.is_empty() && self.admin.listen.parse::<SocketAddr>().is_err() {
+            return Err(Error::Value {
+                key: "admin.listen".into(),
+                reason: "not an address such as 127.0.0.1:5001".into(),
+            });
         }
         if !self.registries.contains_key(&self.default_registry) {
             return Err(Error::Value {
@@ -277,9 +354,7 @@ impl Config {
 
 /// Parses `NAME=URL` for `--upstream`.
 pub fn parse_upstream_flag(s: &str) -> Result<(String, String), String> {
-    let (name, url) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected REGISTRY=URL, got {s:?}"))?;
+    let (name, url) = s.split_once('=').ok_or_else(|| format!("expected REGISTRY=URL, got {s:?}"))?;
     if name.is_empty() || url.is_empty() {
         return Err(format!("expected REGISTRY=URL, got {s:?}"));
     }
@@ -316,22 +391,13 @@ mod tests {
     #[test]
     fn http_without_insecure_is_refused() {
         let mut c = Config::default();
-        c.registries.insert(
-            "x".into(),
-            RegistryConfig {
-                insecure: false,
-                ..RegistryConfig::at("http://x")
-            },
-        );
+        c.registries.insert("x".into(), RegistryConfig { insecure: false, ..RegistryConfig::at("http://x") });
         assert!(matches!(c.validate(), Err(Error::Value { .. })));
     }
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let r = RegistryConfig {
-            password: Some("hunter2".into()),
-            ..RegistryConfig::at("https://x")
-        };
+        let r = RegistryConfig { password: Some("hunter2".into()), ..RegistryConfig::at("https://x") };
         assert!(!format!("{r:?}").contains("hunter2"));
     }
 }

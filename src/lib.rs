@@ -17,6 +17,8 @@ pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod metrics;
+pub mod node_setup;
 pub mod oci;
 pub mod server;
 pub mod state;

@@ -13,10 +13,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = Config::load(args.config.as_deref(), &args.overrides())?;
             wharf::telemetry::init(config.log_format);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(serve(config))
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
         }
         Command::Config(args) => {
             let mut config = Config::load(args.config.as_deref(), &args.overrides())?;
@@ -30,6 +27,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", toml::to_string(&config)?);
             Ok(())
         }
+        Command::NodeSetup(args) => Ok(wharf::node_setup::run(&args)?),
     }
 }
 
@@ -42,9 +40,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let state = tokio::task::spawn_blocking(move || wharf::state::AppState::open(config, tasks2))
         .await?
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(data_dir = %data_dir.display(), "wharf {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
     wharf::server::run(listener, state, tasks, wharf::server::shutdown_signal(), grace).await?;

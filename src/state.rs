@@ -1,7 +1,8 @@
 //! Shared application state: cheap-clone handles to the config, the upstreams and the cache.
 
-use crate::cache::{Cache, FillPlan};
+use crate::cache::Cache;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
 use std::sync::Arc;
 use tokio_util::task::TaskTracker;
@@ -15,6 +16,8 @@ pub struct AppState {
     pub upstreams: Upstreams,
     /// Blobs, manifests, tags.
     pub cache: Cache,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Start-up failures.
@@ -31,16 +34,9 @@ pub enum OpenError {
 impl AppState {
     /// Builds the state from a validated config; background fills run on `tasks`. Blocking.
     pub fn open(config: Config, tasks: TaskTracker) -> Result<AppState, OpenError> {
-        let upstreams = Upstreams::from_config(&config)?;
-        let plan = FillPlan {
-            chunk_size: config.upstream.fill_chunk_size,
-            concurrency: config.upstream.fill_concurrency.max(1),
-        };
-        let cache = Cache::open(&config.data_dir, config.tag_ttl, plan, tasks)?;
-        Ok(AppState {
-            config: Arc::new(config),
-            upstreams,
-            cache,
-        })
+        let metrics = Arc::new(Metrics::new());
+        let upstreams = Upstreams::from_config(&config, metrics.clone())?;
+        let cache = Cache::open(&config, metrics.clone(), tasks)?;
+        Ok(AppState { config: Arc::new(config), upstreams, cache, metrics })
     }
 }

@@ -7,24 +7,28 @@ use crate::cache::{BlobHandle, reader};
 use crate::oci::Digest;
 use axum::body::Body;
 use axum::response::Response;
+use futures_util::TryStreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 /// `GET /v2/<name>/blobs/<digest>`.
 pub async fn get(routed: Routed, digest: Digest, headers: &HeaderMap) -> Result<Response, Error> {
     let Routed { state, client, repo } = routed;
-    let (handle, outcome) = state
-        .cache
-        .blob(&client, &repo, &digest)
-        .await
-        .map_err(|e| Error::cache(&e, Subject::Blob))?;
-    let (source, size) = match handle {
-        BlobHandle::Committed { file, size } => (reader::Source::Committed(file), size),
-        BlobHandle::Filling { fill, size: Some(size) } => (reader::Source::Filling(fill), size),
+    let (handle, outcome) =
+        state.cache.blob(&client, &repo, &digest).await.map_err(|e| Error::cache(&e, Subject::Blob))?;
+    let BlobHandle { source, size, guard } = handle;
+    let size = match (size, &source) {
+        (Some(size), _) => size,
         // No announced length: ranges and Content-Length need the size, so wait for the end.
-        BlobHandle::Filling { fill, size: None } => {
-            let size = fill.wait_done().await.map_err(|e| Error::cache(&e, Subject::Blob))?;
-            (reader::Source::Filling(fill), size)
-        }
+        (None, reader::Source::Filling(fill)) => fill.wait_done().await.map_err(|e| Error::cache(&e, Subject::Blob))?,
+        (None, reader::Source::Committed(_)) => unreachable!("committed blobs have a size"),
+    };
+    let metrics = state.metrics.clone();
+    // The guard rides along with the body, so the blob is not evicted while it streams.
+    let body = move |start, end| {
+        reader::body(source, start, end).inspect_ok(move |chunk| {
+            let _ = &guard;
+            metrics.served_bytes.inc_by(chunk.len() as u64);
+        })
     };
     let etag = format!("\"{digest}\"");
     let mut resp = if if_none_match(headers, &etag) {
@@ -35,12 +39,12 @@ pub async fn get(routed: Routed, digest: Digest, headers: &HeaderMap) -> Result<
         let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
         match resolve(range, size) {
             RangeAnswer::Full => {
-                let mut r = Response::new(Body::from_stream(reader::body(source, 0, size)));
+                let mut r = Response::new(Body::from_stream(body(0, size)));
                 set(&mut r, header::CONTENT_LENGTH, size.to_string());
                 r
             }
             RangeAnswer::Partial { start, end } => {
-                let mut r = Response::new(Body::from_stream(reader::body(source, start, end + 1)));
+                let mut r = Response::new(Body::from_stream(body(start, end + 1)));
                 *r.status_mut() = StatusCode::PARTIAL_CONTENT;
                 set(&mut r, header::CONTENT_LENGTH, (end + 1 - start).to_string());
                 set(&mut r, header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"));
@@ -50,38 +54,25 @@ pub async fn get(routed: Routed, digest: Digest, headers: &HeaderMap) -> Result<
         }
     };
     blob_headers(&mut resp, &digest, &etag);
-    resp.extensions_mut().insert(RequestNote {
-        registry: client.name.clone(),
-        outcome,
-    });
+    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome });
     Ok(resp)
 }
 
 /// `HEAD /v2/<name>/blobs/<digest>`: never starts a download.
 pub async fn head(routed: Routed, digest: Digest) -> Result<Response, Error> {
     let Routed { state, client, repo } = routed;
-    let (size, outcome) = state
-        .cache
-        .blob_info(&client, &repo, &digest)
-        .await
-        .map_err(|e| Error::cache(&e, Subject::Blob))?;
+    let (size, outcome) =
+        state.cache.blob_info(&client, &repo, &digest).await.map_err(|e| Error::cache(&e, Subject::Blob))?;
     let mut resp = Response::new(Body::empty());
     set(&mut resp, header::CONTENT_LENGTH, size.to_string());
     blob_headers(&mut resp, &digest, &format!("\"{digest}\""));
-    resp.extensions_mut().insert(RequestNote {
-        registry: client.name.clone(),
-        outcome,
-    });
+    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome });
     Ok(resp)
 }
 
 fn blob_headers(resp: &mut Response, digest: &Digest, etag: &str) {
     set(resp, header::CONTENT_TYPE, "application/octet-stream".into());
-    set(
-        resp,
-        header::HeaderName::from_static("docker-content-digest"),
-        digest.to_string(),
-    );
+    set(resp, header::HeaderName::from_static("docker-content-digest"), digest.to_string());
     set(resp, header::ETAG, etag.to_owned());
     set(resp, header::ACCEPT_RANGES, "bytes".into());
     set(resp, header::CACHE_CONTROL, "max-age=31536000".into());
@@ -89,15 +80,10 @@ fn blob_headers(resp: &mut Response, digest: &Digest, etag: &str) {
 
 /// True when `If-None-Match` names this ETag (or `*`).
 pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            let t = t.trim();
-            t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)
-        })
+    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| {
+        let t = t.trim();
+        t == "*" || t == etag || t.strip_prefix("W/") == Some(etag)
+    })
 }
 
 /// Sets a header whose value wharf built itself (digits, digests, fixed strings).

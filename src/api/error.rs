@@ -42,33 +42,13 @@ impl OciCode {
             DigestInvalid => ("DIGEST_INVALID", StatusCode::BAD_REQUEST, "provided digest is invalid"),
             ManifestUnknown => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND, "manifest unknown"),
             NameInvalid => ("NAME_INVALID", StatusCode::BAD_REQUEST, "invalid repository name"),
-            NameUnknown => (
-                "NAME_UNKNOWN",
-                StatusCode::NOT_FOUND,
-                "repository name not known to registry",
-            ),
+            NameUnknown => ("NAME_UNKNOWN", StatusCode::NOT_FOUND, "repository name not known to registry"),
             Unauthorized => ("UNAUTHORIZED", StatusCode::UNAUTHORIZED, "authentication required"),
-            Denied => (
-                "DENIED",
-                StatusCode::FORBIDDEN,
-                "requested access to the resource is denied",
-            ),
-            Unsupported => (
-                "UNSUPPORTED",
-                StatusCode::METHOD_NOT_ALLOWED,
-                "the operation is unsupported",
-            ),
-            Unavailable => (
-                "UNAVAILABLE",
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream registry unavailable",
-            ),
+            Denied => ("DENIED", StatusCode::FORBIDDEN, "requested access to the resource is denied"),
+            Unsupported => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED, "the operation is unsupported"),
+            Unavailable => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE, "upstream registry unavailable"),
             Unknown => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR, "unknown error"),
-            RangeInvalid => (
-                "RANGE_INVALID",
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "requested range not satisfiable",
-            ),
+            RangeInvalid => ("RANGE_INVALID", StatusCode::RANGE_NOT_SATISFIABLE, "requested range not satisfiable"),
         }
     }
 }
@@ -98,20 +78,12 @@ pub struct Error {
 impl Error {
     /// An error with a detail message.
     pub fn new(code: OciCode, detail: impl Into<String>) -> Self {
-        Error {
-            code,
-            detail: detail.into(),
-            range_size: None,
-        }
+        Error { code, detail: detail.into(), range_size: None }
     }
 
     /// 416 for a blob of `size` bytes.
     pub fn unsatisfiable(size: u64) -> Self {
-        Error {
-            code: OciCode::RangeInvalid,
-            detail: format!("blob size is {size}"),
-            range_size: Some(size),
-        }
+        Error { code: OciCode::RangeInvalid, detail: format!("blob size is {size}"), range_size: Some(size) }
     }
 
     /// Maps an upstream failure for `subject`.
@@ -195,10 +167,7 @@ impl IntoResponse for Error {
             resp.headers_mut().insert(header::CONTENT_RANGE, v);
         }
         if self.code == OciCode::Unauthorized {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"wharf\""),
-            );
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"wharf\""));
         }
         resp.extensions_mut().insert(ErrorNote(Arc::new(self.detail)));
         resp

@@ -48,26 +48,15 @@ pub async fn get_or_head(
                 let mut r = Response::new(Body::from(part));
                 *r.status_mut() = StatusCode::PARTIAL_CONTENT;
                 set(&mut r, header::CONTENT_LENGTH, (end + 1 - start).to_string());
-                set(
-                    &mut r,
-                    header::CONTENT_RANGE,
-                    format!("bytes {start}-{end}/{}", info.size),
-                );
+                set(&mut r, header::CONTENT_RANGE, format!("bytes {start}-{end}/{}", info.size));
                 r
             }
             RangeAnswer::Unsatisfiable => return Err(Error::unsatisfiable(info.size)),
         },
     };
     set(&mut resp, header::CONTENT_TYPE, info.media_type.clone());
-    set(
-        &mut resp,
-        header::HeaderName::from_static("docker-content-digest"),
-        info.digest.to_string(),
-    );
+    set(&mut resp, header::HeaderName::from_static("docker-content-digest"), info.digest.to_string());
     set(&mut resp, header::ETAG, etag);
-    resp.extensions_mut().insert(RequestNote {
-        registry: client.name.clone(),
-        outcome: answer.outcome,
-    });
+    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome: answer.outcome });
     Ok(resp)
 }

@@ -10,6 +10,7 @@ pub mod path;
 pub mod range;
 
 use crate::cache::Outcome;
+use crate::metrics::RequestLabels;
 use crate::oci::RepoName;
 use crate::state::AppState;
 use crate::upstream::RegistryClient;
@@ -51,8 +52,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/{*rest}", any(dispatch))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
         .fallback(|| async { Error::new(OciCode::NameUnknown, "unknown endpoint") })
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
 }
 
@@ -68,11 +70,9 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let uri = req.uri().clone();
     let headers = req.headers().clone();
     let rest = uri.path().strip_prefix("/v2/").unwrap_or_default();
-    let ns: Option<String> = uri.query().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "ns")
-            .map(|(_, v)| v.into_owned())
-    });
+    let ns: Option<String> = uri
+        .query()
+        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "ns").map(|(_, v)| v.into_owned()));
     let result = async {
         let endpoint = path::parse(rest);
         if !matches!(method, Method::GET | Method::HEAD) || matches!(endpoint, Ok(Endpoint::Upload)) {
@@ -80,11 +80,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         }
         let routed = |name: &str| -> Result<Routed, Error> {
             let (client, repo) = state.upstreams.route(ns.as_deref(), name)?;
-            Ok(Routed {
-                state: state.clone(),
-                client,
-                repo,
-            })
+            Ok(Routed { state: state.clone(), client, repo })
         };
         let head = method == Method::HEAD;
         match endpoint? {
@@ -109,26 +105,42 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     resp
 }
 
-/// One line per request, and the API-version header on every response.
-async fn log_request(req: Request, next: Next) -> Response {
+/// The metrics label for a path: a handful of fixed values, never the raw path.
+fn route_of(path: &str) -> &'static str {
+    match path.strip_prefix("/v2/").map(path::parse) {
+        None if path == "/v2" => "base",
+        None if matches!(path, "/healthz" | "/readyz" | "/metrics") => "ops",
+        None => "other",
+        Some(Ok(Endpoint::Manifest(..))) => "manifest",
+        Some(Ok(Endpoint::Blob(..))) => "blob",
+        Some(Ok(Endpoint::TagsList(..))) => "tags",
+        Some(Ok(Endpoint::Referrers(..))) => "referrers",
+        Some(Ok(Endpoint::Upload)) => "upload",
+        Some(Err(_)) if path == "/v2/" => "base",
+        Some(Err(_)) => "other",
+    }
+}
+
+/// One line per request, request and cache metrics, and the API-version header on every response.
+async fn log_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
-    let target = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
+    let target = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let route = route_of(req.uri().path());
     let mut resp = next.run(req).await;
-    resp.headers_mut().insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    let labels = RequestLabels { route, method: method.to_string(), status: resp.status().as_u16() };
+    state.metrics.requests.get_or_create(&labels).inc();
+    if let Some(note) = resp.extensions().get::<RequestNote>()
+        && matches!(route, "blob" | "manifest")
+    {
+        state.metrics.cache_outcome(route, note.outcome.as_str());
+        if note.outcome == Outcome::Stale {
+            state.metrics.stale_served.inc();
+        }
+    }
+    resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     let note = resp.extensions().get::<RequestNote>();
-    let bytes = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
+    let bytes = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-");
     let error = resp.extensions().get::<ErrorNote>().map(|n| n.0.as_str()).unwrap_or("");
     tracing::info!(
         target: "wharf::request",

@@ -4,6 +4,18 @@ use crate::state::AppState;
 use axum::extract::State;
 use http::StatusCode;
 
+/// Prometheus metrics in the text exposition format (OpenMetrics flavour, which Prometheus reads).
+pub async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    let cache = state.cache.clone();
+    // statvfs for the disk gauges is a syscall on the data directory: keep it off the async workers.
+    let _ = tokio::task::spawn_blocking(move || cache.usage()).await;
+    state.metrics.fills_in_flight.set(state.cache.fills_in_flight() as i64);
+    (
+        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
+}
+
 /// Liveness: answering at all is the signal.
 pub async fn healthz() -> &'static str {
     "ok\n"

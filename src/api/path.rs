@@ -55,10 +55,7 @@ mod tests {
             Endpoint::Blob("docker.io/library/x", _)
         ));
         assert_eq!(parse("x/y/tags/list").unwrap(), Endpoint::TagsList("x/y"));
-        assert!(matches!(
-            parse(&format!("x/referrers/{d}")).unwrap(),
-            Endpoint::Referrers("x", _)
-        ));
+        assert!(matches!(parse(&format!("x/referrers/{d}")).unwrap(), Endpoint::Referrers("x", _)));
         assert_eq!(parse("x/blobs/uploads/").unwrap(), Endpoint::Upload);
     }
 
@@ -66,10 +63,7 @@ mod tests {
     fn rejects_bad_parts_with_oci_codes() {
         assert_eq!(parse("x/blobs/sha256:zz").unwrap_err().code, OciCode::DigestInvalid);
         assert_eq!(parse("x/blobs/md5:abc").unwrap_err().code, OciCode::DigestInvalid);
-        assert_eq!(
-            parse("x/manifests/.INVALID_MANIFEST_NAME").unwrap_err().code,
-            OciCode::ManifestUnknown
-        );
+        assert_eq!(parse("x/manifests/.INVALID_MANIFEST_NAME").unwrap_err().code, OciCode::ManifestUnknown);
         assert_eq!(parse("x").unwrap_err().code, OciCode::NameUnknown);
         assert_eq!(parse("x/foo/bar").unwrap_err().code, OciCode::NameUnknown);
     }

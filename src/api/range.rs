@@ -33,27 +33,19 @@ pub fn resolve(header: Option<&str>, size: u64) -> RangeAnswer {
     };
     let parse = |s: &str| -> Option<u64> {
         let s = s.trim();
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse().ok())
-            .flatten()
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
     };
     match (first.trim().is_empty(), last.trim().is_empty()) {
         // bytes=-N: the last N bytes.
         (true, false) => match parse(last) {
             Some(0) => RangeAnswer::Unsatisfiable,
             Some(_) if size == 0 => RangeAnswer::Unsatisfiable,
-            Some(n) => RangeAnswer::Partial {
-                start: size.saturating_sub(n),
-                end: size - 1,
-            },
+            Some(n) => RangeAnswer::Partial { start: size.saturating_sub(n), end: size - 1 },
             None => RangeAnswer::Full,
         },
         // bytes=A-
         (false, true) => match parse(first) {
-            Some(a) if a < size => RangeAnswer::Partial {
-                start: a,
-                end: size - 1,
-            },
+            Some(a) if a < size => RangeAnswer::Partial { start: a, end: size - 1 },
             Some(_) => RangeAnswer::Unsatisfiable,
             None => RangeAnswer::Full,
         },
@@ -61,10 +53,7 @@ pub fn resolve(header: Option<&str>, size: u64) -> RangeAnswer {
         (false, false) => match (parse(first), parse(last)) {
             (Some(a), Some(b)) if a > b => RangeAnswer::Full,
             (Some(a), Some(_)) if a >= size => RangeAnswer::Unsatisfiable,
-            (Some(a), Some(b)) => RangeAnswer::Partial {
-                start: a,
-                end: b.min(size - 1),
-            },
+            (Some(a), Some(b)) => RangeAnswer::Partial { start: a, end: b.min(size - 1) },
             _ => RangeAnswer::Full,
         },
         (true, true) => RangeAnswer::Full,
@@ -96,14 +85,7 @@ mod tests {
 
     #[test]
     fn ignored() {
-        for h in [
-            "items=0-1",
-            "bytes=5-2",
-            "bytes=a-b",
-            "bytes=-",
-            "bytes=0-1,3-4",
-            "bytes=99999999999999999999999-",
-        ] {
+        for h in ["items=0-1", "bytes=5-2", "bytes=a-b", "bytes=-", "bytes=0-1,3-4", "bytes=99999999999999999999999-"] {
             assert_eq!(resolve(Some(h), 10), Full, "{h}");
         }
     }

@@ -77,11 +77,7 @@ impl Progress {
         while k < self.written.len() && self.written[k] == self.chunk_len(k) {
             k += 1;
         }
-        self.prefix = if k < self.written.len() {
-            k as u64 * self.chunk_size + self.written[k]
-        } else {
-            self.total
-        };
+        self.prefix = if k < self.written.len() { k as u64 * self.chunk_size + self.written[k] } else { self.total };
         (self.prefix != before).then_some(self.prefix)
     }
 }
@@ -89,11 +85,7 @@ impl Progress {
 impl Fill {
     /// A fill in the `Starting` state.
     pub fn new(digest: Digest, file: Arc<File>) -> Self {
-        Fill {
-            digest,
-            file,
-            state: watch::Sender::new(FillState::Starting),
-        }
+        Fill { digest, file, state: watch::Sender::new(FillState::Starting) }
     }
 
     /// A receiver of state changes.
@@ -104,10 +96,7 @@ impl Fill {
     /// Waits until the size is known (or the fill failed): what a response needs before its headers.
     pub async fn wait_started(&self) -> Result<Option<u64>, Arc<Error>> {
         let mut rx = self.subscribe();
-        let state = rx
-            .wait_for(|s| !matches!(s, FillState::Starting))
-            .await
-            .map(|s| s.clone());
+        let state = rx.wait_for(|s| !matches!(s, FillState::Starting)).await.map(|s| s.clone());
         match state {
             Ok(FillState::Streaming { total, .. }) => Ok(total),
             Ok(FillState::Done { size }) => Ok(Some(size)),
@@ -119,10 +108,8 @@ impl Fill {
     /// Waits for the end: the committed size, or the error.
     pub async fn wait_done(&self) -> Result<u64, Arc<Error>> {
         let mut rx = self.subscribe();
-        let state = rx
-            .wait_for(|s| matches!(s, FillState::Done { .. } | FillState::Failed(_)))
-            .await
-            .map(|s| s.clone());
+        let state =
+            rx.wait_for(|s| matches!(s, FillState::Done { .. } | FillState::Failed(_))).await.map(|s| s.clone());
         match state {
             Ok(FillState::Done { size }) => Ok(size),
             Ok(FillState::Failed(e)) => Err(e),
@@ -208,30 +195,14 @@ impl Fill {
         total: u64,
         plan: FillPlan,
     ) -> Result<u64, Error> {
-        self.state.send_replace(FillState::Streaming {
-            written: 0,
-            total: Some(total),
-        });
+        self.state.send_replace(FillState::Streaming { written: 0, total: Some(total) });
         let chunks = total.div_ceil(plan.chunk_size) as usize;
-        let progress = Arc::new(Mutex::new(Progress {
-            chunk_size: plan.chunk_size,
-            total,
-            written: vec![0; chunks],
-            prefix: 0,
-        }));
+        let progress =
+            Arc::new(Mutex::new(Progress { chunk_size: plan.chunk_size, total, written: vec![0; chunks], prefix: 0 }));
         let hasher = self.hash_prefix(total);
         let mut first = Some(first);
         let fetches = futures_util::stream::iter(0..chunks)
-            .map(|i| {
-                self.fetch_chunk(
-                    temp,
-                    client,
-                    repo,
-                    i,
-                    if i == 0 { first.take() } else { None },
-                    &progress,
-                )
-            })
+            .map(|i| self.fetch_chunk(temp, client, repo, i, if i == 0 { first.take() } else { None }, &progress))
             .buffer_unordered(plan.concurrency)
             .try_for_each(|()| async { Ok(()) });
         // try_join: a chunk that fails for good ends the fill at once instead of leaving the hasher waiting.
@@ -259,9 +230,7 @@ impl Fill {
             let stream = match body.take() {
                 Some(b) => b,
                 None => {
-                    let b = client
-                        .get_blob(repo, &self.digest, Some((start + got, start + len - 1)))
-                        .await?;
+                    let b = client.get_blob(repo, &self.digest, Some((start + got, start + len - 1))).await?;
                     if b.partial.is_none() {
                         return Err(upstream::Error::Protocol("upstream stopped honouring ranges".into()).into());
                     }
@@ -270,29 +239,20 @@ impl Fill {
             };
             let (me, p) = (self.clone(), progress.clone());
             let mut last = 0;
-            let result = write_at(
-                &temp.file,
-                start + got,
-                Some(len - got),
-                stream.body,
-                move |_, written| {
-                    let moved = p.lock().unwrap().add(i, written - last);
-                    last = written;
-                    if let Some(prefix) = moved {
-                        me.publish_prefix(prefix);
-                    }
-                },
-            )
+            let result = write_at(&temp.file, start + got, Some(len - got), stream.body, move |_, written| {
+                let moved = p.lock().unwrap().add(i, written - last);
+                last = written;
+                if let Some(prefix) = moved {
+                    me.publish_prefix(prefix);
+                }
+            })
             .await;
             match result {
                 Ok(n) if got + n == len => return Ok(()),
                 Ok(n) => {
                     got += n;
                     if attempts >= 2 {
-                        return Err(Error::SizeMismatch {
-                            announced: len,
-                            received: got,
-                        });
+                        return Err(Error::SizeMismatch { announced: len, received: got });
                     }
                 }
                 Err(Error::Upstream(e)) if e.is_unavailable() && attempts < 2 => {
@@ -341,10 +301,7 @@ impl Fill {
 
     fn check(&self, actual: Digest, size: u64) -> Result<u64, Error> {
         if actual != self.digest {
-            return Err(Error::DigestMismatch {
-                expected: self.digest.clone(),
-                actual,
-            });
+            return Err(Error::DigestMismatch { expected: self.digest.clone(), actual });
         }
         Ok(size)
     }
@@ -377,10 +334,7 @@ async fn write_at(
             Ok(chunk) => {
                 received += chunk.len() as u64;
                 if limit.is_some_and(|l| received > l) {
-                    failure = Some(Error::SizeMismatch {
-                        announced: limit.unwrap_or(0),
-                        received,
-                    });
+                    failure = Some(Error::SizeMismatch { announced: limit.unwrap_or(0), received });
                     break;
                 }
                 if tx.send(chunk).await.is_err() {
@@ -407,19 +361,10 @@ mod tests {
 
     #[test]
     fn prefix_advances_only_over_complete_chunks() {
-        let mut p = Progress {
-            chunk_size: 10,
-            total: 25,
-            written: vec![0; 3],
-            prefix: 0,
-        };
+        let mut p = Progress { chunk_size: 10, total: 25, written: vec![0; 3], prefix: 0 };
         assert_eq!(p.add(1, 10), None, "chunk 1 done, chunk 0 empty");
         assert_eq!(p.add(0, 4), Some(4));
-        assert_eq!(
-            p.add(0, 6),
-            Some(20),
-            "chunk 0 completes and chunk 1 was already complete"
-        );
+        assert_eq!(p.add(0, 6), Some(20), "chunk 0 completes and chunk 1 was already complete");
         assert_eq!(p.add(2, 5), Some(25));
     }
 }

@@ -90,9 +90,6 @@ mod tests {
         });
         assert_eq!(owners, 1);
         inflight.remove(&d);
-        assert!(matches!(
-            inflight.lookup_or_claim(&store, &d).unwrap(),
-            Lookup::Owner(..)
-        ));
+        assert!(matches!(inflight.lookup_or_claim(&store, &d).unwrap(), Lookup::Owner(..)));
     }
 }

@@ -74,35 +74,17 @@ impl Cache {
         want_body: bool,
     ) -> Result<ManifestAnswer, Error> {
         if let Some((info, bytes)) = self.read_manifest(digest).await? {
-            return Ok(ManifestAnswer {
-                info,
-                bytes: Some(bytes).filter(|_| want_body),
-                outcome: Outcome::Hit,
-            });
+            return Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Hit });
         }
         if !want_body {
             let head = client.head_manifest(repo, &digest.to_string(), accept).await?;
             if let (Some(size), false) = (head.size, head.media_type.is_empty()) {
-                let info = ManifestInfo {
-                    digest: digest.clone(),
-                    media_type: head.media_type,
-                    size,
-                };
-                return Ok(ManifestAnswer {
-                    info,
-                    bytes: None,
-                    outcome: Outcome::Miss,
-                });
+                let info = ManifestInfo { digest: digest.clone(), media_type: head.media_type, size };
+                return Ok(ManifestAnswer { info, bytes: None, outcome: Outcome::Miss });
             }
         }
-        let (info, bytes) = self
-            .fetch_manifest(client, repo, &digest.to_string(), accept, Some(digest))
-            .await?;
-        Ok(ManifestAnswer {
-            info,
-            bytes: Some(bytes).filter(|_| want_body),
-            outcome: Outcome::Miss,
-        })
+        let (info, bytes) = self.fetch_manifest(client, repo, &digest.to_string(), accept, Some(digest)).await?;
+        Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Miss })
     }
 
     async fn manifest_by_tag(
@@ -116,50 +98,31 @@ impl Cache {
         let key = tag_key(&client.name, repo, tag, accept);
         let known = self.shared.meta.tag(&key)?;
         let now = now_secs();
-        if let Some(entry) = known
-            .as_ref()
-            .filter(|e| now < e.checked_at.saturating_add(self.shared.tag_ttl))
-        {
-            return self
-                .answer_from_entry(client, repo, entry, accept, want_body, Outcome::Hit)
-                .await;
+        if let Some(entry) = known.as_ref().filter(|e| now < e.checked_at.saturating_add(self.shared.tag_ttl)) {
+            return self.answer_from_entry(client, repo, entry, accept, want_body, Outcome::Hit).await;
         }
         let Some(entry) = known else {
             if !want_body {
                 // A HEAD is free on Docker Hub while a GET counts as a pull: learn the tag with a HEAD.
                 let head = client.head_manifest(repo, tag, accept).await?;
                 if let (Some(digest), Some(size), false) = (head.digest, head.size, head.media_type.is_empty()) {
-                    let entry = TagEntry {
-                        digest,
-                        media_type: head.media_type,
-                        size,
-                        checked_at: now,
-                    };
+                    let entry = TagEntry { digest, media_type: head.media_type, size, checked_at: now };
                     self.shared.meta.put_tag(&key, &entry)?;
-                    return self
-                        .answer_from_entry(client, repo, &entry, accept, false, Outcome::Miss)
-                        .await;
+                    return self.answer_from_entry(client, repo, &entry, accept, false, Outcome::Miss).await;
                 }
             }
             return self.fetch_tag(client, repo, tag, &key, accept, want_body).await;
         };
         match client.head_manifest(repo, tag, accept).await {
             Ok(head) if head.digest.as_ref() == Some(&entry.digest) => {
-                let entry = TagEntry {
-                    checked_at: now,
-                    ..entry
-                };
+                let entry = TagEntry { checked_at: now, ..entry };
                 self.shared.meta.put_tag(&key, &entry)?;
-                self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Revalidated)
-                    .await
+                self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Revalidated).await
             }
             Ok(_) => self.fetch_tag(client, repo, tag, &key, accept, want_body).await,
             Err(e) if e.is_unavailable() => {
                 tracing::warn!(registry = %client.name, %repo, tag, error = %e, "upstream failed; serving last known manifest");
-                match self
-                    .answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Stale)
-                    .await
-                {
+                match self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Stale).await {
                     Ok(answer) => Ok(answer),
                     Err(_) => Err(e.into()),
                 }
@@ -190,11 +153,7 @@ impl Cache {
             checked_at: now_secs(),
         };
         self.shared.meta.put_tag(key, &entry)?;
-        Ok(ManifestAnswer {
-            info,
-            bytes: Some(bytes).filter(|_| want_body),
-            outcome: Outcome::Miss,
-        })
+        Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Miss })
     }
 
     async fn answer_from_entry(
@@ -208,31 +167,17 @@ impl Cache {
     ) -> Result<ManifestAnswer, Error> {
         if !want_body {
             // A HEAD (the kubelet's `Always` policy) needs only what the tag entry records: no disk read.
-            let info = ManifestInfo {
-                digest: entry.digest.clone(),
-                media_type: entry.media_type.clone(),
-                size: entry.size,
-            };
-            return Ok(ManifestAnswer {
-                info,
-                bytes: None,
-                outcome,
-            });
+            let info =
+                ManifestInfo { digest: entry.digest.clone(), media_type: entry.media_type.clone(), size: entry.size };
+            return Ok(ManifestAnswer { info, bytes: None, outcome });
         }
         let cached = self.read_manifest(&entry.digest).await?;
         let (info, bytes) = match cached {
             Some(found) => found,
             None if outcome == Outcome::Stale => return Err(Error::Io(std::io::ErrorKind::NotFound.into())),
-            None => {
-                self.fetch_manifest(client, repo, &entry.digest.to_string(), accept, Some(&entry.digest))
-                    .await?
-            }
+            None => self.fetch_manifest(client, repo, &entry.digest.to_string(), accept, Some(&entry.digest)).await?,
         };
-        Ok(ManifestAnswer {
-            info,
-            bytes: Some(bytes).filter(|_| want_body),
-            outcome,
-        })
+        Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome })
     }
 
     /// GETs a manifest, checks it against `expected` (or the upstream's `Docker-Content-Digest`), stores it.
@@ -248,10 +193,7 @@ impl Cache {
         let digest = match expected.or(head.digest.as_ref()) {
             Some(d) if d.matches(&bytes) => d.clone(),
             Some(d) => {
-                return Err(Error::DigestMismatch {
-                    expected: d.clone(),
-                    actual: Digest::sha256_of(&bytes),
-                });
+                return Err(Error::DigestMismatch { expected: d.clone(), actual: Digest::sha256_of(&bytes) });
             }
             None => Digest::sha256_of(&bytes),
         };
@@ -260,11 +202,7 @@ impl Cache {
         } else {
             head.media_type
         };
-        let info = ManifestInfo {
-            digest: digest.clone(),
-            media_type: media_type.clone(),
-            size: bytes.len() as u64,
-        };
+        let info = ManifestInfo { digest: digest.clone(), media_type: media_type.clone(), size: bytes.len() as u64 };
         let store = self.shared.store.clone();
         let to_write = bytes.clone();
         tokio::task::spawn_blocking(move || store.write_manifest(&digest, &media_type, &to_write)).await??;
@@ -276,11 +214,7 @@ impl Cache {
         let d = digest.clone();
         let found = tokio::task::spawn_blocking(move || store.read_manifest(&d)).await??;
         Ok(found.map(|(media_type, bytes)| {
-            let info = ManifestInfo {
-                digest: digest.clone(),
-                media_type,
-                size: bytes.len() as u64,
-            };
+            let info = ManifestInfo { digest: digest.clone(), media_type, size: bytes.len() as u64 };
             (info, Bytes::from(bytes))
         }))
     }
@@ -304,9 +238,6 @@ mod tests {
             sniff_media_type(br#"{"mediaType":"application/vnd.oci.image.index.v1+json"}"#),
             "application/vnd.oci.image.index.v1+json"
         );
-        assert_eq!(
-            sniff_media_type(b"not json"),
-            "application/vnd.oci.image.manifest.v1+json"
-        );
+        assert_eq!(sniff_media_type(b"not json"), "application/vnd.oci.image.manifest.v1+json");
     }
 }

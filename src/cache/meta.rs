@@ -3,6 +3,7 @@
 
 use crate::oci::Digest;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -13,7 +14,12 @@ pub struct Meta {
     db: sled::Db,
     tags: sled::Tree,
     blobs: sled::Tree,
+    /// `<registry>/<repo>\0<digest>`: which repositories a blob was fetched for.
     refs: sled::Tree,
+    /// `<last access, big-endian u64><digest>`: the LRU order without a scan of `blobs`.
+    atime: sled::Tree,
+    /// `<pin name>\0<digest>`: blobs and manifests the warm list keeps.
+    pins: sled::Tree,
 }
 
 /// What a tag pointed to when it was last checked upstream.
@@ -36,14 +42,24 @@ pub struct BlobEntry {
     pub size: u64,
     /// Unix seconds when it was stored.
     pub stored_at: u64,
+    /// Unix seconds when a client was last served it (flushed in batches).
+    #[serde(default)]
+    pub last_access: u64,
 }
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn atime_key(at: u64, digest: &Digest) -> Vec<u8> {
+    let mut k = at.to_be_bytes().to_vec();
+    k.extend_from_slice(digest.to_string().as_bytes());
+    k
+}
+
+fn decode<T: serde::de::DeserializeOwned>(v: &[u8]) -> Option<T> {
+    serde_json::from_slice(v).ok()
 }
 
 impl Meta {
@@ -64,6 +80,8 @@ impl Meta {
             tags: tree("tags")?,
             blobs: tree("blobs")?,
             refs: tree("refs")?,
+            atime: tree("atime")?,
+            pins: tree("pins")?,
             db,
         };
         let fresh = !existed || meta.db.get("initialized").map_err(io::Error::other)?.is_none();
@@ -78,13 +96,12 @@ impl Meta {
 
     /// The entry for a tag key (see `cache::manifests` for the key format).
     pub fn tag(&self, key: &str) -> Result<Option<TagEntry>, sled::Error> {
-        Ok(self.tags.get(key)?.and_then(|v| serde_json::from_slice(&v).ok()))
+        Ok(self.tags.get(key)?.and_then(|v| decode(&v)))
     }
 
     /// Stores a tag entry.
     pub fn put_tag(&self, key: &str, entry: &TagEntry) -> Result<(), sled::Error> {
-        self.tags
-            .insert(key, serde_json::to_vec(entry).expect("tag entries serialize"))?;
+        self.tags.insert(key, serde_json::to_vec(entry).expect("tag entries serialize"))?;
         Ok(())
     }
 
@@ -94,16 +111,27 @@ impl Meta {
         Ok(())
     }
 
-    /// Records a committed blob and, when known, a repository that references it.
+    /// Every tag entry with its key.
+    pub fn tags(&self) -> Result<Vec<(String, TagEntry)>, sled::Error> {
+        let mut out = Vec::new();
+        for item in self.tags.iter() {
+            let (k, v) = item?;
+            if let Some(e) = decode(&v) {
+                out.push((String::from_utf8_lossy(&k).into_owned(), e));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a committed blob (accessed now) and, when known, a repository that references it.
     pub fn record_blob(&self, digest: &Digest, size: u64, repo: Option<&str>) -> Result<(), sled::Error> {
-        let entry = BlobEntry {
-            size,
-            stored_at: now_secs(),
-        };
-        self.blobs.insert(
-            digest.to_string(),
-            serde_json::to_vec(&entry).expect("blob entries serialize"),
-        )?;
+        let now = now_secs();
+        if let Some(old) = self.blob(digest)? {
+            self.atime.remove(atime_key(old.last_access, digest))?;
+        }
+        let entry = BlobEntry { size, stored_at: now, last_access: now };
+        self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
+        self.atime.insert(atime_key(now, digest), &[][..])?;
         if let Some(repo) = repo {
             self.refs.insert(format!("{repo}\0{digest}"), &[][..])?;
         }
@@ -112,15 +140,113 @@ impl Meta {
 
     /// The recorded entry for a blob.
     pub fn blob(&self, digest: &Digest) -> Result<Option<BlobEntry>, sled::Error> {
-        Ok(self
-            .blobs
-            .get(digest.to_string())?
-            .and_then(|v| serde_json::from_slice(&v).ok()))
+        Ok(self.blobs.get(digest.to_string())?.and_then(|v| decode(&v)))
     }
 
-    /// Number of blobs recorded.
-    pub fn blob_count(&self) -> usize {
-        self.blobs.len()
+    /// Moves blobs to their new last-access times (a batch collected in memory).
+    pub fn touch(&self, accessed: &[(Digest, u64)]) -> Result<(), sled::Error> {
+        for (digest, at) in accessed {
+            let Some(mut entry) = self.blob(digest)? else { continue };
+            if entry.last_access >= *at {
+                continue;
+            }
+            self.atime.remove(atime_key(entry.last_access, digest))?;
+            entry.last_access = *at;
+            self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
+            self.atime.insert(atime_key(*at, digest), &[][..])?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a blob (after its file was removed).
+    pub fn remove_blob(&self, digest: &Digest) -> Result<(), sled::Error> {
+        if let Some(old) = self.blob(digest)? {
+            self.atime.remove(atime_key(old.last_access, digest))?;
+        }
+        self.blobs.remove(digest.to_string())?;
+        let suffix = format!("\0{digest}");
+        for item in self.refs.iter().keys() {
+            let k = item?;
+            if k.ends_with(suffix.as_bytes()) {
+                self.refs.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Blobs from least to most recently used: `(last access, digest, size)`.
+    pub fn lru(&self) -> impl Iterator<Item = Result<(u64, Digest, u64), sled::Error>> + '_ {
+        self.atime.iter().keys().filter_map(move |k| {
+            let k = match k {
+                Ok(k) => k,
+                Err(e) => return Some(Err(e)),
+            };
+            let at = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+            let digest: Digest = std::str::from_utf8(&k[8..]).ok()?.parse().ok()?;
+            let size = match self.blob(&digest) {
+                Ok(Some(e)) => e.size,
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            };
+            Some(Ok((at, digest, size)))
+        })
+    }
+
+    /// Sum of recorded blob sizes and their count.
+    pub fn blob_totals(&self) -> Result<(u64, u64), sled::Error> {
+        let (mut bytes, mut count) = (0, 0);
+        for item in self.blobs.iter().values() {
+            if let Some(e) = decode::<BlobEntry>(&item?) {
+                bytes += e.size;
+                count += 1;
+            }
+        }
+        Ok((bytes, count))
+    }
+
+    /// Replaces the digests pinned under `name`.
+    pub fn set_pins(&self, name: &str, digests: &[Digest]) -> Result<(), sled::Error> {
+        let prefix = format!("{name}\0");
+        for k in self.pins.scan_prefix(prefix.as_bytes()).keys() {
+            self.pins.remove(k?)?;
+        }
+        for d in digests {
+            self.pins.insert(format!("{prefix}{d}"), &[][..])?;
+        }
+        Ok(())
+    }
+
+    /// Every pin: name → digests.
+    pub fn pins(&self) -> Result<BTreeMap<String, Vec<Digest>>, sled::Error> {
+        let mut out: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
+        for k in self.pins.iter().keys() {
+            let k = k?;
+            let text = String::from_utf8_lossy(&k);
+            if let Some((name, d)) = text.split_once('\0')
+                && let Ok(d) = d.parse()
+            {
+                out.entry(name.to_owned()).or_default().push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Repositories that blobs were fetched for: `<registry>/<repo>`.
+    pub fn repositories(&self) -> Result<BTreeSet<String>, sled::Error> {
+        let mut out = BTreeSet::new();
+        for k in self.refs.iter().keys() {
+            let k = k?;
+            if let Some(repo) = String::from_utf8_lossy(&k).split('\0').next() {
+                out.insert(repo.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes pending changes to disk (sled also does this in the background).
+    pub fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush()?;
+        Ok(())
     }
 }
 
@@ -140,6 +266,27 @@ mod tests {
         let d = Digest::sha256_of(b"x");
         meta.record_blob(&d, 1, Some("r/e/p")).unwrap();
         assert_eq!(meta.blob(&d).unwrap().unwrap().size, 1);
+    }
+
+    #[test]
+    fn lru_order_follows_touches_and_pins_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, _) = Meta::open(&dir.path().join("meta")).unwrap();
+        let (a, b) = (Digest::sha256_of(b"a"), Digest::sha256_of(b"b"));
+        meta.record_blob(&a, 10, Some("reg/x")).unwrap();
+        meta.record_blob(&b, 20, None).unwrap();
+        let far = now_secs() + 100;
+        meta.touch(&[(a.clone(), far)]).unwrap();
+        let order: Vec<_> = meta.lru().map(|r| r.unwrap().1).collect();
+        assert_eq!(order, vec![b.clone(), a.clone()]);
+        assert_eq!(meta.blob_totals().unwrap(), (30, 2));
+        meta.remove_blob(&a).unwrap();
+        assert_eq!(meta.lru().count(), 1);
+        assert!(meta.repositories().unwrap().is_empty());
+
+        meta.set_pins("img", &[a.clone(), b.clone()]).unwrap();
+        meta.set_pins("img", std::slice::from_ref(&b)).unwrap();
+        assert_eq!(meta.pins().unwrap()["img"], vec![b]);
     }
 
     #[test]

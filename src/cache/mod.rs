@@ -5,6 +5,7 @@
 //! on the cache's task tracker so it outlives the client) → [`reader::body`] streams the bytes.
 
 mod error;
+mod evict;
 mod fill;
 mod inflight;
 mod manifests;
@@ -13,16 +14,20 @@ pub mod reader;
 mod store;
 
 pub use error::Error;
+pub use evict::{EvictRefusal, GcReport, Usage};
 pub use fill::{Fill, FillPlan, FillState};
 pub use manifests::{ManifestAnswer, ManifestInfo};
 pub use store::BlobStore;
 
+use crate::config::{CacheSettings, Config};
+use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName};
 use crate::upstream::RegistryClient;
 use inflight::{Inflight, Lookup};
 use meta::Meta;
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio_util::task::TaskTracker;
 
 /// How a request was answered, for logs and metrics.
@@ -40,6 +45,8 @@ pub enum Outcome {
     Stale,
     /// Forwarded to the upstream without caching.
     Passthrough,
+    /// Streamed from upstream without being cached (too large for the budget, or the disk was full).
+    Uncached,
 }
 
 impl Outcome {
@@ -52,26 +59,37 @@ impl Outcome {
             Outcome::Revalidated => "revalidated",
             Outcome::Stale => "stale",
             Outcome::Passthrough => "passthrough",
+            Outcome::Uncached => "uncached",
         }
     }
 }
 
-/// A blob ready to stream.
-pub enum BlobHandle {
-    /// Committed and verified.
-    Committed {
-        /// Open file.
-        file: Arc<std::fs::File>,
-        /// Size.
-        size: u64,
-    },
-    /// Still being filled; `size` is the upstream's announced length.
-    Filling {
-        /// The fill to follow.
-        fill: Arc<Fill>,
-        /// Announced size, if any.
-        size: Option<u64>,
-    },
+/// A blob ready to stream: where its bytes are, its size, and a guard that keeps it from eviction meanwhile.
+pub struct BlobHandle {
+    /// Committed file or running fill.
+    pub source: reader::Source,
+    /// Size, when known (a fill without an announced length learns it at the end).
+    pub size: Option<u64>,
+    /// Held for as long as the response streams.
+    pub guard: ServeGuard,
+}
+
+/// Marks a blob as being served; eviction skips it until every guard is dropped.
+pub struct ServeGuard {
+    shared: Arc<Shared>,
+    digest: Digest,
+}
+
+impl Drop for ServeGuard {
+    fn drop(&mut self) {
+        let mut serving = self.shared.serving.lock().unwrap();
+        if let Some(n) = serving.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                serving.remove(&self.digest);
+            }
+        }
+    }
 }
 
 /// Cheap-clone handle to the cache.
@@ -88,12 +106,28 @@ struct Shared {
     tasks: TaskTracker,
     tag_ttl: u64,
     plan: FillPlan,
+    metrics: Arc<Metrics>,
+    settings: CacheSettings,
+    /// Bytes of committed blobs (kept in step with commits and evictions).
+    bytes: AtomicU64,
+    /// Digest → responses streaming it now.
+    serving: Mutex<HashMap<Digest, usize>>,
+    /// Digest → last access (unix seconds), flushed to the metadata in batches rather than on every read.
+    accessed: Mutex<HashMap<Digest, u64>>,
+    /// One eviction pass at a time.
+    gc_lock: Mutex<()>,
 }
 
 impl Cache {
     /// Opens the data directory: removes leftover temporary files, opens (or rebuilds) the metadata.
     /// Blocking; call before serving.
-    pub fn open(data_dir: &Path, tag_ttl: u64, plan: FillPlan, tasks: TaskTracker) -> Result<Cache, Error> {
+    pub fn open(config: &Config, metrics: Arc<Metrics>, tasks: TaskTracker) -> Result<Cache, Error> {
+        let data_dir = &config.data_dir;
+        let plan = FillPlan {
+            chunk_size: config.upstream.fill_chunk_size,
+            concurrency: config.upstream.fill_concurrency.max(1),
+        };
+        let tag_ttl = config.tag_ttl;
         let store = BlobStore::open(data_dir)?;
         let (meta, fresh) = Meta::open(&data_dir.join("meta"))?;
         if fresh {
@@ -104,6 +138,11 @@ impl Cache {
             meta.mark_initialized()?;
             tracing::info!(blobs = blobs.len(), "metadata rebuilt from the blob tree");
         }
+        let (bytes, _) = meta.blob_totals()?;
+        metrics.cache_bytes.set(bytes as i64);
+        metrics.cache_max_bytes.set(config.cache.max_bytes as i64);
+        metrics.high_watermark_ratio.set(f64::from(config.cache.high_watermark) / 100.0);
+        metrics.low_watermark_ratio.set(f64::from(config.cache.low_watermark) / 100.0);
         let shared = Shared {
             store,
             meta,
@@ -111,10 +150,14 @@ impl Cache {
             tasks,
             tag_ttl,
             plan,
+            metrics,
+            settings: config.cache.clone(),
+            bytes: AtomicU64::new(bytes),
+            serving: Mutex::default(),
+            accessed: Mutex::default(),
+            gc_lock: Mutex::default(),
         };
-        Ok(Cache {
-            shared: Arc::new(shared),
-        })
+        Ok(Cache { shared: Arc::new(shared) })
     }
 
     /// The on-disk store (readiness checks write through it).
@@ -135,31 +178,74 @@ impl Cache {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<(BlobHandle, Outcome), Error> {
+        let guard = self.guard(digest);
         let shared = self.shared.clone();
         let d = digest.clone();
         let lookup = tokio::task::spawn_blocking(move || shared.inflight.lookup_or_claim(&shared.store, &d)).await??;
         let (fill, outcome) = match lookup {
             Lookup::Hit(file, size) => {
-                return Ok((
-                    BlobHandle::Committed {
-                        file: Arc::new(file),
-                        size,
-                    },
-                    Outcome::Hit,
-                ));
+                let source = reader::Source::Committed(Arc::new(file));
+                return Ok((BlobHandle { source, size: Some(size), guard }, Outcome::Hit));
             }
             Lookup::Joined(fill) => (fill, Outcome::Coalesced),
             Lookup::Owner(fill, temp) => {
                 let this = self.clone();
                 let (client, repo, f) = (client.clone(), repo.clone(), fill.clone());
-                self.shared
-                    .tasks
-                    .spawn(async move { this.run_fill(f, temp, &client, &repo).await });
+                self.shared.tasks.spawn(async move { this.run_fill(f, temp, &client, &repo).await });
                 (fill, Outcome::Miss)
             }
         };
         let size = fill.wait_started().await.map_err(unshare)?;
-        Ok((BlobHandle::Filling { fill, size }, outcome))
+        Ok((BlobHandle { source: reader::Source::Filling(fill), size, guard }, outcome))
+    }
+
+    /// Makes sure a blob is cached (starting or joining a fill) and returns its size: for the warm list and
+    /// prefetching, which want the blob on disk and no bytes.
+    pub async fn ensure_blob(
+        &self,
+        client: &Arc<RegistryClient>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<u64, Error> {
+        let (handle, _) = self.blob(client, repo, digest).await?;
+        match handle.source {
+            reader::Source::Committed(_) => Ok(handle.size.unwrap_or_default()),
+            reader::Source::Filling(fill) => fill.wait_done().await.map_err(unshare),
+        }
+    }
+
+    /// Registers a response streaming `digest` (and counts it as an access).
+    fn guard(&self, digest: &Digest) -> ServeGuard {
+        *self.shared.serving.lock().unwrap().entry(digest.clone()).or_default() += 1;
+        self.shared.accessed.lock().unwrap().insert(digest.clone(), meta::now_secs());
+        ServeGuard { shared: self.shared.clone(), digest: digest.clone() }
+    }
+
+    /// Replaces the digests pinned under `name` (a warm-list image); pinned blobs are never evicted.
+    pub fn set_pins(&self, name: &str, digests: &[Digest]) -> Result<(), Error> {
+        Ok(self.shared.meta.set_pins(name, digests)?)
+    }
+
+    /// Every pin: name → digests.
+    pub fn pins(&self) -> Result<BTreeMap<String, Vec<Digest>>, Error> {
+        Ok(self.shared.meta.pins()?)
+    }
+
+    /// Cached repositories (`<registry>/<repo>`) with the tags wharf has resolved for them.
+    pub fn repositories(&self) -> Result<BTreeMap<String, Vec<String>>, Error> {
+        let mut out: BTreeMap<String, Vec<String>> =
+            self.shared.meta.repositories()?.into_iter().map(|r| (r, Vec::new())).collect();
+        for (key, _) in self.shared.meta.tags()? {
+            // Key: `<registry>/<repo>:<tag>#<class>`.
+            let key = key.rsplit_once('#').map_or(key.as_str(), |(k, _)| k);
+            if let Some((repo, tag)) = key.rsplit_once(':') {
+                let tags = out.entry(repo.to_owned()).or_default();
+                if !tags.iter().any(|t| t == tag) {
+                    tags.push(tag.to_owned());
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn run_fill(&self, fill: Arc<Fill>, temp: store::TempFile, client: &RegistryClient, repo: &RepoName) {
@@ -169,9 +255,8 @@ impl Cache {
             let store = self.shared.store.clone();
             let d = digest.clone();
             tokio::task::spawn_blocking(move || store.commit_blob(temp, &d)).await??;
-            self.shared
-                .meta
-                .record_blob(&digest, size, Some(&format!("{}/{}", client.name, repo)))?;
+            self.shared.bytes.fetch_add(size, Ordering::Relaxed);
+            self.shared.meta.record_blob(&digest, size, Some(&format!("{}/{}", client.name, repo)))?;
             Ok::<u64, Error>(size)
         }
         .await;

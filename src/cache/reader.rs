@@ -32,18 +32,8 @@ struct State {
 /// Streams `start..end` of the source in large reads on the blocking pool.
 pub fn body(source: Source, start: u64, end: u64) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let state = match source {
-        Source::Committed(file) => State {
-            file,
-            progress: None,
-            pos: start,
-            end,
-        },
-        Source::Filling(fill) => State {
-            file: fill.file.clone(),
-            progress: Some(fill.subscribe()),
-            pos: start,
-            end,
-        },
+        Source::Committed(file) => State { file, progress: None, pos: start, end },
+        Source::Filling(fill) => State { file: fill.file.clone(), progress: Some(fill.subscribe()), pos: start, end },
     };
     futures_util::stream::try_unfold(state, |mut st| async move {
         if st.pos >= st.end {
@@ -55,9 +45,8 @@ pub fn body(source: Source, start: u64, end: u64) -> impl Stream<Item = io::Resu
         };
         let want = (limit - st.pos).min(CHUNK) as usize;
         let (file, pos) = (st.file.clone(), st.pos);
-        let chunk = tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
-            .await
-            .map_err(io::Error::other)??;
+        let chunk =
+            tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want)).await.map_err(io::Error::other)??;
         st.pos += chunk.len() as u64;
         Ok(Some((chunk, st)))
     })
@@ -70,10 +59,7 @@ async fn readable_limit(rx: &mut watch::Receiver<FillState>, pos: u64, end: u64)
         let limit = match &*rx.borrow_and_update() {
             FillState::Failed(e) => return Err(io::Error::other(format!("fill failed: {e}"))),
             FillState::Done { size } if *size < end => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob shorter than the range",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than the range"));
             }
             FillState::Done { .. } => end,
             FillState::Streaming { written, .. } => (*written).min(end - 1),
@@ -92,10 +78,7 @@ fn read_exact_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
     while filled < len {
         match file.read_at(&mut buf[filled..], pos + filled as u64) {
             Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob file shorter than expected",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file shorter than expected"));
             }
             Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -114,13 +97,8 @@ mod tests {
     use std::io::Write;
 
     fn fill_in(dir: &std::path::Path) -> Arc<Fill> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.join("t"))
-            .unwrap();
+        let f =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("t")).unwrap();
         Arc::new(Fill::new(Digest::sha256_of(b"0123456789"), Arc::new(f)))
     }
 
@@ -131,16 +109,10 @@ mod tests {
         let fill_state = fill.clone();
         let mut s = Box::pin(body(Source::Filling(fill.clone()), 0, 10));
         (&*fill.file).write_all(b"01234").unwrap();
-        fill_state.state_for_test(FillState::Streaming {
-            written: 5,
-            total: Some(10),
-        });
+        fill_state.state_for_test(FillState::Streaming { written: 5, total: Some(10) });
         assert_eq!(s.next().await.unwrap().unwrap(), Bytes::from_static(b"01234"));
         (&*fill.file).write_all(b"56789").unwrap();
-        fill_state.state_for_test(FillState::Streaming {
-            written: 10,
-            total: Some(10),
-        });
+        fill_state.state_for_test(FillState::Streaming { written: 10, total: Some(10) });
         assert_eq!(s.next().await.unwrap().unwrap(), Bytes::from_static(b"5678"));
         let next = tokio::spawn(async move { s.next().await.map(|r| r.unwrap()) });
         tokio::task::yield_now().await;
@@ -154,16 +126,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fill = fill_in(dir.path());
         (&*fill.file).write_all(b"0123456789").unwrap();
-        fill.state_for_test(FillState::Streaming {
-            written: 10,
-            total: Some(10),
-        });
+        fill.state_for_test(FillState::Streaming { written: 10, total: Some(10) });
         let mut s = Box::pin(body(Source::Filling(fill.clone()), 0, 10));
         assert_eq!(s.next().await.unwrap().unwrap().len(), 9);
-        fill.fail(Error::SizeMismatch {
-            announced: 10,
-            received: 11,
-        });
+        fill.fail(Error::SizeMismatch { announced: 10, received: 11 });
         assert!(s.next().await.unwrap().is_err());
     }
 
@@ -173,9 +139,6 @@ mod tests {
         std::fs::write(dir.path().join("f"), b"0123456789").unwrap();
         let f = Arc::new(File::open(dir.path().join("f")).unwrap());
         let got: Vec<_> = body(Source::Committed(f), 2, 7).collect().await;
-        assert_eq!(
-            got.into_iter().map(Result::unwrap).collect::<Vec<_>>().concat(),
-            b"23456"
-        );
+        assert_eq!(got.into_iter().map(Result::unwrap).collect::<Vec<_>>().concat(), b"23456");
     }
 }

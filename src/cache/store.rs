@@ -41,9 +41,7 @@ impl BlobStore {
             let entry = entry?;
             let _ = fs::remove_file(entry.path());
         }
-        Ok(BlobStore {
-            root: Arc::new(root.to_path_buf()),
-        })
+        Ok(BlobStore { root: Arc::new(root.to_path_buf()) })
     }
 
     /// The data directory.
@@ -53,11 +51,7 @@ impl BlobStore {
 
     fn path(&self, kind: &str, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.root
-            .join(kind)
-            .join(digest.algorithm().as_str())
-            .join(&hex[..2])
-            .join(hex)
+        self.root.join(kind).join(digest.algorithm().as_str()).join(&hex[..2]).join(hex)
     }
 
     /// Opens a committed blob: the file and its size, or `None` on a miss.
@@ -86,11 +80,7 @@ impl BlobStore {
         let name: u64 = rand::random();
         let path = self.root.join("tmp").join(format!("{name:016x}"));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-        Ok(TempFile {
-            path,
-            file: Arc::new(file),
-            armed: true,
-        })
+        Ok(TempFile { path, file: Arc::new(file), armed: true })
     }
 
     /// Makes a verified temporary file the blob for `digest`: fsync, rename, fsync the directory.
@@ -151,19 +141,58 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Removes a cached manifest.
+    pub fn remove_manifest(&self, digest: &Digest) -> io::Result<()> {
+        match fs::remove_file(self.path("manifests", digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// True when a blob is committed.
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.path("blobs", digest).is_file()
+    }
+
+    /// True when a manifest is cached.
+    pub fn has_manifest(&self, digest: &Digest) -> bool {
+        self.path("manifests", digest).is_file()
+    }
+
+    /// Every cached manifest's digest.
+    pub fn scan_manifests(&self) -> io::Result<Vec<Digest>> {
+        self.scan("manifests").map(|v| v.into_iter().map(|(d, _)| d).collect())
+    }
+
     /// Lists every committed blob with its size (for rebuilding metadata).
     pub fn scan_blobs(&self) -> io::Result<Vec<(Digest, u64)>> {
+        self.scan("blobs")
+    }
+
+    /// Size of the filesystem holding the store and the bytes in use on it (`statvfs`).
+    pub fn filesystem(&self) -> io::Result<(u64, u64)> {
+        let path = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is a valid C string and `st` a properly sized out-parameter.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let frsize = st.f_frsize as u64;
+        let total = st.f_blocks as u64 * frsize;
+        let used = total.saturating_sub(st.f_bavail as u64 * frsize);
+        Ok((total, used))
+    }
+
+    fn scan(&self, kind: &str) -> io::Result<Vec<(Digest, u64)>> {
         let mut out = Vec::new();
         for algo in [Algorithm::Sha256, Algorithm::Sha512] {
-            let dir = self.root.join("blobs").join(algo.as_str());
+            let dir = self.root.join(kind).join(algo.as_str());
             let Ok(prefixes) = fs::read_dir(&dir) else { continue };
             for prefix in prefixes {
                 for entry in fs::read_dir(prefix?.path())? {
                     let entry = entry?;
                     let name = entry.file_name();
-                    let parsed = name
-                        .to_str()
-                        .and_then(|n| format!("{}:{n}", algo.as_str()).parse::<Digest>().ok());
+                    let parsed = name.to_str().and_then(|n| format!("{}:{n}", algo.as_str()).parse::<Digest>().ok());
                     if let Some(d) = parsed {
                         out.push((d, entry.metadata()?.len()));
                     }
@@ -213,14 +242,9 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         let body = br#"{"schemaVersion":2}"#;
         let d = Digest::sha256_of(body);
-        store
-            .write_manifest(&d, "application/vnd.oci.image.manifest.v1+json", body)
-            .unwrap();
+        store.write_manifest(&d, "application/vnd.oci.image.manifest.v1+json", body).unwrap();
         let (mt, bytes) = store.read_manifest(&d).unwrap().unwrap();
-        assert_eq!(
-            (mt.as_str(), bytes.as_slice()),
-            ("application/vnd.oci.image.manifest.v1+json", &body[..])
-        );
+        assert_eq!((mt.as_str(), bytes.as_slice()), ("application/vnd.oci.image.manifest.v1+json", &body[..]));
         fs::write(store.path("manifests", &d), b"x\n{}").unwrap();
         assert!(store.read_manifest(&d).unwrap().is_none());
     }

@@ -52,10 +52,7 @@ impl Digest {
 
     /// Computes the sha256 digest of `bytes`.
     pub fn sha256_of(bytes: &[u8]) -> Digest {
-        Digest {
-            algo: Algorithm::Sha256,
-            hex: hex::encode(sha2::Sha256::digest(bytes)),
-        }
+        Digest { algo: Algorithm::Sha256, hex: hex::encode(sha2::Sha256::digest(bytes)) }
     }
 
     /// Computes the digest of `bytes` with this digest's algorithm.
@@ -81,10 +78,7 @@ impl FromStr for Digest {
         if !valid {
             return Err(err());
         }
-        Ok(Digest {
-            algo,
-            hex: hex.to_owned(),
-        })
+        Ok(Digest { algo, hex: hex.to_owned() })
     }
 }
 
@@ -136,14 +130,8 @@ impl Verifier {
     /// The digest of everything fed so far.
     pub fn finish(self) -> Digest {
         match self {
-            Verifier::Sha256(h) => Digest {
-                algo: Algorithm::Sha256,
-                hex: hex::encode(h.finalize()),
-            },
-            Verifier::Sha512(h) => Digest {
-                algo: Algorithm::Sha512,
-                hex: hex::encode(h.finalize()),
-            },
+            Verifier::Sha256(h) => Digest { algo: Algorithm::Sha256, hex: hex::encode(h.finalize()) },
+            Verifier::Sha512(h) => Digest { algo: Algorithm::Sha512, hex: hex::encode(h.finalize()) },
         }
     }
 }
@@ -180,10 +168,7 @@ mod tests {
     #[test]
     fn verifier_matches_known_value() {
         let d = Digest::sha256_of(b"");
-        assert_eq!(
-            d.hex(),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(d.hex(), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert!(d.matches(b""));
         assert!(!d.matches(b"x"));
     }

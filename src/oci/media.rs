@@ -1,16 +1,12 @@
 //! Manifest media types and the client's `Accept` set, merged from every `Accept` header line.
 
 /// Single-platform manifest types a mirror passes through untouched.
-pub const MANIFEST_TYPES: &[&str] = &[
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
+pub const MANIFEST_TYPES: &[&str] =
+    &["application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"];
 
 /// Multi-platform types: OCI index and Docker manifest list.
-pub const INDEX_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
+pub const INDEX_TYPES: &[&str] =
+    &["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
 
 /// True for index/list media types.
 pub fn is_index_type(media_type: &str) -> bool {
@@ -40,13 +36,7 @@ impl AcceptSet {
 
     /// The set wharf uses when a client sends none: every modern manifest type.
     pub fn all_manifests() -> Self {
-        AcceptSet {
-            types: MANIFEST_TYPES
-                .iter()
-                .chain(INDEX_TYPES)
-                .map(|s| s.to_string())
-                .collect(),
-        }
+        AcceptSet { types: MANIFEST_TYPES.iter().chain(INDEX_TYPES).map(|s| s.to_string()).collect() }
     }
 
     /// True when the client named no types at all.
@@ -71,12 +61,8 @@ impl AcceptSet {
     /// The header value to send upstream: every modern manifest type the client accepts, named explicitly
     /// (the reference registry answers `*/*` with 404 for OCI content), then the client's own entries.
     pub fn header_value(&self) -> String {
-        let mut out: Vec<&str> = MANIFEST_TYPES
-            .iter()
-            .chain(INDEX_TYPES)
-            .copied()
-            .filter(|t| self.accepts(t))
-            .collect();
+        let mut out: Vec<&str> =
+            MANIFEST_TYPES.iter().chain(INDEX_TYPES).copied().filter(|t| self.accepts(t)).collect();
         for t in &self.types {
             if !out.contains(&t.as_str()) {
                 out.push(t);
@@ -101,10 +87,7 @@ mod tests {
             "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
         );
         let wildcard = AcceptSet::from_headers(["*/*"]).header_value();
-        assert!(
-            wildcard.starts_with("application/vnd.oci.image.manifest.v1+json"),
-            "{wildcard}"
-        );
+        assert!(wildcard.starts_with("application/vnd.oci.image.manifest.v1+json"), "{wildcard}");
         assert!(wildcard.ends_with("*/*"), "{wildcard}");
         assert!(!a.accepts_index());
         assert!(AcceptSet::from_headers(["*/*"]).accepts_index());

@@ -2,6 +2,7 @@
 //! Pure types with no I/O, so every parser of outside input here can be unit-tested and fuzzed.
 
 mod digest;
+pub mod manifest;
 mod media;
 mod name;
 mod reference;

@@ -21,11 +21,7 @@ impl RepoName {
 
     /// Docker Hub keeps official images under `library/`: `nginx` is `library/nginx` there.
     pub fn with_library_prefix(self) -> Self {
-        if self.0.contains('/') {
-            self
-        } else {
-            RepoName(format!("library/{}", self.0))
-        }
+        if self.0.contains('/') { self } else { RepoName(format!("library/{}", self.0)) }
     }
 
     /// The name as text.
@@ -72,18 +68,9 @@ mod tests {
 
     #[test]
     fn accepts_spec_names() {
-        for ok in [
-            "nginx",
-            "library/nginx",
-            "a/b/c",
-            "my-app",
-            "my--app",
-            "a_b",
-            "a__b",
-            "a.b",
-            "docker.io/library/x",
-            "0",
-        ] {
+        for ok in
+            ["nginx", "library/nginx", "a/b/c", "my-app", "my--app", "a_b", "a__b", "a.b", "docker.io/library/x", "0"]
+        {
             assert!(RepoName::parse(ok).is_ok(), "{ok}");
         }
     }
@@ -91,22 +78,16 @@ mod tests {
     #[test]
     fn rejects_bad_names() {
         let long = "a".repeat(256);
-        for bad in [
-            "", "Nginx", "a//b", "/a", "a/", "a..b", "a___b", "-a", "a-", "..", "a/../b", "a b", "a:b", &long, "a._b",
-        ] {
+        for bad in
+            ["", "Nginx", "a//b", "/a", "a/", "a..b", "a___b", "-a", "a-", "..", "a/../b", "a b", "a:b", &long, "a._b"]
+        {
             assert!(RepoName::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn library_prefix_only_for_single_component() {
-        assert_eq!(
-            RepoName::parse("nginx").unwrap().with_library_prefix().as_str(),
-            "library/nginx"
-        );
-        assert_eq!(
-            RepoName::parse("bitnami/redis").unwrap().with_library_prefix().as_str(),
-            "bitnami/redis"
-        );
+        assert_eq!(RepoName::parse("nginx").unwrap().with_library_prefix().as_str(), "library/nginx");
+        assert_eq!(RepoName::parse("bitnami/redis").unwrap().with_library_prefix().as_str(), "bitnami/redis");
     }
 }

@@ -20,9 +20,7 @@ impl Reference {
         }
         let b = s.as_bytes();
         let first_ok = b.first().is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
-        let rest_ok = b
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+        let rest_ok = b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
         if !first_ok || !rest_ok || b.len() > 128 {
             return Err(ParseError::new(ParseKind::Tag, s));
         }
@@ -46,10 +44,7 @@ mod tests {
     #[test]
     fn tags_and_digests() {
         assert_eq!(Reference::parse("1.27").unwrap(), Reference::Tag("1.27".into()));
-        assert!(matches!(
-            Reference::parse(&format!("sha256:{}", "f".repeat(64))).unwrap(),
-            Reference::Digest(_)
-        ));
+        assert!(matches!(Reference::parse(&format!("sha256:{}", "f".repeat(64))).unwrap(), Reference::Digest(_)));
         for bad in ["", ".INVALID_MANIFEST_NAME", "-x", "a/b", &"a".repeat(129), "sha256:x"] {
             assert!(Reference::parse(bad).is_err(), "{bad}");
         }

@@ -17,10 +17,7 @@ pub struct Challenge {
 /// Parses every challenge in a `WWW-Authenticate` value; malformed parts end parsing instead of failing.
 pub fn parse_challenges(value: &str) -> Vec<Challenge> {
     let mut out: Vec<Challenge> = Vec::new();
-    let mut p = Parser {
-        s: value.as_bytes(),
-        i: 0,
-    };
+    let mut p = Parser { s: value.as_bytes(), i: 0 };
     loop {
         p.skip_ws_commas();
         let Some(word) = p.token() else { break };
@@ -32,10 +29,7 @@ pub fn parse_challenges(value: &str) -> Vec<Challenge> {
             let Some(value) = p.value() else { break };
             out.last_mut().unwrap().params.insert(word.to_ascii_lowercase(), value);
         } else {
-            out.push(Challenge {
-                scheme: word.to_ascii_lowercase(),
-                params: HashMap::new(),
-            });
+            out.push(Challenge { scheme: word.to_ascii_lowercase(), params: HashMap::new() });
         }
     }
     out
@@ -157,10 +151,7 @@ impl TokenCache {
 
     /// Forgets a value the upstream refused.
     pub fn remove(&self, host: &str, scope: &str) {
-        self.entries
-            .lock()
-            .unwrap()
-            .remove(&(host.to_owned(), scope.to_owned()));
+        self.entries.lock().unwrap().remove(&(host.to_owned(), scope.to_owned()));
     }
 }
 
@@ -190,14 +181,7 @@ mod tests {
 
     #[test]
     fn tolerates_garbage() {
-        for s in [
-            "",
-            "=",
-            "Bearer realm=\"unterminated",
-            ",,,",
-            "Bearer ==",
-            "\u{0}\u{ff}",
-        ] {
+        for s in ["", "=", "Bearer realm=\"unterminated", ",,,", "Bearer ==", "\u{0}\u{ff}"] {
             let _ = parse_challenges(s);
         }
     }

@@ -4,6 +4,7 @@
 use super::Error;
 use super::auth::{TokenCache, TokenResponse, parse_challenges};
 use super::creds::Credentials;
+use crate::metrics::{Metrics, RegistryLabel, UpstreamLabels};
 use crate::oci::{AcceptSet, Digest, RepoName};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -25,6 +26,7 @@ pub struct RegistryClient {
     creds: Option<Credentials>,
     tokens: Arc<TokenCache>,
     max_redirects: usize,
+    metrics: Arc<Metrics>,
 }
 
 /// What a manifest HEAD (or GET) told us about a manifest.
@@ -66,15 +68,10 @@ impl RegistryClient {
         http: reqwest::Client,
         creds: Option<Credentials>,
         max_redirects: usize,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        RegistryClient {
-            name,
-            base,
-            http,
-            creds,
-            tokens: Arc::new(TokenCache::default()),
-            max_redirects,
-        }
+        let tokens = Arc::new(TokenCache::default());
+        RegistryClient { name, base, http, creds, tokens, max_redirects, metrics }
     }
 
     fn url(&self, repo: &RepoName, tail: &str) -> Url {
@@ -152,20 +149,14 @@ impl RegistryClient {
                 match (parsed, range) {
                     (Some(p), Some((first, _))) if p.0 == first => Some(p),
                     _ => {
-                        return Err(Error::Protocol(
-                            "206 with a Content-Range that does not match the request".into(),
-                        ));
+                        return Err(Error::Protocol("206 with a Content-Range that does not match the request".into()));
                     }
                 }
             }
             _ => None,
         };
         let body = resp.bytes_stream().map(|r| r.map_err(Error::from));
-        Ok(BlobStream {
-            size,
-            partial,
-            body: Box::pin(body),
-        })
+        Ok(BlobStream { size, partial, body: Box::pin(body) })
     }
 
     /// GET `/v2/<repo>/<tail>?<query>` and hand back the answer as is (tags/list, referrers).
@@ -174,22 +165,14 @@ impl RegistryClient {
         url.set_query(query);
         let resp = self.send(Method::GET, url, repo, HeaderMap::new()).await?;
         let mut headers = HeaderMap::new();
-        for name in [
-            header::CONTENT_TYPE,
-            header::LINK,
-            header::HeaderName::from_static("oci-filters-applied"),
-        ] {
+        for name in [header::CONTENT_TYPE, header::LINK, header::HeaderName::from_static("oci-filters-applied")] {
             if let Some(v) = resp.headers().get(&name) {
                 headers.insert(name, v.clone());
             }
         }
         let status = resp.status();
         let body = resp.bytes_stream().map(|r| r.map_err(Error::from));
-        Ok(Passthrough {
-            status,
-            headers,
-            body: Box::pin(body),
-        })
+        Ok(Passthrough { status, headers, body: Box::pin(body) })
     }
 
     /// Sends a request, answering auth challenges and following redirects; non-2xx statuses become errors.
@@ -213,18 +196,14 @@ impl RegistryClient {
             } else if let (true, Some(Credentials::Bearer(t))) = (own_host, &self.creds) {
                 req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
             }
-            let resp = req.send().await?;
+            let resp = self.observe(req.send()).await?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !auth_tried {
                 auth_tried = true;
                 if cached.is_some() {
                     self.tokens.remove(&host, &scope);
                 }
-                let challenge = resp
-                    .headers()
-                    .get_all(header::WWW_AUTHENTICATE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok());
+                let challenge = resp.headers().get_all(header::WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok());
                 let challenges: Vec<_> = challenge.flat_map(parse_challenges).collect();
                 if self.authorize(&host, own_host, &scope, &challenges).await? {
                     continue;
@@ -247,6 +226,32 @@ impl RegistryClient {
         }
     }
 
+    /// Sends one request, recording its status, latency and any rate-limit headroom the upstream reports.
+    async fn observe(
+        &self,
+        send: impl std::future::Future<Output = Result<reqwest::Response, reqwest::Error>>,
+    ) -> Result<reqwest::Response, Error> {
+        let start = std::time::Instant::now();
+        let result = send.await;
+        let registry = self.name.clone();
+        let status = result.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+        self.metrics.upstream_requests.get_or_create(&UpstreamLabels { registry: registry.clone(), status }).inc();
+        let label = RegistryLabel { registry };
+        self.metrics.upstream_latency.get_or_create(&label).observe(start.elapsed().as_secs_f64());
+        let resp = result?;
+        // Docker Hub: `ratelimit-remaining: 76;w=21600`.
+        let remaining = resp.headers().get("ratelimit-remaining").and_then(|v| v.to_str().ok());
+        if let Some(n) = remaining.and_then(|v| v.split(';').next()).and_then(|v| v.trim().parse::<i64>().ok()) {
+            self.metrics.ratelimit_remaining.get_or_create(&label).set(n);
+        }
+        Ok(resp)
+    }
+
+    /// Counts blob bytes fetched from this registry.
+    pub fn count_fetched(&self, bytes: u64) {
+        self.metrics.upstream_bytes.get_or_create(&RegistryLabel { registry: self.name.clone() }).inc_by(bytes);
+    }
+
     /// Obtains an `Authorization` value for `host` from its challenges. Credentials are offered only to the
     /// registry's own host (and the token realm it names), never to a redirect target.
     async fn authorize(
@@ -258,10 +263,8 @@ impl RegistryClient {
     ) -> Result<bool, Error> {
         let creds = if own_host { self.creds.as_ref() } else { None };
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
-            let realm = c
-                .params
-                .get("realm")
-                .ok_or_else(|| Error::Protocol("bearer challenge without realm".into()))?;
+            let realm =
+                c.params.get("realm").ok_or_else(|| Error::Protocol("bearer challenge without realm".into()))?;
             let mut realm = Url::parse(realm).map_err(|_| Error::Protocol("bad token realm".into()))?;
             if !matches!(realm.scheme(), "http" | "https") {
                 return Err(Error::Protocol("bad token realm scheme".into()));
@@ -287,9 +290,8 @@ impl RegistryClient {
             let bytes = resp.bytes().await?;
             let token: TokenResponse =
                 serde_json::from_slice(&bytes).map_err(|_| Error::Protocol("token response is not JSON".into()))?;
-            let (token, lifetime) = token
-                .into_parts()
-                .ok_or_else(|| Error::Protocol("token response without token".into()))?;
+            let (token, lifetime) =
+                token.into_parts().ok_or_else(|| Error::Protocol("token response without token".into()))?;
             self.tokens.put(host, scope, format!("Bearer {token}"), lifetime);
             return Ok(true);
         }
@@ -297,8 +299,7 @@ impl RegistryClient {
             && let Some(basic) = creds.and_then(Credentials::basic_header)
         {
             // Basic credentials do not expire; a day bounds how long a changed password goes unnoticed.
-            self.tokens
-                .put(host, scope, basic, std::time::Duration::from_secs(86_400));
+            self.tokens.put(host, scope, basic, std::time::Duration::from_secs(86_400));
             return Ok(true);
         }
         Ok(false)
@@ -307,11 +308,7 @@ impl RegistryClient {
 
 fn accept_headers(accept: &AcceptSet) -> HeaderMap {
     let mut h = HeaderMap::new();
-    let value = if accept.is_empty() {
-        AcceptSet::all_manifests()
-    } else {
-        accept.clone()
-    };
+    let value = if accept.is_empty() { AcceptSet::all_manifests() } else { accept.clone() };
     if let Ok(v) = HeaderValue::from_str(&value.header_value()) {
         h.insert(header::ACCEPT, v);
     }
@@ -319,20 +316,13 @@ fn accept_headers(accept: &AcceptSet) -> HeaderMap {
 }
 
 fn manifest_head(h: &HeaderMap) -> ManifestHead {
-    let digest = h
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse().ok());
+    let digest = h.get("docker-content-digest").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse().ok());
     let media_type = h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
         .unwrap_or_default();
-    ManifestHead {
-        digest,
-        media_type,
-        size: content_length(h),
-    }
+    ManifestHead { digest, media_type, size: content_length(h) }
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
@@ -348,12 +338,7 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
 }
 
 fn host_key(url: &Url) -> String {
-    format!(
-        "{}://{}:{}",
-        url.scheme(),
-        url.host_str().unwrap_or(""),
-        url.port_or_known_default().unwrap_or(0)
-    )
+    format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
 }
 
 fn redirect_target(from: &Url, headers: &HeaderMap) -> Result<Url, Error> {
@@ -361,9 +346,7 @@ fn redirect_target(from: &Url, headers: &HeaderMap) -> Result<Url, Error> {
         .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| Error::Protocol("redirect without Location".into()))?;
-    let next = from
-        .join(location)
-        .map_err(|_| Error::Protocol("bad redirect Location".into()))?;
+    let next = from.join(location).map_err(|_| Error::Protocol("bad redirect Location".into()))?;
     if !matches!(next.scheme(), "http" | "https") {
         return Err(Error::Protocol("redirect to a non-HTTP scheme".into()));
     }
@@ -379,10 +362,7 @@ mod tests {
         let from = Url::parse("https://r.example/v2/a/blobs/x").unwrap();
         let mut h = HeaderMap::new();
         h.insert(header::LOCATION, HeaderValue::from_static("/other?sig=a%2Fb"));
-        assert_eq!(
-            redirect_target(&from, &h).unwrap().as_str(),
-            "https://r.example/other?sig=a%2Fb"
-        );
+        assert_eq!(redirect_target(&from, &h).unwrap().as_str(), "https://r.example/other?sig=a%2Fb");
         h.insert(header::LOCATION, HeaderValue::from_static("file:///etc/passwd"));
         assert!(redirect_target(&from, &h).is_err());
     }

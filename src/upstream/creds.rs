@@ -99,13 +99,7 @@ pub fn load(config: &Config) -> Result<HashMap<String, Credentials>, Error> {
         if let Some(token) = &reg.token {
             out.insert(name.clone(), Credentials::Bearer(token.clone()));
         } else if let (Some(u), Some(p)) = (&reg.username, &reg.password) {
-            out.insert(
-                name.clone(),
-                Credentials::Basic {
-                    username: u.clone(),
-                    password: p.clone(),
-                },
-            );
+            out.insert(name.clone(), Credentials::Basic { username: u.clone(), password: p.clone() });
         }
     }
     Ok(out)
@@ -114,24 +108,16 @@ pub fn load(config: &Config) -> Result<HashMap<String, Credentials>, Error> {
 /// Reads a docker `config.json`.
 pub fn from_docker_config(path: &Path) -> Result<HashMap<String, Credentials>, Error> {
     let shown = path.display().to_string();
-    let text = std::fs::read(path).map_err(|source| Error::Read {
-        path: shown.clone(),
-        source,
-    })?;
+    let text = std::fs::read(path).map_err(|source| Error::Read { path: shown.clone(), source })?;
     // serde's message could quote a value; report only the position.
-    let parsed: DockerConfig = serde_json::from_slice(&text).map_err(|e| Error::Format {
-        path: shown.clone(),
-        reason: format!("invalid JSON at line {}", e.line()),
-    })?;
+    let parsed: DockerConfig = serde_json::from_slice(&text)
+        .map_err(|e| Error::Format { path: shown.clone(), reason: format!("invalid JSON at line {}", e.line()) })?;
     let mut out = HashMap::new();
     for (key, a) in parsed.auths {
         let creds = if let Some(t) = a.registrytoken {
             Credentials::Bearer(t)
         } else if let (Some(u), Some(p)) = (a.username, a.password) {
-            Credentials::Basic {
-                username: u,
-                password: p,
-            }
+            Credentials::Basic { username: u, password: p }
         } else if let Some(auth) = a.auth {
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(auth.trim())
@@ -141,14 +127,10 @@ pub fn from_docker_config(path: &Path) -> Result<HashMap<String, Credentials>, E
                     path: shown.clone(),
                     reason: format!("`auth` for {key} is not base64"),
                 })?;
-            let (u, p) = decoded.split_once(':').ok_or_else(|| Error::Format {
-                path: shown.clone(),
-                reason: format!("`auth` for {key} lacks ':'"),
-            })?;
-            Credentials::Basic {
-                username: u.to_owned(),
-                password: p.to_owned(),
-            }
+            let (u, p) = decoded
+                .split_once(':')
+                .ok_or_else(|| Error::Format { path: shown.clone(), reason: format!("`auth` for {key} lacks ':'") })?;
+            Credentials::Basic { username: u.to_owned(), password: p.to_owned() }
         } else {
             continue;
         };
@@ -172,20 +154,8 @@ mod tests {
         )
         .unwrap();
         let creds = from_docker_config(&path).unwrap();
-        assert_eq!(
-            creds["docker.io"],
-            Credentials::Basic {
-                username: "alice".into(),
-                password: "s3cret".into()
-            }
-        );
-        assert_eq!(
-            creds["ghcr.io"],
-            Credentials::Basic {
-                username: "bob".into(),
-                password: "pat".into()
-            }
-        );
+        assert_eq!(creds["docker.io"], Credentials::Basic { username: "alice".into(), password: "s3cret".into() });
+        assert_eq!(creds["ghcr.io"], Credentials::Basic { username: "bob".into(), password: "pat".into() });
         assert!(!format!("{creds:?}").contains("s3cret"));
     }
 

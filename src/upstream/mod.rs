@@ -10,6 +10,7 @@ pub use client::{BlobStream, MAX_MANIFEST_SIZE, ManifestHead, Passthrough, Regis
 pub use error::Error;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::oci::RepoName;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -53,7 +54,7 @@ pub struct Upstreams {
 impl Upstreams {
     /// Builds one shared connection pool (HTTP/2 where offered, rustls with platform roots plus extra CAs)
     /// and a client per configured registry.
-    pub fn from_config(config: &Config) -> Result<Self, SetupError> {
+    pub fn from_config(config: &Config, metrics: Arc<Metrics>) -> Result<Self, SetupError> {
         let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .redirect(reqwest::redirect::Policy::none())
@@ -82,13 +83,11 @@ impl Upstreams {
                 http.clone(),
                 creds.remove(name),
                 config.upstream.max_redirects,
+                metrics.clone(),
             );
             registries.insert(name.clone(), Arc::new(client));
         }
-        Ok(Upstreams {
-            registries: Arc::new(registries),
-            default: config.default_registry.clone(),
-        })
+        Ok(Upstreams { registries: Arc::new(registries), default: config.default_registry.clone() })
     }
 
     /// Chooses the upstream for a request, in order: containerd's `ns` parameter; a path prefix naming a
@@ -102,10 +101,7 @@ impl Upstreams {
         let (registry, name) = match ns {
             Some(ns) => {
                 let ns = canonical_registry(ns);
-                let reg = self
-                    .registries
-                    .get(ns)
-                    .ok_or_else(|| RouteError::UnknownRegistry(ns.to_owned()))?;
+                let reg = self.registries.get(ns).ok_or_else(|| RouteError::UnknownRegistry(ns.to_owned()))?;
                 // containerd with `override_path` sends both; strip the prefix when it repeats `ns`.
                 let name = match rest {
                     Some(r) if canonical_registry(first) == ns => r,
@@ -149,7 +145,7 @@ mod tests {
             upstreams: vec![("myreg.example:5000".into(), "http://127.0.0.1:1".into())],
             ..Default::default()
         };
-        Upstreams::from_config(&Config::load(None, &o).unwrap()).unwrap()
+        Upstreams::from_config(&Config::load(None, &o).unwrap(), Arc::default()).unwrap()
     }
 
     #[test]
@@ -170,10 +166,7 @@ mod tests {
     #[test]
     fn refuses_unconfigured_registries() {
         let u = upstreams();
-        assert!(matches!(
-            u.route(Some("evil.example"), "x/y"),
-            Err(RouteError::UnknownRegistry(_))
-        ));
+        assert!(matches!(u.route(Some("evil.example"), "x/y"), Err(RouteError::UnknownRegistry(_))));
         // An unknown first component is just part of a Docker Hub name, never a host to contact.
         let (r, n) = u.route(None, "evil.example/x").unwrap();
         assert_eq!((r.name.as_str(), n.as_str()), ("docker.io", "evil.example/x"));

@@ -22,19 +22,12 @@ fn app() -> App {
     };
     let config = Config::load(None, &overrides).unwrap();
     let state = wharf::state::AppState::open(config, tokio_util::task::TaskTracker::new()).unwrap();
-    App {
-        router: wharf::api::router(state),
-        _dir: dir,
-    }
+    App { router: wharf::api::router(state), _dir: dir }
 }
 
 async fn call(app: &App, method: Method, uri: &str) -> (StatusCode, http::HeaderMap, serde_json::Value) {
-    let req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("accept-encoding", "gzip, zstd")
-        .body(Body::empty())
-        .unwrap();
+    let req =
+        Request::builder().method(method).uri(uri).header("accept-encoding", "gzip, zstd").body(Body::empty()).unwrap();
     let resp = app.router.clone().oneshot(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     let bytes = body.collect().await.unwrap().to_bytes();
@@ -64,23 +57,11 @@ async fn invalid_input_gets_oci_errors() {
     let cases = [
         ("/v2/UPPER/manifests/latest", StatusCode::BAD_REQUEST, "NAME_INVALID"),
         ("/v2/a//b/manifests/latest", StatusCode::BAD_REQUEST, "NAME_INVALID"),
-        (
-            "/v2/a/%2e%2e/b/blobs/sha256:00",
-            StatusCode::BAD_REQUEST,
-            "DIGEST_INVALID",
-        ),
+        ("/v2/a/%2e%2e/b/blobs/sha256:00", StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
         ("/v2/a/%2e%2e/manifests/latest", StatusCode::BAD_REQUEST, "NAME_INVALID"),
         ("/v2/a/blobs/sha256:abc", StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
-        (
-            "/v2/a/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
-            StatusCode::BAD_REQUEST,
-            "DIGEST_INVALID",
-        ),
-        (
-            "/v2/a/manifests/.INVALID_MANIFEST_NAME",
-            StatusCode::NOT_FOUND,
-            "MANIFEST_UNKNOWN",
-        ),
+        ("/v2/a/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+        ("/v2/a/manifests/.INVALID_MANIFEST_NAME", StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
         ("/v2/a/referrers/notadigest", StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
         ("/v2/a/unknown/endpoint", StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
         ("/nothing/here", StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
@@ -106,11 +87,7 @@ async fn push_and_delete_are_unsupported() {
         (Method::GET, "/v2/a/blobs/uploads/some-uuid".to_string()),
     ] {
         let (status, _, json) = call(&app, method.clone(), &uri).await;
-        assert_eq!(
-            (status, code(&json)),
-            (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
-            "{method} {uri}"
-        );
+        assert_eq!((status, code(&json)), (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"), "{method} {uri}");
     }
 }
 

@@ -15,11 +15,7 @@ fn start_wharf(data: &Path, upstream: &str) -> Wharf {
 fn assert_in_store(ctd: &Containerd, image: &TestImage) {
     let store = ctd.content_digests();
     let missing: Vec<_> = image.all_digests().into_iter().filter(|d| !store.contains(d)).collect();
-    assert!(
-        missing.is_empty(),
-        "{}: not in containerd's content store: {missing:?}",
-        image.reference()
-    );
+    assert!(missing.is_empty(), "{}: not in containerd's content store: {missing:?}", image.reference());
 }
 
 #[test]
@@ -38,8 +34,7 @@ fn containerd_fetches_every_image_through_wharf() {
         let blobs = format!("/v2/{}/blobs/", image.repo);
         for wanted in [manifests, blobs] {
             assert!(
-                log.lines()
-                    .any(|l| l.contains(&wanted) && l.contains("ns=registry.test")),
+                log.lines().any(|l| l.contains(&wanted) && l.contains("ns=registry.test")),
                 "wharf logged no request for {wanted}...?ns=registry.test:\n{log}"
             );
         }
@@ -62,21 +57,14 @@ fn containerd_second_fetch_is_served_from_wharf_cache() {
         first.fetch_ok(&hosts, &reference);
         assert_in_store(&first, &image);
         let upstream_gets = registry.count("GET", &blobs);
-        assert!(
-            upstream_gets >= image.blobs.len(),
-            "wharf fetched {upstream_gets} blobs of {reference} upstream"
-        );
+        assert!(upstream_gets >= image.blobs.len(), "wharf fetched {upstream_gets} blobs of {reference} upstream");
         drop(first);
         let second = Containerd::start(); // empty content store: every blob is requested again
         second.fetch_ok(&hosts, &reference);
         assert_in_store(&second, &image);
         let requests = registry.requests();
         let seen: Vec<_> = requests.iter().filter(|r| r.uri.contains(&image.repo)).collect();
-        assert_eq!(
-            registry.count("GET", &blobs),
-            upstream_gets,
-            "second fetch went upstream: {seen:#?}"
-        );
+        assert_eq!(registry.count("GET", &blobs), upstream_gets, "second fetch went upstream: {seen:#?}");
     }
 }
 

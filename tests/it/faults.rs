@@ -17,10 +17,9 @@ fn assert_not_clean(what: &str, outcome: &Outcome, size: usize) {
         Outcome::Broken(s, e) => println!("{what}: {s} then a broken body ({e})"),
         Outcome::Failed(e) => println!("{what}: no response ({e})"),
         Outcome::Complete(s, _, _) if *s >= 500 => {}
-        Outcome::Complete(s, _, b) => panic!(
-            "{what}: expected a broken connection or 5xx, got a clean {s} with {} of {size} bytes",
-            b.len()
-        ),
+        Outcome::Complete(s, _, b) => {
+            panic!("{what}: expected a broken connection or 5xx, got a clean {s} with {} of {size} bytes", b.len())
+        }
     }
 }
 
@@ -56,18 +55,12 @@ async fn upstream_drop_mid_blob_commits_nothing_and_the_next_request_refills() {
     let outcome = fetch(&http, &url, &[]).await;
     assert_not_clean("upstream dropped mid-blob", &outcome, data.len());
     assert!(up.blob_gets(&digest) >= 1, "wharf never asked upstream");
-    assert!(
-        !blob_path(dir.path(), &digest).exists(),
-        "a truncated blob was committed"
-    );
+    assert!(!blob_path(dir.path(), &digest).exists(), "a truncated blob was committed");
 
     up.drop_after(&digest, None);
     let before = up.blob_gets(&digest);
     get_ok(&http, &url, &data).await;
-    assert!(
-        up.blob_gets(&digest) > before,
-        "the next request must start a fresh fill"
-    );
+    assert!(up.blob_gets(&digest) > before, "the next request must start a fresh fill");
     let path = blob_path(dir.path(), &digest);
     wait_until("the good blob is committed", || path.is_file()).await;
     assert!(std::fs::read(&path).unwrap() == data);
@@ -92,18 +85,12 @@ async fn wrong_bytes_are_never_served_complete_nor_committed() {
     gate.release();
     assert_not_clean("starter of a fill with wrong bytes", &first.await.unwrap(), data.len());
     assert_not_clean("joiner of a fill with wrong bytes", &joiner.await.unwrap(), data.len());
-    assert!(
-        !blob_path(dir.path(), &digest).exists(),
-        "bytes with the wrong digest were committed"
-    );
+    assert!(!blob_path(dir.path(), &digest).exists(), "bytes with the wrong digest were committed");
 
     up.wrong_bytes(&digest, false);
     let before = up.blob_gets(&digest);
     get_ok(&http, &url, &data).await;
-    assert!(
-        up.blob_gets(&digest) > before,
-        "after a bad fill the next request must refetch"
-    );
+    assert!(up.blob_gets(&digest) > before, "after a bad fill the next request must refetch");
     let path = blob_path(dir.path(), &digest);
     wait_until("the good blob is committed", || path.is_file()).await;
     assert!(std::fs::read(&path).unwrap() == data);
@@ -117,53 +104,27 @@ async fn bearer_challenge_fetches_a_token_with_configured_credentials() {
     let body = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}", "layers":[]}}"#);
     up.put_manifest(REPO, "v1", OCI_MANIFEST, body.clone());
     let dir = tempfile::tempdir().unwrap();
-    let auth = basic("alice", "s3cret")
-        .to_str()
-        .unwrap()
-        .trim_start_matches("Basic ")
-        .to_string();
+    let auth = basic("alice", "s3cret").to_str().unwrap().trim_start_matches("Basic ").to_string();
     let creds = credentials(dir.path(), serde_json::json!({ "auth": auth }));
     let data_dir = dir.path().join("data");
     let wharf = wharf_with(&up, &data_dir, &["--credentials", &creds]);
     let http = client();
 
     get_ok(&http, &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
-    let resp = http
-        .get(format!("{}/v2/{REPO}/manifests/v1", wharf.url()))
-        .send()
-        .await
-        .unwrap();
+    let resp = http.get(format!("{}/v2/{REPO}/manifests/v1", wharf.url())).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap(), body.as_bytes());
 
-    assert!(
-        up.challenges() >= 1,
-        "the fake never challenged: the test proves nothing"
-    );
+    assert!(up.challenges() >= 1, "the fake never challenged: the test proves nothing");
     assert!(up.token_requests() >= 1, "wharf never asked the realm for a token");
     let seen = up.requests();
     for r in seen.iter().filter(|r| r.path.starts_with("/token")) {
-        assert_eq!(
-            r.authorization.as_deref(),
-            Some(basic("alice", "s3cret").to_str().unwrap())
-        );
-        assert!(
-            r.path.contains("scope=repository"),
-            "token request without a scope: {}",
-            r.path
-        );
+        assert_eq!(r.authorization.as_deref(), Some(basic("alice", "s3cret").to_str().unwrap()));
+        assert!(r.path.contains("scope=repository"), "token request without a scope: {}", r.path);
     }
-    let ok_blob = seen
-        .iter()
-        .find(|r| r.method == "GET" && r.path.contains("/blobs/") && r.status == 200)
-        .expect("blob GET");
-    assert!(
-        ok_blob
-            .authorization
-            .as_deref()
-            .unwrap_or("")
-            .starts_with("Bearer tok-")
-    );
+    let ok_blob =
+        seen.iter().find(|r| r.method == "GET" && r.path.contains("/blobs/") && r.status == 200).expect("blob GET");
+    assert!(ok_blob.authorization.as_deref().unwrap_or("").starts_with("Bearer tok-"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -176,12 +137,7 @@ async fn anonymous_bearer_token_and_basic_challenge() {
     let wharf = wharf_with(&up, dir.path(), &[]);
     get_ok(&client(), &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
     assert!(up.token_requests() >= 1);
-    assert!(
-        up.requests()
-            .iter()
-            .filter(|r| r.path.starts_with("/token"))
-            .all(|r| r.authorization.is_none())
-    );
+    assert!(up.requests().iter().filter(|r| r.path.starts_with("/token")).all(|r| r.authorization.is_none()));
 
     // A plain Basic challenge, credentials given as username/password fields.
     let up = FakeUpstream::start().await;
@@ -192,22 +148,14 @@ async fn anonymous_bearer_token_and_basic_challenge() {
     let wharf = wharf_with(&up, &dir.path().join("data"), &["--credentials", &creds]);
     get_ok(&client(), &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
     let seen = up.requests();
-    let ok_blob = seen
-        .iter()
-        .find(|r| r.method == "GET" && r.path.contains("/blobs/") && r.status == 200)
-        .expect("blob GET");
-    assert_eq!(
-        ok_blob.authorization.as_deref(),
-        Some(basic("bob", "pw").to_str().unwrap())
-    );
+    let ok_blob =
+        seen.iter().find(|r| r.method == "GET" && r.path.contains("/blobs/") && r.status == 200).expect("blob GET");
+    assert_eq!(ok_blob.authorization.as_deref(), Some(basic("bob", "pw").to_str().unwrap()));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redirect_to_another_host_never_carries_authorization() {
-    for auth in [
-        Auth::Bearer(Some(("alice".into(), "pw".into()))),
-        Auth::Basic("alice".into(), "pw".into()),
-    ] {
+    for auth in [Auth::Bearer(Some(("alice".into(), "pw".into()))), Auth::Basic("alice".into(), "pw".into())] {
         let up = FakeUpstream::start().await;
         up.set_auth(auth.clone());
         up.redirect_blobs(true);
@@ -218,14 +166,8 @@ async fn redirect_to_another_host_never_carries_authorization() {
         get_ok(&client(), &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
 
         let seen = up.requests();
-        let main = seen
-            .iter()
-            .find(|r| r.listener == "main" && r.status == 307)
-            .expect("redirected GET");
-        assert!(
-            main.authorization.is_some(),
-            "{auth:?}: the registry host got no credentials"
-        );
+        let main = seen.iter().find(|r| r.listener == "main" && r.status == 307).expect("redirected GET");
+        assert!(main.authorization.is_some(), "{auth:?}: the registry host got no credentials");
         let cdn: Vec<_> = seen.iter().filter(|r| r.listener == "cdn").collect();
         assert!(!cdn.is_empty(), "{auth:?}: wharf did not follow the redirect");
         for r in cdn {
@@ -249,11 +191,7 @@ async fn tag_ttl_then_head_revalidation_then_stale_if_error() {
         let resp = http.get(url).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{ctx}");
         assert_eq!(resp.headers()["content-type"], OCI_MANIFEST, "{ctx}");
-        assert_eq!(
-            resp.bytes().await.unwrap(),
-            want.as_bytes(),
-            "{ctx}: body not byte-exact"
-        );
+        assert_eq!(resp.bytes().await.unwrap(), want.as_bytes(), "{ctx}: body not byte-exact");
     };
 
     // Within the freshness window, no upstream request at all.
@@ -263,11 +201,7 @@ async fn tag_ttl_then_head_revalidation_then_stale_if_error() {
     check(&tag_url, &v1, "first fetch").await;
     let n = up.manifest_gets() + up.manifest_heads();
     check(&tag_url, &v1, "fresh tag").await;
-    assert_eq!(
-        up.manifest_gets() + up.manifest_heads(),
-        n,
-        "a fresh tag must not go upstream"
-    );
+    assert_eq!(up.manifest_gets() + up.manifest_heads(), n, "a fresh tag must not go upstream");
     drop(wharf);
 
     // TTL 0: every request revalidates with a HEAD; unchanged digest → no GET; changed → new body.
@@ -278,15 +212,8 @@ async fn tag_ttl_then_head_revalidation_then_stale_if_error() {
     check(&tag_url, &v1, "first fetch").await;
     let (gets, heads) = (up.manifest_gets(), up.manifest_heads());
     check(&tag_url, &v1, "revalidated tag").await;
-    assert!(
-        up.manifest_heads() > heads,
-        "an expired tag must be revalidated with a HEAD upstream"
-    );
-    assert_eq!(
-        up.manifest_gets(),
-        gets,
-        "an unchanged digest must not be fetched again"
-    );
+    assert!(up.manifest_heads() > heads, "an expired tag must be revalidated with a HEAD upstream");
+    assert_eq!(up.manifest_gets(), gets, "an unchanged digest must not be fetched again");
     let v2 = v1.replace("\"layers\"", "\"annotations\": {}, \"layers\"");
     up.put_manifest(REPO, "v1", OCI_MANIFEST, v2.clone());
     check(&tag_url, &v2, "tag moved upstream").await;
@@ -299,44 +226,20 @@ async fn tag_ttl_then_head_revalidation_then_stale_if_error() {
         up.fail_with(Some(status));
         let n = up.manifest_gets() + up.manifest_heads();
         check(&tag_url, &v1, &format!("stale tag while upstream answers {status}")).await;
-        assert!(
-            up.manifest_gets() + up.manifest_heads() > n,
-            "wharf did not try upstream ({status})"
-        );
-        check(
-            &digest_url,
-            &v1,
-            &format!("manifest by digest while upstream answers {status}"),
-        )
-        .await;
-        let resp = http
-            .get(format!("{}/v2/{REPO}/manifests/nope", wharf.url()))
-            .send()
-            .await
-            .unwrap();
+        assert!(up.manifest_gets() + up.manifest_heads() > n, "wharf did not try upstream ({status})");
+        check(&digest_url, &v1, &format!("manifest by digest while upstream answers {status}")).await;
+        let resp = http.get(format!("{}/v2/{REPO}/manifests/nope", wharf.url())).send().await.unwrap();
         assert_eq!(resp.status(), 503, "unknown tag while upstream answers {status}");
         println!("upstream {status} → unknown tag error code {}", error_code(resp).await);
-        let resp = http
-            .get(format!("{}/v2/{REPO}/blobs/{cold}", wharf.url()))
-            .send()
-            .await
-            .unwrap();
+        let resp = http.get(format!("{}/v2/{REPO}/blobs/{cold}", wharf.url())).send().await.unwrap();
         assert_eq!(resp.status(), 503, "cold blob while upstream answers {status}");
         println!("upstream {status} → cold blob error code {}", error_code(resp).await);
     }
     up.stop().await;
     check(&tag_url, &v1, "stale tag while upstream is unreachable").await;
-    let resp = http
-        .get(format!("{}/v2/{REPO}/manifests/nope", wharf.url()))
-        .send()
-        .await
-        .unwrap();
+    let resp = http.get(format!("{}/v2/{REPO}/manifests/nope", wharf.url())).send().await.unwrap();
     assert_eq!(resp.status(), 503, "unknown tag while upstream is unreachable");
-    let resp = http
-        .get(format!("{}/v2/{REPO}/blobs/{cold}", wharf.url()))
-        .send()
-        .await
-        .unwrap();
+    let resp = http.get(format!("{}/v2/{REPO}/blobs/{cold}", wharf.url())).send().await.unwrap();
     assert_eq!(resp.status(), 503, "cold blob while upstream is unreachable");
 }
 
@@ -347,18 +250,10 @@ async fn unknown_upstream_content_is_404_with_oci_codes() {
     let wharf = wharf_with(&up, dir.path(), &[]);
     let http = client();
     let missing = format!("sha256:{}", "ab".repeat(32));
-    let resp = http
-        .get(format!("{}/v2/{REPO}/blobs/{missing}", wharf.url()))
-        .send()
-        .await
-        .unwrap();
+    let resp = http.get(format!("{}/v2/{REPO}/blobs/{missing}", wharf.url())).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     assert_eq!(error_code(resp).await, "BLOB_UNKNOWN");
-    let resp = http
-        .get(format!("{}/v2/{REPO}/manifests/nope", wharf.url()))
-        .send()
-        .await
-        .unwrap();
+    let resp = http.get(format!("{}/v2/{REPO}/manifests/nope", wharf.url())).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     assert_eq!(error_code(resp).await, "MANIFEST_UNKNOWN");
 }
@@ -381,10 +276,7 @@ async fn slow_upstream_first_bytes_reach_the_client_before_the_upstream_finishes
         .expect("no body bytes while the upstream is held: wharf waits for the whole blob")
         .unwrap()
         .expect("a first chunk");
-    assert!(
-        !first.is_empty() && !gate.is_released(),
-        "first bytes arrived before the upstream finished"
-    );
+    assert!(!first.is_empty() && !gate.is_released(), "first bytes arrived before the upstream finished");
     gate.release();
     let mut body = first.to_vec();
     while let Some(c) = resp.chunk().await.unwrap() {

@@ -17,16 +17,10 @@ async fn sigterm_lets_an_in_flight_download_finish_then_exits_cleanly() {
 
     let pid = wharf.pid() as i32;
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    wait_until("wharf logs that it is shutting down", || {
-        wharf.log().contains("shutting down")
-    })
-    .await;
+    wait_until("wharf logs that it is shutting down", || wharf.log().contains("shutting down")).await;
     // No new connections once shutdown began.
     let refused = reqwest::get(format!("{}/v2/", wharf.url())).await;
-    assert!(
-        refused.is_err(),
-        "a new request was accepted during shutdown: {refused:?}"
-    );
+    assert!(refused.is_err(), "a new request was accepted during shutdown: {refused:?}");
 
     gate.release();
     match download.await.unwrap() {
@@ -34,10 +28,7 @@ async fn sigterm_lets_an_in_flight_download_finish_then_exits_cleanly() {
         other => panic!("in-flight download did not complete: {other:?}"),
     }
     let status = tokio::task::spawn_blocking(move || wharf.terminate()).await.unwrap();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "wharf exit status after SIGTERM: {status:?}"
-    );
+    assert!(status.is_some_and(|s| s.success()), "wharf exit status after SIGTERM: {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -47,17 +38,10 @@ async fn json_logs_have_one_object_per_request() {
     let mut args = fake.wharf_args();
     args.push("--json".into());
     let wharf = Wharf::start(dir.path(), &args);
-    let resp = reqwest::get(format!("{}/v2/test/app/manifests/missing?ns=fake.test", wharf.url()))
-        .await
-        .unwrap();
+    let resp = reqwest::get(format!("{}/v2/test/app/manifests/missing?ns=fake.test", wharf.url())).await.unwrap();
     assert_eq!(resp.status(), 404);
     wait_until("a request line is logged", || wharf.log().contains("\"status\":404")).await;
-    let line = wharf
-        .log()
-        .lines()
-        .find(|l| l.contains("\"status\":404"))
-        .unwrap()
-        .to_owned();
+    let line = wharf.log().lines().find(|l| l.contains("\"status\":404")).unwrap().to_owned();
     let v: serde_json::Value = serde_json::from_str(&line).expect("log line is JSON");
     assert_eq!(v["method"], "GET");
     assert_eq!(v["path"], "/v2/test/app/manifests/missing?ns=fake.test");
@@ -90,11 +74,7 @@ fn config_layers_file_env_and_flags_and_redacts_secrets() {
     let parsed: toml::Value = toml::from_str(&text).unwrap();
     assert_eq!(parsed["tag_ttl"].as_integer(), Some(9), "flag beats file");
     assert_eq!(parsed["shutdown_grace"].as_integer(), Some(11), "env beats file");
-    assert_eq!(
-        parsed["upstream"]["read_timeout"].as_integer(),
-        Some(123),
-        "nested env key"
-    );
+    assert_eq!(parsed["upstream"]["read_timeout"].as_integer(), Some(123), "nested env key");
     assert_eq!(parsed["registries"]["private.test"]["username"].as_str(), Some("bob"));
     assert!(parsed["registries"]["docker.io"].is_table(), "built-in registries stay");
     assert!(!text.contains("hunter2-secret"), "secret printed:\n{text}");
@@ -104,42 +84,25 @@ fn config_layers_file_env_and_flags_and_redacts_secrets() {
 fn bad_config_names_the_key_and_hides_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("wharf.toml");
-    std::fs::write(
-        &file,
-        "[registries.\"x\"]\nurl = \"http://x\"\npassword = \"hunter2-secret\"\n",
-    )
-    .unwrap();
+    std::fs::write(&file, "[registries.\"x\"]\nurl = \"http://x\"\npassword = \"hunter2-secret\"\n").unwrap();
     let out = wharf_cmd().args(["serve", "--config"]).arg(&file).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("registries.\"x\".url") && err.contains("insecure"),
-        "{err}"
-    );
+    assert!(err.contains("registries.\"x\".url") && err.contains("insecure"), "{err}");
     assert!(!err.contains("hunter2-secret"), "{err}");
 
     std::fs::write(&file, "tag_tll = 5\n").unwrap();
     let out = wharf_cmd().args(["serve", "--config"]).arg(&file).output().unwrap();
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("tag_tll"),
-        "unknown keys are named"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tag_tll"), "unknown keys are named");
 }
 
 #[test]
 fn help_lists_the_stable_flags() {
     let out = wharf_cmd().args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
-    for flag in [
-        "--listen",
-        "--data-dir",
-        "--upstream",
-        "--default-registry",
-        "--tag-ttl",
-        "--credentials",
-        "--config",
-    ] {
+    for flag in ["--listen", "--data-dir", "--upstream", "--default-registry", "--tag-ttl", "--credentials", "--config"]
+    {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }

@@ -17,10 +17,7 @@ fn start(fake: &FakeUpstream, dir: &tempfile::TempDir) -> Wharf {
 }
 
 fn ranges_of(fake: &FakeUpstream, digest: &str) -> Vec<String> {
-    fake.blob_ranges(digest)
-        .into_iter()
-        .map(|r| r.expect("every upstream GET is ranged"))
-        .collect()
+    fake.blob_ranges(digest).into_iter().map(|r| r.expect("every upstream GET is ranged")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -38,10 +35,7 @@ async fn a_large_cold_blob_is_fetched_as_ranges_and_verified() {
     assert_eq!(ranges.len(), 11, "one request per 1 MiB chunk: {ranges:?}");
     assert_eq!(distinct.len(), 11, "no chunk fetched twice: {ranges:?}");
     assert!(ranges.contains(&"bytes=0-1048575".to_string()), "{ranges:?}");
-    assert!(
-        ranges.contains(&format!("bytes=10485760-{}", data.len() - 1)),
-        "{ranges:?}"
-    );
+    assert!(ranges.contains(&format!("bytes=10485760-{}", data.len() - 1)), "{ranges:?}");
     assert!(blob_path(&wharf.data_dir, &digest).is_file(), "blob committed");
 
     // Warm: no more upstream requests.
@@ -56,11 +50,7 @@ async fn an_upstream_that_ignores_ranges_is_streamed_once() {
     let dir = tempfile::tempdir().unwrap();
     let wharf = start(&fake, &dir);
     get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
-    assert_eq!(
-        fake.blob_gets(&digest),
-        1,
-        "the 200 answer to the first range is the whole blob"
-    );
+    assert_eq!(fake.blob_gets(&digest), 1, "the 200 answer to the first range is the whole blob");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -75,15 +65,9 @@ async fn a_broken_chunk_is_resumed_from_where_it_stopped() {
     get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
     let ranges = ranges_of(&fake, &digest);
     assert_eq!(ranges.len(), 7, "six chunks plus one resume: {ranges:?}");
-    let resumed: Vec<_> = ranges
-        .iter()
-        .filter(|r| r.starts_with("bytes=5") && !r.starts_with("bytes=5242880-"))
-        .collect();
-    assert_eq!(
-        resumed.len(),
-        1,
-        "the broken chunk restarts past its start, not from scratch: {ranges:?}"
-    );
+    let resumed: Vec<_> =
+        ranges.iter().filter(|r| r.starts_with("bytes=5") && !r.starts_with("bytes=5242880-")).collect();
+    assert_eq!(resumed.len(), 1, "the broken chunk restarts past its start, not from scratch: {ranges:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -100,10 +84,7 @@ async fn wrong_bytes_in_ranges_are_never_served_complete_nor_committed() {
         }
         Outcome::Broken(..) | Outcome::Failed(..) => {}
     }
-    assert!(
-        !blob_path(&wharf.data_dir, &digest).exists(),
-        "bad bytes were committed"
-    );
+    assert!(!blob_path(&wharf.data_dir, &digest).exists(), "bad bytes were committed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -124,11 +105,7 @@ async fn concurrent_clients_share_one_ranged_fill() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(
-        fake.blob_ranges(&digest).len(),
-        8,
-        "each chunk fetched once for all 20 clients"
-    );
+    assert_eq!(fake.blob_ranges(&digest).len(), 8, "each chunk fetched once for all 20 clients");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -148,10 +125,7 @@ async fn a_chunk_that_keeps_failing_ends_the_fill_and_the_next_request_refills()
         }
         Outcome::Broken(..) | Outcome::Failed(..) => {}
     }
-    assert!(
-        !blob_path(&wharf.data_dir, &digest).exists(),
-        "a partial blob was committed"
-    );
+    assert!(!blob_path(&wharf.data_dir, &digest).exists(), "a partial blob was committed");
     fake.drop_range(&digest, 0, 0);
     get_ok(&client(), &url, &data).await;
 }

@@ -27,11 +27,7 @@ async fn expect_206(http: &reqwest::Client, url: &str, range: &str, want: &Bytes
 async fn expect_416(http: &reqwest::Client, url: &str, range: &str, size: usize) {
     let resp = http.get(url).header("range", range).send().await.unwrap();
     assert_eq!(resp.status(), 416, "Range {range} on a {size}-byte blob");
-    assert_eq!(
-        resp.headers()["content-range"],
-        format!("bytes */{size}").as_str(),
-        "{range}"
-    );
+    assert_eq!(resp.headers()["content-range"], format!("bytes */{size}").as_str(), "{range}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -62,15 +58,7 @@ async fn ranges_on_a_cached_blob() {
     expect_206(&http, &url, "bytes=100-199", &data, 100, 199).await;
     expect_206(&http, &url, "bytes=100-", &data, 100, size - 1).await;
     expect_206(&http, &url, &format!("bytes={}-", size - 1), &data, size - 1, size - 1).await;
-    expect_206(
-        &http,
-        &url,
-        &format!("bytes={}-{}", size - 10, size - 1),
-        &data,
-        size - 10,
-        size - 1,
-    )
-    .await;
+    expect_206(&http, &url, &format!("bytes={}-{}", size - 10, size - 1), &data, size - 10, size - 1).await;
     // A last-pos beyond the end is clamped to the size (RFC 9110 §14.1.2).
     expect_206(&http, &url, &format!("bytes=5-{}", size + 1000), &data, 5, size - 1).await;
     expect_416(&http, &url, &format!("bytes={size}-"), size).await;
@@ -100,11 +88,7 @@ async fn ranges_on_a_blob_still_being_filled() {
     let ranges = [(0, 99), (1000, 4999), (1000, size - 1), (c, d), (held - 1, held)];
     let mut pending = Vec::new();
     for (a, b) in ranges {
-        let range = if b == size - 1 {
-            format!("bytes={a}-")
-        } else {
-            format!("bytes={a}-{b}")
-        };
+        let range = if b == size - 1 { format!("bytes={a}-") } else { format!("bytes={a}-{b}") };
         let (task, headers) = spawn_fetch(&http, &url, &[("range", &range)]);
         let (status, h) = headers_of(&format!("Range {range} during the fill"), headers).await;
         assert_eq!(status, 206, "{range} during the fill");
@@ -112,10 +96,7 @@ async fn ranges_on_a_blob_still_being_filled() {
         pending.push((range, task, a, b));
     }
     expect_416(&http, &url, &format!("bytes={size}-"), size).await;
-    assert!(
-        !gate.is_released(),
-        "all of the above happened while the upstream was held"
-    );
+    assert!(!gate.is_released(), "all of the above happened while the upstream was held");
 
     gate.release();
     for (range, task, a, b) in pending {
@@ -125,11 +106,7 @@ async fn ranges_on_a_blob_still_being_filled() {
         Outcome::Complete(200, _, body) => assert!(body == data, "full body"),
         other => panic!("the GET that started the fill: {other:?}"),
     }
-    assert_eq!(
-        up.blob_gets(&digest),
-        1,
-        "range requests must join the fill, not go upstream"
-    );
+    assert_eq!(up.blob_gets(&digest), 1, "range requests must join the fill, not go upstream");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -147,11 +124,7 @@ async fn eight_parallel_ranges_on_a_cold_blob_reassemble_the_digest() {
     let mut tasks = Vec::new();
     for i in 0..8 {
         let (a, b) = (i * chunk, ((i + 1) * chunk).min(size) - 1);
-        let range = if i == 7 {
-            format!("bytes={a}-")
-        } else {
-            format!("bytes={a}-{b}")
-        };
+        let range = if i == 7 { format!("bytes={a}-") } else { format!("bytes={a}-{b}") };
         let (http, url) = (http.clone(), url.clone());
         tasks.push(tokio::spawn(async move {
             match fetch(&http, &url, &[("range", &range)]).await {
@@ -168,11 +141,7 @@ async fn eight_parallel_ranges_on_a_cold_blob_reassemble_the_digest() {
         whole.extend_from_slice(&t.await.unwrap());
     }
     assert_eq!(sha256_digest(&whole), digest, "the 8 ranges do not reassemble the blob");
-    assert_eq!(
-        up.blob_gets(&digest),
-        1,
-        "8 concurrent ranges of a cold blob must share one upstream GET"
-    );
+    assert_eq!(up.blob_gets(&digest), 1, "8 concurrent ranges of a cold blob must share one upstream GET");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -86,11 +86,7 @@ async fn kill9_during_a_fill_then_restart_serves_the_right_blob() {
     assert_eq!(head.status(), 200);
     assert_eq!(head.headers()["content-length"], data.len().to_string().as_str());
     get_ok(&http, &url, &data).await;
-    assert_eq!(
-        up.blob_gets(&digest),
-        2,
-        "the interrupted fill must be redone once after the restart"
-    );
+    assert_eq!(up.blob_gets(&digest), 2, "the interrupted fill must be redone once after the restart");
     wait_until("the blob is committed", || path.is_file()).await;
     assert!(std::fs::read(&path).unwrap() == data, "committed file content");
     get_ok(&http, &url, &data).await;
@@ -100,10 +96,7 @@ async fn kill9_during_a_fill_then_restart_serves_the_right_blob() {
 #[tokio::test(flavor = "multi_thread")]
 async fn deleting_the_metadata_db_keeps_cached_blobs_served_without_upstream() {
     let up = FakeUpstream::start().await;
-    let blobs: Vec<_> = [700_000, 1, 2 * 1024 * 1024]
-        .into_iter()
-        .map(|n| up.add_random_blob(n))
-        .collect();
+    let blobs: Vec<_> = [700_000, 1, 2 * 1024 * 1024].into_iter().map(|n| up.add_random_blob(n)).collect();
     let dir = tempfile::tempdir().unwrap();
     let mut wharf = Wharf::start(dir.path(), &up.wharf_args());
     let http = client();
@@ -115,11 +108,7 @@ async fn deleting_the_metadata_db_keeps_cached_blobs_served_without_upstream() {
     wharf.terminate();
 
     let meta = sled_dirs(dir.path());
-    assert!(
-        !meta.is_empty(),
-        "no sled database found under {}",
-        dir.path().display()
-    );
+    assert!(!meta.is_empty(), "no sled database found under {}", dir.path().display());
     println!("deleting metadata: {meta:?}");
     for m in &meta {
         std::fs::remove_dir_all(m).unwrap();
@@ -143,8 +132,5 @@ async fn deleting_the_metadata_db_keeps_cached_blobs_served_without_upstream() {
     }
     let after: Vec<_> = up.requests().into_iter().skip(seen_before).collect();
     let about_blobs: Vec<_> = after.iter().filter(|r| r.path.contains("/blobs/")).collect();
-    assert!(
-        about_blobs.is_empty(),
-        "cached blobs caused upstream requests: {about_blobs:?}"
-    );
+    assert!(about_blobs.is_empty(), "cached blobs caused upstream requests: {about_blobs:?}");
 }

@@ -30,16 +30,11 @@ async fn fifty_concurrent_clients_cause_one_upstream_get() {
             (status, resp.bytes().await.map_err(|e| format!("{e:?}")))
         }));
     }
-    wait_until(
-        "all 50 clients got response headers while the upstream body is held",
-        || with_headers.load(SeqCst) == CLIENTS,
-    )
+    wait_until("all 50 clients got response headers while the upstream body is held", || {
+        with_headers.load(SeqCst) == CLIENTS
+    })
     .await;
-    assert_eq!(
-        up.blob_gets(&digest),
-        1,
-        "50 concurrent misses must share one upstream GET"
-    );
+    assert_eq!(up.blob_gets(&digest), 1, "50 concurrent misses must share one upstream GET");
     gate.release();
     for t in tasks {
         let (status, body) = t.await.unwrap();
@@ -47,11 +42,7 @@ async fn fifty_concurrent_clients_cause_one_upstream_get() {
         let body = body.expect("complete body");
         assert!(body == data, "a client got bytes that differ from the blob");
     }
-    assert_eq!(
-        up.blob_gets(&digest),
-        1,
-        "exactly one upstream GET for the whole first round"
-    );
+    assert_eq!(up.blob_gets(&digest), 1, "exactly one upstream GET for the whole first round");
 
     // The fill commits; a second round is served from disk without asking upstream.
     let path = blob_path(dir.path(), &digest);
@@ -65,11 +56,7 @@ async fn fifty_concurrent_clients_cause_one_upstream_get() {
     for t in round2 {
         t.await.unwrap();
     }
-    assert_eq!(
-        up.blob_gets(&digest),
-        1,
-        "a warm blob must not be fetched upstream again"
-    );
+    assert_eq!(up.blob_gets(&digest), 1, "a warm blob must not be fetched upstream again");
     assert_eq!(up.blob_heads(&digest), 0, "nor revalidated (blobs are immutable)");
 }
 

@@ -27,16 +27,8 @@ fn start_wharf(data: &Path, upstream: &str, default_registry: bool) -> Wharf {
 fn pull(wharf: &Wharf, path: &str, image: &TestImage, out: &Path) {
     let source = format!("docker://{}/{path}:{}", wharf.addr, image.tag);
     let mut cmd = skopeo();
-    cmd.args([
-        "copy",
-        "--all",
-        "--src-tls-verify=false",
-        "--dest-oci-accept-uncompressed-layers",
-    ]);
-    run_ok(
-        cmd.arg(&source).arg(format!("oci:{}:{}", out.display(), image.tag)),
-        TIMEOUT,
-    );
+    cmd.args(["copy", "--all", "--src-tls-verify=false", "--dest-oci-accept-uncompressed-layers"]);
+    run_ok(cmd.arg(&source).arg(format!("oci:{}:{}", out.display(), image.tag)), TIMEOUT);
     check_layout(out, image, &source);
 }
 
@@ -51,11 +43,7 @@ fn check_layout(out: &Path, image: &TestImage, source: &str) {
             .map(|(d, _)| d.clone())
             .collect();
         assert_eq!(layers, image.layers(), "{source}: layers in {found:?}");
-        assert_eq!(
-            found.len(),
-            layers.len() + 2,
-            "{source}: a converted manifest and config: {found:?}"
-        );
+        assert_eq!(found.len(), layers.len() + 2, "{source}: a converted manifest and config: {found:?}");
     } else {
         let found: BTreeSet<String> = found.into_keys().collect();
         assert_eq!(found, image.all_digests(), "{source}: every digest in the layout");
@@ -71,20 +59,12 @@ fn check_raw(wharf: &Wharf, path: &str, image: &TestImage) {
         sha256(&run_ok(cmd.arg(format!("docker://{}/{reference}", wharf.addr)), TIMEOUT).stdout)
     };
     for (i, m) in image.manifests.iter().enumerate() {
-        let reference = if i == 0 {
-            format!("{path}:{}", image.tag)
-        } else {
-            format!("{path}@{}", m.digest)
-        };
+        let reference = if i == 0 { format!("{path}:{}", image.tag) } else { format!("{path}@{}", m.digest) };
         assert_eq!(raw(&[], &reference), m.digest, "raw manifest bytes of {reference}");
     }
     for (manifest, config) in image.configs() {
         let reference = format!("{path}@{manifest}");
-        assert_eq!(
-            raw(&["--config"], &reference),
-            config,
-            "raw config bytes of {reference}"
-        );
+        assert_eq!(raw(&["--config"], &reference), config, "raw config bytes of {reference}");
     }
 }
 
@@ -93,11 +73,7 @@ fn pull_all(default_registry: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let wharf = start_wharf(&tmp.path().join("data"), &seeded.registry.url(), default_registry);
     for image in &seeded.images {
-        let path = if default_registry {
-            image.repo.clone()
-        } else {
-            format!("registry.test/{}", image.repo)
-        };
+        let path = if default_registry { image.repo.clone() } else { format!("registry.test/{}", image.repo) };
         pull(&wharf, &path, image, &tmp.path().join(image.repo.replace('/', "_")));
         check_raw(&wharf, &path, image);
     }
@@ -134,16 +110,9 @@ fn skopeo_second_pull_fetches_nothing_upstream_again() {
         pull(&wharf, &path, image, &tmp.path().join("second"));
         let requests = registry.requests();
         let new: Vec<_> = requests.iter().filter(|r| r.uri.contains(&image.repo)).collect();
-        assert_eq!(
-            registry.count("GET", &blobs),
-            blob_gets,
-            "second pull of {path} fetched blobs upstream: {new:#?}"
-        );
+        assert_eq!(registry.count("GET", &blobs), blob_gets, "second pull of {path} fetched blobs upstream: {new:#?}");
         let n = registry.count("GET", &by_digest);
-        assert_eq!(
-            n, manifest_gets,
-            "second pull of {path} re-fetched by-digest manifests: {new:#?}"
-        );
+        assert_eq!(n, manifest_gets, "second pull of {path} re-fetched by-digest manifests: {new:#?}");
         std::fs::remove_dir_all(tmp.path().join("first")).unwrap();
         std::fs::remove_dir_all(tmp.path().join("second")).unwrap();
     }
@@ -156,25 +125,15 @@ fn read_layout(dir: &Path) -> BTreeMap<String, String> {
     for entry in std::fs::read_dir(dir.join("blobs/sha256")).expect("layout has blobs/sha256") {
         let path = entry.unwrap().path();
         let name = format!("sha256:{}", path.file_name().unwrap().to_string_lossy());
-        assert_eq!(
-            sha256_file(&path),
-            name,
-            "blob file {} does not hash to its name",
-            path.display()
-        );
+        assert_eq!(sha256_file(&path), name, "blob file {} does not hash to its name", path.display());
     }
     let index: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
     let mut found = BTreeMap::new();
     let mut todo: Vec<Value> = index["manifests"].as_array().unwrap().clone();
     while let Some(d) = todo.pop() {
-        let (digest, media_type) = (
-            d["digest"].as_str().unwrap(),
-            d["mediaType"].as_str().unwrap_or_default(),
-        );
+        let (digest, media_type) = (d["digest"].as_str().unwrap(), d["mediaType"].as_str().unwrap_or_default());
         let path = dir.join("blobs/sha256").join(&digest[7..]);
-        let len = std::fs::metadata(&path)
-            .unwrap_or_else(|_| panic!("{digest} is missing from the layout"))
-            .len();
+        let len = std::fs::metadata(&path).unwrap_or_else(|_| panic!("{digest} is missing from the layout")).len();
         assert_eq!(Some(len), d["size"].as_u64(), "size of {digest} in the layout");
         if [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST].contains(&media_type) {
             let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

@@ -31,28 +31,17 @@ impl Containerd {
     pub fn start() -> Containerd {
         super::tools::require("containerd");
         super::tools::require("ctr");
-        let dir = tempfile::Builder::new()
-            .prefix("wharf-ctd-")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("wharf-ctd-").tempdir_in("/tmp").expect("tempdir");
         let socket = dir.path().join("state/containerd.sock");
         let config = dir.path().join("config.toml");
         std::fs::write(&config, config_toml(dir.path())).expect("write containerd config");
         std::fs::create_dir_all(dir.path().join("tmp")).expect("create containerd temp dir");
         let log = std::fs::File::create(dir.path().join("containerd.log")).expect("create log");
         let mut cmd = Command::new("containerd");
-        cmd.arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        cmd.arg("--config").arg(&config).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
         die_with_parent_thread(&mut cmd);
         let child = cmd.spawn().expect("spawn containerd");
-        let mut c = Containerd {
-            child: Some(child),
-            dir,
-            socket,
-        };
+        let mut c = Containerd { child: Some(child), dir, socket };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
@@ -61,11 +50,7 @@ impl Containerd {
             if c.socket.exists() && run(c.ctr().arg("version"), Duration::from_secs(10)).status.success() {
                 return c;
             }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not answer `ctr version`:\n{}",
-                c.log()
-            );
+            assert!(Instant::now() < deadline, "containerd did not answer `ctr version`:\n{}", c.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -85,9 +70,7 @@ impl Containerd {
     /// `ctr content fetch --hosts-dir DIR --all-platforms REFERENCE`; returns the output, success or not.
     pub fn fetch(&self, hosts_dir: &Path, reference: &str) -> Output {
         let mut cmd = self.ctr();
-        cmd.args(["content", "fetch", "--all-platforms", "--hosts-dir"])
-            .arg(hosts_dir)
-            .arg(reference);
+        cmd.args(["content", "fetch", "--all-platforms", "--hosts-dir"]).arg(hosts_dir).arg(reference);
         run(&mut cmd, Duration::from_secs(600))
     }
 
@@ -95,25 +78,15 @@ impl Containerd {
     pub fn fetch_ok(&self, hosts_dir: &Path, reference: &str) {
         let out = self.fetch(hosts_dir, reference);
         if !out.status.success() {
-            let (o, e) = (
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-            );
-            panic!(
-                "ctr content fetch {reference} failed ({})\nstdout:\n{o}\nstderr:\n{e}",
-                out.status
-            );
+            let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            panic!("ctr content fetch {reference} failed ({})\nstdout:\n{o}\nstderr:\n{e}", out.status);
         }
     }
 
     /// Every digest in the content store (`ctr content ls -q`).
     pub fn content_digests(&self) -> BTreeSet<String> {
         let out = run_ok(self.ctr().args(["content", "ls", "-q"]), Duration::from_secs(30));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
     }
 
     /// containerd's own log.

@@ -64,11 +64,7 @@ impl Gate {
     pub async fn wait_reached(&self) {
         let mut rx = self.reached.subscribe();
         let ok = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|r| *r)).await;
-        assert!(
-            ok.is_ok(),
-            "the upstream never got to the gate ({} bytes): wharf did not fetch the blob",
-            self.after
-        );
+        assert!(ok.is_ok(), "the upstream never got to the gate ({} bytes): wharf did not fetch the blob", self.after);
     }
     /// Lets held and future responses finish.
     pub fn release(&self) {
@@ -143,9 +139,7 @@ impl FakeUpstream {
             .route("/v2/", get(|| async { "{}" }))
             .route("/v2/{*rest}", any(registry))
             .with_state(shared.clone());
-        let cdn_app = Router::new()
-            .route("/cdn/{digest}", any(cdn_blob))
-            .with_state(shared.clone());
+        let cdn_app = Router::new().route("/cdn/{digest}", any(cdn_blob)).with_state(shared.clone());
         let mut stop = Vec::new();
         for (listener, app) in [(main, main_app), (cdn, cdn_app)] {
             let (tx, rx) = oneshot::channel::<()>();
@@ -155,12 +149,7 @@ impl FakeUpstream {
             });
             tokio::spawn(async move { serve.await });
         }
-        FakeUpstream {
-            addr,
-            cdn_addr,
-            shared,
-            stop,
-        }
+        FakeUpstream { addr, cdn_addr, shared, stop }
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -171,10 +160,7 @@ impl FakeUpstream {
     /// Arguments that make wharf mirror this fake as its default registry [`REGISTRY`].
     pub fn wharf_args(&self) -> Vec<String> {
         let up = format!("{REGISTRY}={}", self.url());
-        ["--upstream", &up, "--default-registry", REGISTRY]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        ["--upstream", &up, "--default-registry", REGISTRY].iter().map(|s| s.to_string()).collect()
     }
 
     /// Stores a blob and returns its digest.
@@ -197,10 +183,7 @@ impl FakeUpstream {
         let digest = sha256_digest(&body);
         let mut m = self.shared.manifests.lock().unwrap();
         for r in [tag, digest.as_str()] {
-            m.insert(
-                (repo.to_string(), r.to_string()),
-                (content_type.to_string(), body.clone()),
-            );
+            m.insert((repo.to_string(), r.to_string()), (content_type.to_string(), body.clone()));
         }
         digest
     }
@@ -271,22 +254,12 @@ impl FakeUpstream {
 
     /// The `Range` header of every GET of `digest` so far, in order.
     pub fn blob_ranges(&self, digest: &str) -> Vec<Option<String>> {
-        self.shared
-            .blob_ranges
-            .lock()
-            .unwrap()
-            .get(digest)
-            .cloned()
-            .unwrap_or_default()
+        self.shared.blob_ranges.lock().unwrap().get(digest).cloned().unwrap_or_default()
     }
 
     /// Install a gate on `digest` after `after` bytes.
     pub fn gate(&self, digest: &str, after: usize) -> Arc<Gate> {
-        let gate = Arc::new(Gate {
-            after,
-            reached: watch::channel(false).0,
-            released: watch::channel(false).0,
-        });
+        let gate = Arc::new(Gate { after, reached: watch::channel(false).0, released: watch::channel(false).0 });
         self.faults().gates.insert(digest.to_string(), gate.clone());
         gate
     }
@@ -296,10 +269,7 @@ impl FakeUpstream {
         for tx in self.stop.drain(..) {
             let _ = tx.send(());
         }
-        wait_until("fake upstream stops listening", || {
-            std::net::TcpStream::connect(self.addr).is_err()
-        })
-        .await;
+        wait_until("fake upstream stops listening", || std::net::TcpStream::connect(self.addr).is_err()).await;
     }
 }
 
@@ -316,17 +286,9 @@ impl Drop for FakeUpstream {
 }
 
 fn record(s: &Shared, listener: &'static str, method: &Method, uri: &Uri, headers: &HeaderMap, status: u16) {
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or("<binary>").to_string());
+    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or("<binary>").to_string());
     let path = uri.path_and_query().map(|p| p.to_string()).unwrap_or_default();
-    s.seen.lock().unwrap().push(Seen {
-        listener,
-        method: method.to_string(),
-        path,
-        authorization,
-        status,
-    });
+    s.seen.lock().unwrap().push(Seen { listener, method: method.to_string(), path, authorization, status });
 }
 
 fn oci_error(status: StatusCode, code: &str) -> Response {
@@ -396,43 +358,29 @@ fn respond(s: &Shared, headers: &HeaderMap, head: bool, repo: &str, kind: &str, 
     let challenge = match auth {
         Auth::Anonymous => None,
         Auth::Bearer(_) => {
-            let ok = got
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
+            let ok = got.and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
             let ok = ok.is_some_and(|t| s.tokens.lock().unwrap().contains(t));
-            (!ok).then(|| {
-                format!(
-                    r#"Bearer realm="{}/token",service="fake",scope="repository:{repo}:pull""#,
-                    s.base
-                )
-            })
+            (!ok).then(|| format!(r#"Bearer realm="{}/token",service="fake",scope="repository:{repo}:pull""#, s.base))
         }
         Auth::Basic(u, p) => (got != Some(&basic(&u, &p))).then(|| r#"Basic realm="fake""#.to_string()),
     };
     if let Some(challenge) = challenge {
         s.challenges.fetch_add(1, SeqCst);
         let mut r = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&challenge).unwrap());
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_str(&challenge).unwrap());
         return r;
     }
     if let Some(code) = fail {
         let status = StatusCode::from_u16(code).unwrap();
         let mut r = oci_error(status, if code == 429 { "TOOMANYREQUESTS" } else { "UNAVAILABLE" });
         if code == 429 {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         return r;
     }
     match kind {
         "manifests" => {
-            let found = s
-                .manifests
-                .lock()
-                .unwrap()
-                .get(&(repo.to_string(), reference.to_string()))
-                .cloned();
+            let found = s.manifests.lock().unwrap().get(&(repo.to_string(), reference.to_string())).cloned();
             let Some((ct, body)) = found else {
                 return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
             };
@@ -448,17 +396,9 @@ fn respond(s: &Shared, headers: &HeaderMap, head: bool, repo: &str, kind: &str, 
             (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, to)]).into_response()
         }
         "blobs" => {
-            let range = headers
-                .get(header::RANGE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_string);
             if !head {
-                s.blob_ranges
-                    .lock()
-                    .unwrap()
-                    .entry(reference.to_string())
-                    .or_default()
-                    .push(range.clone());
+                s.blob_ranges.lock().unwrap().entry(reference.to_string()).or_default().push(range.clone());
             }
             if s.faults.lock().unwrap().honor_ranges
                 && let Some(r) = range.as_deref().and_then(parse_range)
@@ -504,17 +444,9 @@ fn blob_response(s: &Shared, digest: &str, head: bool) -> Response {
     }
     let (drop_at, wrong, gate) = {
         let f = s.faults.lock().unwrap();
-        (
-            f.drop_after.get(digest).copied(),
-            f.wrong_bytes.contains(digest),
-            f.gates.get(digest).cloned(),
-        )
+        (f.drop_after.get(digest).copied(), f.wrong_bytes.contains(digest), f.gates.get(digest).cloned())
     };
-    let data = if wrong {
-        data.iter().map(|b| !b).collect::<Vec<u8>>().into()
-    } else {
-        data
-    };
+    let data = if wrong { data.iter().map(|b| !b).collect::<Vec<u8>>().into() } else { data };
     let len = data.len();
     let end = drop_at.map_or(len, |n| n.min(len));
     let mut steps = Vec::new();
@@ -596,18 +528,10 @@ fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<
     ];
     let cut = drop_at.map(|at| at - first);
     let pieces: Vec<Result<Bytes, std::io::Error>> = match cut {
-        Some(n) => vec![
-            Ok(part.slice(..n)),
-            Err(std::io::Error::other("fake upstream: dropping a ranged response")),
-        ],
+        Some(n) => vec![Ok(part.slice(..n)), Err(std::io::Error::other("fake upstream: dropping a ranged response"))],
         None => part.chunks(CHUNK).map(|c| Ok(Bytes::copy_from_slice(c))).collect(),
     };
-    (
-        StatusCode::PARTIAL_CONTENT,
-        hdrs,
-        Body::from_stream(stream::iter(pieces)),
-    )
-        .into_response()
+    (StatusCode::PARTIAL_CONTENT, hdrs, Body::from_stream(stream::iter(pieces))).into_response()
 }
 
 /// `sha256:<hex>` of `data`.

@@ -71,21 +71,13 @@ impl TestImage {
     /// `(manifest digest, config digest)` of every image manifest (not indexes).
     pub fn configs(&self) -> Vec<(String, String)> {
         let config = |m: &Manifest| parse(m)["config"]["digest"].as_str().unwrap().to_string();
-        self.manifests
-            .iter()
-            .filter(|m| !is_index(&m.media_type))
-            .map(|m| (m.digest.clone(), config(m)))
-            .collect()
+        self.manifests.iter().filter(|m| !is_index(&m.media_type)).map(|m| (m.digest.clone(), config(m))).collect()
     }
 
     /// Every layer digest (the blobs that are not configs).
     pub fn layers(&self) -> BTreeSet<String> {
         let configs: BTreeSet<String> = self.configs().into_iter().map(|(_, c)| c).collect();
-        self.blobs
-            .iter()
-            .map(|(d, _)| d.clone())
-            .filter(|d| !configs.contains(d))
-            .collect()
+        self.blobs.iter().map(|(d, _)| d.clone()).filter(|d| !configs.contains(d)).collect()
     }
 }
 
@@ -100,10 +92,7 @@ static ALIASES: AtomicUsize = AtomicUsize::new(0);
 impl Seeded {
     /// The seeded image in repository `repo` (`"test/multi"`, `"test/docker"` or `"test/big"`).
     pub fn image(&self, repo: &str) -> &TestImage {
-        self.images
-            .iter()
-            .find(|i| i.repo == repo)
-            .unwrap_or_else(|| panic!("no seeded image {repo}"))
+        self.images.iter().find(|i| i.repo == repo).unwrap_or_else(|| panic!("no seeded image {repo}"))
     }
 
     /// Where the registry stores blob or manifest `digest`.
@@ -134,31 +123,21 @@ impl Seeded {
             let r = http(&host, "PUT", &uri, &[("Content-Type", &m.media_type)], &m.bytes).expect("put manifest");
             assert_eq!(r.status, 201, "put {uri}: {}", String::from_utf8_lossy(&r.body));
         }
-        TestImage {
-            repo: new,
-            ..image.clone()
-        }
+        TestImage { repo: new, ..image.clone() }
     }
 }
 
 /// Builds the three test images under `dir`, pushes them to `registry`, and records what it stores.
 pub fn seed(registry: Registry, dir: &Path) -> Seeded {
     let started = Instant::now();
-    let images = [
-        ("multi", build_multi as Build),
-        ("docker", build_docker),
-        ("big", build_big),
-    ];
+    let images = [("multi", build_multi as Build), ("docker", build_docker), ("big", build_big)];
     let registry_ref = &registry;
     let images = std::thread::scope(|s| {
         let handles = images.map(|(name, build)| s.spawn(move || seed_one(registry_ref, name, build, dir)));
         handles.map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
     });
     eprintln!("built and pushed the test images in {:.1?}", started.elapsed());
-    Seeded {
-        registry,
-        images: images.into(),
-    }
+    Seeded { registry, images: images.into() }
 }
 
 /// Writes one OCI layout.
@@ -169,20 +148,12 @@ fn seed_one(registry: &Registry, name: &str, build: Build, dir: &Path) -> TestIm
     let (layout, repo, started) = (dir.join(name), format!("test/{name}"), Instant::now());
     build(&layout);
     let built = started.elapsed();
-    let args: &[&str] = if name == "docker" {
-        &["--format", "v2s2"]
-    } else {
-        &["--preserve-digests"]
-    };
+    let args: &[&str] = if name == "docker" { &["--format", "v2s2"] } else { &["--preserve-digests"] };
     let mut cmd = skopeo();
     cmd.args(["copy", "--all", "--dest-tls-verify=false"]).args(args);
-    cmd.arg(format!("oci:{}:v1", layout.display()))
-        .arg(format!("docker://{}/{repo}:v1", registry.host()));
+    cmd.arg(format!("oci:{}:v1", layout.display())).arg(format!("docker://{}/{repo}:v1", registry.host()));
     run_ok(&mut cmd, Duration::from_secs(600));
-    eprintln!(
-        "seeded {repo}:v1: built in {built:.1?}, pushed in {:.1?}",
-        started.elapsed() - built
-    );
+    eprintln!("seeded {repo}:v1: built in {built:.1?}, pushed in {:.1?}", started.elapsed() - built);
     let top = get_manifest(registry, &repo, "v1");
     let mut manifests = vec![top.clone()];
     if is_index(&top.media_type) {
@@ -200,15 +171,7 @@ fn seed_one(registry: &Registry, name: &str, build: Build, dir: &Path) -> TestIm
         }
     }
     let (manifest_digest, media_type, tag) = (top.digest.clone(), top.media_type.clone(), "v1".to_string());
-    TestImage {
-        repo,
-        tag,
-        manifest_digest,
-        media_type,
-        manifests,
-        blobs,
-        layout,
-    }
+    TestImage { repo, tag, manifest_digest, media_type, manifests, blobs, layout }
 }
 
 fn is_index(media_type: &str) -> bool {
@@ -225,20 +188,12 @@ fn get_manifest(registry: &Registry, repo: &str, reference: &str) -> Manifest {
     let r = http(&registry.host(), "GET", &uri, &[("Accept", &accept)], b"").expect("GET manifest");
     assert_eq!(r.status, 200, "GET {uri}: {}", String::from_utf8_lossy(&r.body));
     let digest = sha256(&r.body);
-    assert_eq!(
-        r.header("Docker-Content-Digest"),
-        Some(digest.as_str()),
-        "GET {uri}: digest header"
-    );
+    assert_eq!(r.header("Docker-Content-Digest"), Some(digest.as_str()), "GET {uri}: digest header");
     if reference.starts_with("sha256:") {
         assert_eq!(reference, digest, "GET {uri}: body digest");
     }
     let media_type = r.header("Content-Type").expect("Content-Type").to_string();
-    Manifest {
-        digest,
-        media_type,
-        bytes: r.body,
-    }
+    Manifest { digest, media_type, bytes: r.body }
 }
 
 fn build_multi(dir: &Path) {
@@ -255,10 +210,7 @@ fn build_multi(dir: &Path) {
         d["platform"] = json!({ "architecture": arch, "os": "linux" });
         platforms.push(d);
     }
-    let index = l.json(
-        OCI_INDEX,
-        &json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": platforms }),
-    );
+    let index = l.json(OCI_INDEX, &json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": platforms }));
     l.finish(index);
 }
 
@@ -316,11 +268,7 @@ impl Layout {
         }
         tar.extend([0u8; 1024]);
         let diff_id = sha256(&tar);
-        let descriptor = if gzip {
-            self.blob(LAYER_GZIP, &gzip_stored(&tar))
-        } else {
-            self.blob(LAYER_TAR, &tar)
-        };
+        let descriptor = if gzip { self.blob(LAYER_GZIP, &gzip_stored(&tar)) } else { self.blob(LAYER_TAR, &tar) };
         Layer { descriptor, diff_id }
     }
 
@@ -345,10 +293,7 @@ impl Layout {
         let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
         std::fs::rename(&tmp, self.dir.join("blobs/sha256").join(&digest[7..])).unwrap();
         let descriptor = json!({ "mediaType": LAYER_TAR, "digest": digest, "size": size + 512 + 1024 });
-        Layer {
-            descriptor,
-            diff_id: digest,
-        }
+        Layer { descriptor, diff_id: digest }
     }
 
     fn image_manifest(&self, arch: &str, layers: &[Layer]) -> Value {
@@ -458,10 +403,7 @@ pub fn skopeo() -> Command {
             std::fs::rename(&tmp, dir.join(name)).unwrap();
             dir.join(name)
         };
-        (
-            write("policy.json", r#"{"default":[{"type":"insecureAcceptAnything"}]}"#),
-            write("registries.conf", ""),
-        )
+        (write("policy.json", r#"{"default":[{"type":"insecureAcceptAnything"}]}"#), write("registries.conf", ""))
     });
     let mut cmd = Command::new("skopeo");
     cmd.arg("--policy").arg(policy).env("CONTAINERS_REGISTRIES_CONF", conf);
@@ -470,11 +412,7 @@ pub fn skopeo() -> Command {
 
 /// Runs `cmd` to completion and returns its output; kills it (by its pid) and panics after `timeout`.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
     let child = child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let pid = child.id() as libc::pid_t;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -482,29 +420,18 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
     rx.recv_timeout(timeout).unwrap_or_else(|_| {
         // SAFETY: kill(2) on our own child, which the waiting thread has not reaped yet.
         unsafe { libc::kill(pid, libc::SIGKILL) };
-        panic!(
-            "{cmd:?} timed out after {timeout:?}\n{}",
-            output_text(&rx.recv().unwrap())
-        )
+        panic!("{cmd:?} timed out after {timeout:?}\n{}", output_text(&rx.recv().unwrap()))
     })
 }
 
 /// [`run`], panicking with the command's output unless it exits 0.
 pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Output {
     let out = run(cmd, timeout);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({})\n{}",
-        out.status,
-        output_text(&out)
-    );
+    assert!(out.status.success(), "{cmd:?} failed ({})\n{}", out.status, output_text(&out));
     out
 }
 
 fn output_text(out: &Output) -> String {
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
+    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     format!("stdout:\n{o}\nstderr:\n{e}")
 }

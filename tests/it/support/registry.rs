@@ -46,10 +46,7 @@ impl Registry {
     /// A per-test registry with tempdir storage. The child gets `PR_SET_PDEATHSIG`, so drop it on (or
     /// before the end of) the thread that started it, as a test body does.
     pub fn start() -> Registry {
-        let dir = tempfile::Builder::new()
-            .prefix("wharf-registry-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("wharf-registry-").tempdir().expect("tempdir");
         let mut r = Registry::start_in(dir.path());
         r._tempdir = Some(dir);
         r
@@ -63,11 +60,7 @@ impl Registry {
         let config = dir.join("config.yml");
         std::fs::write(&config, config_yaml(&root)).expect("write registry config");
         let mut cmd = Command::new("docker-registry");
-        cmd.arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.arg("serve").arg(&config).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("REGISTRY_") {
                 cmd.env_remove(key); // distribution lets REGISTRY_* override the config file
@@ -102,15 +95,8 @@ impl Registry {
             }
         });
         let port = rx.recv_timeout(Duration::from_secs(30)).unwrap_or(0);
-        let mut reg = Registry {
-            child: Some(child),
-            port,
-            root,
-            _tempdir: None,
-            access,
-            log,
-            marker: AtomicU64::new(0),
-        };
+        let mut reg =
+            Registry { child: Some(child), port, root, _tempdir: None, access, log, marker: AtomicU64::new(0) };
         assert!(port != 0, "docker-registry did not report its port:\n{}", reg.log());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -144,11 +130,7 @@ impl Registry {
     /// Where the registry keeps blob `digest` (`sha256:...`): the exact bytes it serves.
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
-        self.root
-            .join("docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
+        self.root.join("docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
     }
 
     /// Waits until every request answered before this call is in the access log (marker request).
@@ -168,18 +150,12 @@ impl Registry {
     pub fn requests(&self) -> Vec<Request> {
         self.sync();
         let all = self.access.lock().unwrap();
-        all.iter()
-            .filter(|r| !r.uri.contains("wharf-it-sync="))
-            .cloned()
-            .collect()
+        all.iter().filter(|r| !r.uri.contains("wharf-it-sync=")).cloned().collect()
     }
 
     /// How many `method` requests whose path+query contains `path_contains` were served.
     pub fn count(&self, method: &str, path_contains: &str) -> usize {
-        self.requests()
-            .iter()
-            .filter(|r| r.method == method && r.uri.contains(path_contains))
-            .count()
+        self.requests().iter().filter(|r| r.method == method && r.uri.contains(path_contains)).count()
     }
 
     fn kill(&mut self) {
@@ -247,10 +223,7 @@ pub struct Response {
 impl Response {
     /// The first header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -259,10 +232,7 @@ impl Response {
 pub fn http(host: &str, method: &str, uri: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Response> {
     let mut s = TcpStream::connect(host)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut req = format!(
-        "{method} {uri} HTTP/1.0\r\nHost: {host}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    let mut req = format!("{method} {uri} HTTP/1.0\r\nHost: {host}\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -272,25 +242,13 @@ pub fn http(host: &str, method: &str, uri: &str, headers: &[(&str, &str)], body:
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no header end"))?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header end"))?;
     let head = String::from_utf8_lossy(&raw[..end]).to_string();
     let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok());
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    Ok(Response {
-        status: status.ok_or_else(|| bad("bad status line"))?,
-        headers,
-        body: raw[end + 4..].to_vec(),
-    })
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok());
+    let headers =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    Ok(Response { status: status.ok_or_else(|| bad("bad status line"))?, headers, body: raw[end + 4..].to_vec() })
 }
 
 static SHARED: OnceLock<Result<Seeded, String>> = OnceLock::new();
@@ -315,8 +273,7 @@ pub fn shared() -> &'static Seeded {
                 });
                 let _ = tx.send(result.map_err(|e| {
                     let msg = e.downcast_ref::<String>().cloned();
-                    msg.or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default()
+                    msg.or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
                 }));
                 // PR_SET_PDEATHSIG fires when this thread exits: never let it.
                 loop {

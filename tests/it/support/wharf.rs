@@ -58,12 +58,7 @@ impl Wharf {
                 panic!("wharf did not start:\n{}", log.lock().unwrap());
             }
         };
-        Wharf {
-            child: Some(child),
-            addr,
-            data_dir: data_dir.to_path_buf(),
-            log,
-        }
+        Wharf { child: Some(child), addr, data_dir: data_dir.to_path_buf(), log }
     }
 
     /// `http://ADDR`.
