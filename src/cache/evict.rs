@@ -84,7 +84,7 @@ impl Cache {
 
     /// Bytes that must go now: over the budget, or the filesystem above the high watermark. Each is
     /// brought down to its low mark so eviction does not run again at the next fill.
-    fn needed_bytes(&self, incoming: u64) -> u64 {
+    pub(super) fn needed_bytes(&self, incoming: u64) -> u64 {
         let s = &self.shared;
         let (high, low) = (u64::from(s.settings.high_watermark), u64::from(s.settings.low_watermark));
         let used = s.bytes.load(Ordering::Relaxed) + incoming;

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::{mpsc, watch};
 
 /// Where a fill is. Readers watch this to know how far they may read.
@@ -35,6 +35,11 @@ pub enum FillState {
     },
     /// Failed: the file is gone or will be, and readers must fail too.
     Failed(Arc<Error>),
+    /// Caching was abandoned (the disk filled up): readers fetch the rest from the upstream themselves.
+    Uncached {
+        /// The upstream's announced size.
+        total: Option<u64>,
+    },
 }
 
 /// How to fetch large blobs: range requests of `chunk_size` bytes, `concurrency` at a time (1: one stream).
@@ -54,6 +59,8 @@ pub struct Fill {
     /// The temporary file; an open descriptor stays valid across the rename at commit.
     pub file: Arc<File>,
     state: watch::Sender<FillState>,
+    /// Where the blob comes from, so readers can go there directly if caching is abandoned.
+    origin: OnceLock<(Arc<RegistryClient>, RepoName)>,
 }
 
 /// Per-chunk byte counts and the contiguous prefix they add up to.
@@ -85,7 +92,28 @@ impl Progress {
 impl Fill {
     /// A fill in the `Starting` state.
     pub fn new(digest: Digest, file: Arc<File>) -> Self {
-        Fill { digest, file, state: watch::Sender::new(FillState::Starting) }
+        Fill { digest, file, state: watch::Sender::new(FillState::Starting), origin: OnceLock::new() }
+    }
+
+    /// Records where the blob comes from (before the fill starts).
+    pub fn set_origin(&self, client: Arc<RegistryClient>, repo: RepoName) {
+        let _ = self.origin.set((client, repo));
+    }
+
+    /// The registry and repository the blob comes from.
+    pub fn origin(&self) -> Option<&(Arc<RegistryClient>, RepoName)> {
+        self.origin.get()
+    }
+
+    /// Gives up caching: every reader continues straight from the upstream.
+    pub fn uncache(&self) {
+        self.state.send_modify(|s| {
+            let total = match s {
+                FillState::Streaming { total, .. } => *total,
+                _ => None,
+            };
+            *s = FillState::Uncached { total };
+        });
     }
 
     /// A receiver of state changes.
@@ -101,6 +129,7 @@ impl Fill {
             Ok(FillState::Streaming { total, .. }) => Ok(total),
             Ok(FillState::Done { size }) => Ok(Some(size)),
             Ok(FillState::Failed(e)) => Err(e),
+            Ok(FillState::Uncached { total }) => Ok(total),
             Ok(FillState::Starting) | Err(_) => unreachable!("wait_for returned a Starting state"),
         }
     }
@@ -108,11 +137,13 @@ impl Fill {
     /// Waits for the end: the committed size, or the error.
     pub async fn wait_done(&self) -> Result<u64, Arc<Error>> {
         let mut rx = self.subscribe();
-        let state =
-            rx.wait_for(|s| matches!(s, FillState::Done { .. } | FillState::Failed(_))).await.map(|s| s.clone());
+        let ended =
+            |s: &FillState| matches!(s, FillState::Done { .. } | FillState::Failed(_) | FillState::Uncached { .. });
+        let state = rx.wait_for(ended).await.map(|s| s.clone());
         match state {
             Ok(FillState::Done { size }) => Ok(size),
             Ok(FillState::Failed(e)) => Err(e),
+            Ok(FillState::Uncached { .. }) => Err(Arc::new(Error::Io(std::io::ErrorKind::StorageFull.into()))),
             _ => unreachable!("wait_for returned an unfinished state"),
         }
     }
@@ -272,7 +303,9 @@ impl Fill {
         while hashed < total {
             let available = match &*rx.borrow_and_update() {
                 FillState::Streaming { written, .. } => *written,
-                FillState::Failed(_) => return Err(Error::Io(std::io::Error::other("fill failed"))),
+                FillState::Failed(_) | FillState::Uncached { .. } => {
+                    return Err(Error::Io(std::io::Error::other("fill ended early")));
+                }
                 _ => hashed,
             };
             if available == hashed {

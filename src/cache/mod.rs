@@ -20,7 +20,7 @@ pub use manifests::{ManifestAnswer, ManifestInfo};
 pub use store::BlobStore;
 
 use crate::config::{CacheSettings, Config};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabel};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::RegistryClient;
 use inflight::{Inflight, Lookup};
@@ -191,6 +191,7 @@ impl Cache {
             Lookup::Owner(fill, temp) => {
                 let this = self.clone();
                 let (client, repo, f) = (client.clone(), repo.clone(), fill.clone());
+                fill.set_origin(client.clone(), repo.clone());
                 self.shared.tasks.spawn(async move { this.run_fill(f, temp, &client, &repo).await });
                 (fill, Outcome::Miss)
             }
@@ -250,31 +251,107 @@ impl Cache {
 
     async fn run_fill(&self, fill: Arc<Fill>, temp: store::TempFile, client: &RegistryClient, repo: &RepoName) {
         let digest = fill.digest.clone();
-        let result = async {
-            let size = fill.download(&temp, client, repo, self.shared.plan).await?;
-            let store = self.shared.store.clone();
-            let d = digest.clone();
-            tokio::task::spawn_blocking(move || store.commit_blob(temp, &d)).await??;
-            self.shared.bytes.fetch_add(size, Ordering::Relaxed);
-            self.shared.meta.record_blob(&digest, size, Some(&format!("{}/{}", client.name, repo)))?;
-            Ok::<u64, Error>(size)
+        let metrics = &self.shared.metrics;
+        let started = std::time::Instant::now();
+        // Evict for the new blob as soon as its size is known, while the bytes arrive.
+        let (result, fits) = {
+            let mut download = std::pin::pin!(fill.download(&temp, client, repo, self.shared.plan));
+            let mut room = std::pin::pin!(self.make_room(&fill));
+            let mut fits = None;
+            let result = loop {
+                tokio::select! {
+                    r = &mut download => break r,
+                    f = &mut room, if fits.is_none() => fits = Some(f),
+                }
+            };
+            // A fill that failed before its size was known never needs room.
+            let fits = match fits {
+                Some(f) => f,
+                None if result.is_ok() => room.await,
+                None => true,
+            };
+            (result, fits)
+        };
+        let mut temp = Some(temp);
+        if let Ok(size) = &result {
+            client.count_fetched(*size);
         }
-        .await;
+        let result = match (result, fits) {
+            (Ok(size), true) => self.commit(temp.take().expect("not yet used"), &digest, size, client, repo).await,
+            (Ok(size), false) => {
+                // Served to everyone who asked, but not kept: it cannot fit even after eviction.
+                tracing::warn!(%digest, size, "blob larger than the cache can hold; served without caching");
+                metrics.uncached.get_or_create(&ReasonLabel { reason: "too_large" }).inc();
+                drop(temp.take());
+                Ok(size)
+            }
+            (Err(e), _) => Err(e),
+        };
         match result {
             Ok(size) => {
-                tracing::info!(%digest, size, registry = %client.name, %repo, "blob committed");
+                metrics.fill_duration.observe(started.elapsed().as_secs_f64());
+                tracing::info!(%digest, size, registry = %client.name, %repo, "blob fill done");
                 fill.done(size);
             }
+            Err(Error::Io(e)) if is_disk_full(&e) => {
+                // The clients still get their bytes: readers continue from the upstream on their own.
+                tracing::error!(%digest, error = %e, "disk full during a fill; streaming without caching");
+                metrics.uncached.get_or_create(&ReasonLabel { reason: "disk_full" }).inc();
+                metrics.fill_failures.get_or_create(&ReasonLabel { reason: "disk_full" }).inc();
+                self.shared.inflight.remove(&digest);
+                drop(temp.take());
+                fill.uncache();
+                return;
+            }
             Err(e) => {
-                if matches!(e, Error::DigestMismatch { .. } | Error::SizeMismatch { .. }) {
-                    tracing::error!(%digest, registry = %client.name, %repo, error = %e, "upstream sent bad bytes; discarded");
-                } else {
-                    tracing::warn!(%digest, registry = %client.name, %repo, error = %e, "blob fill failed");
-                }
+                let reason = match &e {
+                    Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => {
+                        tracing::error!(%digest, registry = %client.name, %repo, error = %e, "upstream sent bad bytes; discarded");
+                        "bad_content"
+                    }
+                    Error::Upstream(_) => {
+                        tracing::warn!(%digest, registry = %client.name, %repo, error = %e, "blob fill failed");
+                        "upstream"
+                    }
+                    _ => {
+                        tracing::warn!(%digest, registry = %client.name, %repo, error = %e, "blob fill failed");
+                        "local"
+                    }
+                };
+                metrics.fill_failures.get_or_create(&ReasonLabel { reason }).inc();
                 fill.fail(e);
             }
         }
         self.shared.inflight.remove(&digest);
+    }
+
+    /// Once the size is known, evicts what the new blob needs; false when it cannot fit even then.
+    async fn make_room(&self, fill: &Fill) -> bool {
+        let Ok(Some(size)) = fill.wait_started().await else { return true };
+        if self.needed_bytes(size) == 0 {
+            return true;
+        }
+        if let Err(e) = self.gc(size).await {
+            tracing::warn!(error = %e, "eviction before a fill failed");
+        }
+        let s = &self.shared.settings;
+        s.max_bytes == 0 || self.shared.bytes.load(Ordering::Relaxed) + size <= s.max_bytes
+    }
+
+    async fn commit(
+        &self,
+        temp: store::TempFile,
+        digest: &Digest,
+        size: u64,
+        client: &RegistryClient,
+        repo: &RepoName,
+    ) -> Result<u64, Error> {
+        let store = self.shared.store.clone();
+        let d = digest.clone();
+        tokio::task::spawn_blocking(move || store.commit_blob(temp, &d)).await??;
+        self.shared.bytes.fetch_add(size, Ordering::Relaxed);
+        self.shared.meta.record_blob(digest, size, Some(&format!("{}/{}", client.name, repo)))?;
+        Ok(size)
     }
 
     /// Size of a blob for a HEAD: from disk, from a running fill, or from an upstream HEAD. Never starts a fill.
@@ -301,6 +378,11 @@ impl Cache {
     }
 }
 
+/// ENOSPC and EDQUOT: the disk (or the quota) is full.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
 /// A fill's error is shared by all its readers; each request gets its own copy of what matters.
 fn unshare(e: Arc<Error>) -> Error {
     match Arc::try_unwrap(e) {
@@ -316,5 +398,22 @@ fn unshare(e: Arc<Error>) -> Error {
             }),
             other => Error::Io(std::io::Error::other(other.to_string())),
         },
+    }
+}
+
+// ---- Cache-only lookups for the admin API (added with src/admin.rs; nothing here contacts an upstream). ----
+impl Cache {
+    /// Manifest digests a tag resolves to in the cache (the index and the single-platform answer, when both
+    /// are known), without asking the upstream. `registry` is the registry's name, `repo` as it knows it.
+    pub fn cached_tag(&self, registry: &str, repo: &RepoName, tag: &str) -> Result<Vec<Digest>, Error> {
+        // Tag keys are `<registry>/<repo>:<tag>#<class>` (see `manifests::tag_key`).
+        let prefix = format!("{registry}/{repo}:{tag}#");
+        let mut out = Vec::new();
+        for (key, entry) in self.shared.meta.tags()? {
+            if key.starts_with(&prefix) && !out.contains(&entry.digest) {
+                out.push(entry.digest);
+            }
+        }
+        Ok(out)
     }
 }

@@ -24,40 +24,107 @@ pub enum Source {
 
 struct State {
     file: Arc<File>,
+    fill: Option<Arc<Fill>>,
     progress: Option<watch::Receiver<FillState>>,
+    /// Set once a fill abandoned caching: the rest comes straight from the upstream.
+    direct: Option<Direct>,
     pos: u64,
     end: u64,
+}
+
+struct Direct {
+    body: futures_util::stream::BoxStream<'static, Result<Bytes, crate::upstream::Error>>,
+    /// Bytes still to drop from the front (an upstream that ignored the range sent the whole blob).
+    skip: u64,
+}
+
+/// How far a reader of a growing file may go.
+enum Limit {
+    /// Up to this offset, from the file.
+    File(u64),
+    /// The fill abandoned caching; continue from the upstream.
+    Direct,
 }
 
 /// Streams `start..end` of the source in large reads on the blocking pool.
 pub fn body(source: Source, start: u64, end: u64) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let state = match source {
-        Source::Committed(file) => State { file, progress: None, pos: start, end },
-        Source::Filling(fill) => State { file: fill.file.clone(), progress: Some(fill.subscribe()), pos: start, end },
+        Source::Committed(file) => State { file, fill: None, progress: None, direct: None, pos: start, end },
+        Source::Filling(fill) => State {
+            file: fill.file.clone(),
+            progress: Some(fill.subscribe()),
+            fill: Some(fill),
+            direct: None,
+            pos: start,
+            end,
+        },
     };
     futures_util::stream::try_unfold(state, |mut st| async move {
-        if st.pos >= st.end {
-            return Ok(None);
+        loop {
+            if st.pos >= st.end {
+                return Ok(None);
+            }
+            if let Some(direct) = &mut st.direct {
+                let chunk = next_direct(direct, st.end - st.pos).await?;
+                st.pos += chunk.len() as u64;
+                return Ok(Some((chunk, st)));
+            }
+            let limit = match &mut st.progress {
+                None => st.end,
+                Some(rx) => match readable_limit(rx, st.pos, st.end).await? {
+                    Limit::File(limit) => limit,
+                    Limit::Direct => {
+                        let fill = st.fill.as_ref().expect("a growing file has a fill");
+                        st.direct = Some(open_direct(fill, st.pos, st.end).await?);
+                        continue;
+                    }
+                },
+            };
+            let want = (limit - st.pos).min(CHUNK) as usize;
+            let (file, pos) = (st.file.clone(), st.pos);
+            let chunk = tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
+                .await
+                .map_err(io::Error::other)??;
+            st.pos += chunk.len() as u64;
+            return Ok(Some((chunk, st)));
         }
-        let limit = match &mut st.progress {
-            None => st.end,
-            Some(rx) => readable_limit(rx, st.pos, st.end).await?,
-        };
-        let want = (limit - st.pos).min(CHUNK) as usize;
-        let (file, pos) = (st.file.clone(), st.pos);
-        let chunk =
-            tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want)).await.map_err(io::Error::other)??;
-        st.pos += chunk.len() as u64;
-        Ok(Some((chunk, st)))
     })
+}
+
+/// Asks the fill's upstream for `pos..end` (these bytes are not verified by wharf; the client checks the
+/// digest as always).
+async fn open_direct(fill: &Fill, pos: u64, end: u64) -> io::Result<Direct> {
+    let (client, repo) = fill.origin().ok_or_else(|| io::Error::other("fill has no origin"))?;
+    let blob = client.get_blob(repo, &fill.digest, Some((pos, end - 1))).await.map_err(io::Error::other)?;
+    let skip = if blob.partial.is_some() { 0 } else { pos };
+    Ok(Direct { body: blob.body, skip })
+}
+
+async fn next_direct(direct: &mut Direct, remaining: u64) -> io::Result<Bytes> {
+    use futures_util::StreamExt;
+    loop {
+        let Some(chunk) = direct.body.next().await else {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "upstream ended early"));
+        };
+        let mut chunk = chunk.map_err(io::Error::other)?;
+        if direct.skip >= chunk.len() as u64 {
+            direct.skip -= chunk.len() as u64;
+            continue;
+        }
+        let skip = std::mem::take(&mut direct.skip) as usize;
+        chunk = chunk.slice(skip..);
+        chunk.truncate(remaining.min(chunk.len() as u64) as usize);
+        return Ok(chunk);
+    }
 }
 
 /// Waits until bytes at `pos` may be sent and returns how far: up to what was written, but short of `end`
 /// until the fill is verified.
-async fn readable_limit(rx: &mut watch::Receiver<FillState>, pos: u64, end: u64) -> io::Result<u64> {
+async fn readable_limit(rx: &mut watch::Receiver<FillState>, pos: u64, end: u64) -> io::Result<Limit> {
     loop {
         let limit = match &*rx.borrow_and_update() {
             FillState::Failed(e) => return Err(io::Error::other(format!("fill failed: {e}"))),
+            FillState::Uncached { .. } => return Ok(Limit::Direct),
             FillState::Done { size } if *size < end => {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than the range"));
             }
@@ -66,7 +133,7 @@ async fn readable_limit(rx: &mut watch::Receiver<FillState>, pos: u64, end: u64)
             FillState::Starting => pos,
         };
         if limit > pos {
-            return Ok(limit);
+            return Ok(Limit::File(limit));
         }
         rx.changed().await.map_err(|_| io::Error::other("fill vanished"))?;
     }
