@@ -3,7 +3,7 @@
 //! or served, or one used within `min_age`; optionally anything idle longer than `max_idle_age`.
 //! Manifests and tags that point only to evicted blobs go too.
 
-use super::meta::now_secs;
+use super::meta::now_millis;
 use super::{Cache, Error};
 use crate::oci::Digest;
 use crate::oci::manifest::References;
@@ -114,9 +114,9 @@ impl Cache {
         self.flush_access()?;
         let s = &self.shared;
         let mut report = GcReport { needed_bytes: self.needed_bytes(incoming), ..Default::default() };
-        let now = now_secs();
-        let idle_before = (s.settings.max_idle_age > 0).then(|| now.saturating_sub(s.settings.max_idle_age));
-        let min_age_before = now.saturating_sub(s.settings.min_age);
+        let now = now_millis();
+        let idle_before = (s.settings.max_idle_age > 0).then(|| now.saturating_sub(s.settings.max_idle_age * 1000));
+        let min_age_before = now.saturating_sub(s.settings.min_age * 1000);
         let keep = self.protected()?;
         for item in s.meta.lru() {
             let (last_access, digest, size) = item?;

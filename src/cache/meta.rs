@@ -42,14 +42,19 @@ pub struct BlobEntry {
     pub size: u64,
     /// Unix seconds when it was stored.
     pub stored_at: u64,
-    /// Unix seconds when a client was last served it (flushed in batches).
+    /// Unix milliseconds when a client was last served it (flushed in batches).
     #[serde(default)]
     pub last_access: u64,
 }
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    now_millis() / 1000
+}
+
+/// Milliseconds since the Unix epoch: access times use them, so LRU order holds within a second.
+pub fn now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn atime_key(at: u64, digest: &Digest) -> Vec<u8> {
@@ -125,11 +130,11 @@ impl Meta {
 
     /// Records a committed blob (accessed now) and, when known, a repository that references it.
     pub fn record_blob(&self, digest: &Digest, size: u64, repo: Option<&str>) -> Result<(), sled::Error> {
-        let now = now_secs();
+        let now = now_millis();
         if let Some(old) = self.blob(digest)? {
             self.atime.remove(atime_key(old.last_access, digest))?;
         }
-        let entry = BlobEntry { size, stored_at: now, last_access: now };
+        let entry = BlobEntry { size, stored_at: now / 1000, last_access: now };
         self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
         self.atime.insert(atime_key(now, digest), &[][..])?;
         if let Some(repo) = repo {
@@ -275,7 +280,7 @@ mod tests {
         let (a, b) = (Digest::sha256_of(b"a"), Digest::sha256_of(b"b"));
         meta.record_blob(&a, 10, Some("reg/x")).unwrap();
         meta.record_blob(&b, 20, None).unwrap();
-        let far = now_secs() + 100;
+        let far = now_millis() + 100_000;
         meta.touch(&[(a.clone(), far)]).unwrap();
         let order: Vec<_> = meta.lru().map(|r| r.unwrap().1).collect();
         assert_eq!(order, vec![b.clone(), a.clone()]);

@@ -112,7 +112,7 @@ struct Shared {
     bytes: AtomicU64,
     /// Digest → responses streaming it now.
     serving: Mutex<HashMap<Digest, usize>>,
-    /// Digest → last access (unix seconds), flushed to the metadata in batches rather than on every read.
+    /// Digest → last access (unix milliseconds), flushed to the metadata in batches rather than on every read.
     accessed: Mutex<HashMap<Digest, u64>>,
     /// One eviction pass at a time.
     gc_lock: Mutex<()>,
@@ -218,7 +218,7 @@ impl Cache {
     /// Registers a response streaming `digest` (and counts it as an access).
     fn guard(&self, digest: &Digest) -> ServeGuard {
         *self.shared.serving.lock().unwrap().entry(digest.clone()).or_default() += 1;
-        self.shared.accessed.lock().unwrap().insert(digest.clone(), meta::now_secs());
+        self.shared.accessed.lock().unwrap().insert(digest.clone(), meta::now_millis());
         ServeGuard { shared: self.shared.clone(), digest: digest.clone() }
     }
 
