@@ -64,6 +64,9 @@ pub struct Args {
     /// hand it to UID:GID, so a non-root wharf can write to a hostPath volume.
     #[arg(long, value_name = "UID:GID", value_parser = parse_owner)]
     pub data_owner: Option<(u32, u32)>,
+    /// Only prepare the cache directory (`--data-owner`); leave containerd's files alone.
+    #[arg(long, requires = "data_owner", conflicts_with = "remove")]
+    pub only_data_dir: bool,
 }
 
 /// Why node-setup stopped. Problems with one registry's files are warnings, not errors.
@@ -75,6 +78,9 @@ pub enum Error {
     /// `--mirror` is not an http(s) URL without a path.
     #[error("--mirror {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
     Mirror(String),
+    /// `--dial-timeout` is not a Go duration (containerd 2.1+ would reject the whole hosts.toml).
+    #[error("--dial-timeout {0:?}: expected a duration such as 1s or 500ms")]
+    DialTimeout(String),
     /// A file operation failed.
     #[error("{path}: {source}")]
     Io {
@@ -87,10 +93,7 @@ pub enum Error {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 /// What happened to one registry's directory.
@@ -148,10 +151,7 @@ fn describe(action: &Action) -> &'static str {
 
 /// Does the work of [`run`] without printing.
 pub fn execute(args: &Args) -> Result<Report, Error> {
-    let overrides = Overrides {
-        upstreams: args.upstreams.clone(),
-        ..Default::default()
-    };
+    let overrides = Overrides { upstreams: args.upstreams.clone(), ..Default::default() };
     let config = Config::load(args.config.as_deref(), &overrides)?;
     let certs = host_path(&args.root, &args.certs_dir);
     let mut report = Report::default();
@@ -169,20 +169,19 @@ pub fn execute(args: &Args) -> Result<Report, Error> {
         None => default_mirror(&config),
     };
     check_mirror(&mirror)?;
+    if !args.dial_timeout.is_empty() && !is_go_duration(&args.dial_timeout) {
+        return Err(Error::DialTimeout(args.dial_timeout.clone()));
+    }
     if let Some((uid, gid)) = args.data_owner {
         prepare_data_dir(&config.data_dir, uid, gid)?;
+        if args.only_data_dir {
+            return Ok(report);
+        }
     }
-    report.warnings.extend(containerd_config_warnings(
-        &args.root,
-        &args.containerd_config,
-        &args.certs_dir,
-    ));
+    report.warnings.extend(containerd_config_warnings(&args.root, &args.containerd_config, &args.certs_dir));
     fs::create_dir_all(&certs).map_err(io_err(&certs))?;
-    let wanted: BTreeMap<&str, &str> = config
-        .registries
-        .iter()
-        .map(|(name, reg)| (name.as_str(), reg.url.as_str()))
-        .collect();
+    let wanted: BTreeMap<&str, &str> =
+        config.registries.iter().map(|(name, reg)| (name.as_str(), reg.url.as_str())).collect();
     for (name, server) in &wanted {
         if name.starts_with('.') || name.contains(['/', '\\']) {
             report.warnings.push(format!("registry {name:?} cannot be a directory name; skipped"));
@@ -226,6 +225,23 @@ fn check_mirror(mirror: &str) -> Result<(), Error> {
     if ok { Ok(()) } else { Err(bad()) }
 }
 
+/// Go's `time.ParseDuration` syntax, unsigned: `1s`, `500ms`, `1m30s`, `1.5s`.
+fn is_go_duration(s: &str) -> bool {
+    let mut rest = s;
+    while !rest.is_empty() {
+        let number = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
+        let (n, tail) = rest.split_at(number);
+        if n.is_empty() || n.starts_with('.') || n.ends_with('.') || n.matches('.').count() > 1 {
+            return false;
+        }
+        let Some(unit) = ["ns", "us", "µs", "ms", "s", "m", "h"].into_iter().find(|u| tail.starts_with(u)) else {
+            return false;
+        };
+        rest = &tail[unit.len()..];
+    }
+    !s.is_empty()
+}
+
 /// Parses `UID:GID`.
 pub fn parse_owner(s: &str) -> Result<(u32, u32), String> {
     let parse = || -> Option<(u32, u32)> {
@@ -247,14 +263,14 @@ fn prepare_data_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), Error> {
     if meta.uid() == uid && meta.gid() == gid {
         return Ok(());
     }
+    // Children first: once a directory is handed over, root without CAP_DAC_READ_SEARCH may not list it.
     fn walk(path: &Path, uid: u32, gid: u32) -> Result<(), Error> {
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io_err(path))?;
         if fs::symlink_metadata(path).map_err(io_err(path))?.is_dir() {
             for entry in fs::read_dir(path).map_err(io_err(path))? {
                 walk(&entry.map_err(io_err(path))?.path(), uid, gid)?;
             }
         }
-        Ok(())
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io_err(path))
     }
     walk(dir, uid, gid)
 }
@@ -274,10 +290,7 @@ fn managed_state(text: &str) -> Option<State> {
         return None;
     }
     let line = text.lines().take(4).find_map(|l| l.strip_prefix(STATE_KEY))?;
-    let mut state = State {
-        backup: false,
-        created_dir: false,
-    };
+    let mut state = State { backup: false, created_dir: false };
     for word in line.split_whitespace() {
         match word {
             "previous=hosts.toml.wharf-orig" => state.backup = true,
@@ -299,10 +312,7 @@ pub fn render_hosts_toml(
     previous: Option<&str>,
     created_dir: bool,
 ) -> Result<String, toml_edit::TomlError> {
-    let state = State {
-        backup: previous.is_some(),
-        created_dir,
-    };
+    let state = State { backup: previous.is_some(), created_dir };
     let mut out = format!(
         "{MARKER} for {registry}: containerd tries wharf on this node first, then the\n\
          # hosts below. `wharf node-setup --remove` restores the previous state; edits here are overwritten.\n\
@@ -343,7 +353,7 @@ pub fn render_hosts_toml(
                 host.remove(mirror);
                 host.insert(mirror, toml_edit::Item::Table(ours));
             }
-            out.push_str("\n# The previous hosts.toml (kept as hosts.toml.wharf-orig) follows, after wharf.\n");
+            out.push_str("\n# The previous hosts.toml (kept as hosts.toml.wharf-orig), wharf first:\n");
             out.push_str(&doc.to_string());
         }
     }
@@ -437,10 +447,7 @@ fn undo(dir: &Path, registry: &str, warnings: &mut Vec<String>) -> Result<Action
     let has_backup = backup.exists();
     let action = match (current.is_some(), state, has_backup) {
         (true, None, true) => {
-            warnings.push(format!(
-                "{registry}: {} was changed by someone else; kept it and {BACKUP}",
-                hosts.display()
-            ));
+            warnings.push(format!("{registry}: {} was changed by someone else; kept it and {BACKUP}", hosts.display()));
             return Ok(Action::Skipped);
         }
         (true, None, false) | (false, _, false) => return Ok(Action::Unchanged),
@@ -545,10 +552,7 @@ pub fn containerd_config_warnings(root: &Path, config: &Path, certs_dir: &Path) 
     let mut mirrors = false;
     for t in &tables {
         for plugin in CRI_PLUGINS {
-            let registry = t
-                .get("plugins")
-                .and_then(|p| p.get(plugin))
-                .and_then(|p| p.get("registry"));
+            let registry = t.get("plugins").and_then(|p| p.get(plugin)).and_then(|p| p.get("registry"));
             if let Some(reg) = registry {
                 registry_section = true;
                 mirrors |= reg.get("mirrors").is_some();
@@ -639,13 +643,7 @@ mod tests {
         let host = &parsed["host"][MIRROR];
         assert_eq!(host["capabilities"].as_array().unwrap().len(), 2);
         assert_eq!(host["dial_timeout"].as_str(), Some("1s"));
-        assert_eq!(
-            managed_state(&text),
-            Some(State {
-                backup: false,
-                created_dir: true
-            })
-        );
+        assert_eq!(managed_state(&text), Some(State { backup: false, created_dir: true }));
         let no_timeout = render_hosts_toml("x", "https://x", MIRROR, "", None, false).unwrap();
         assert!(!no_timeout.contains("dial_timeout"), "{no_timeout}");
     }
@@ -699,6 +697,12 @@ mod tests {
         assert!(check_mirror("https://wharf.local").is_ok());
         assert!(check_mirror("http://127.0.0.1:5000/v2").is_err());
         assert!(check_mirror("127.0.0.1:5000").is_err());
+        for ok in ["1s", "500ms", "1m30s", "1.5s", "2h", "10us"] {
+            assert!(is_go_duration(ok), "{ok}");
+        }
+        for bad in ["", "1", "s", "1sec", "-1s", "1.s", "1..5s", "1 s"] {
+            assert!(!is_go_duration(bad), "{bad}");
+        }
     }
 
     fn warnings_for(config: Option<&str>) -> Vec<String> {
@@ -740,11 +744,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let etc = dir.path().join("etc/containerd");
         fs::create_dir_all(etc.join("conf.d")).unwrap();
-        fs::write(
-            etc.join("config.toml"),
-            "version = 2\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n",
-        )
-        .unwrap();
+        fs::write(etc.join("config.toml"), "version = 2\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n").unwrap();
         fs::write(
             etc.join("conf.d/10-registry.toml"),
             "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n",

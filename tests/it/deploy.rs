@@ -1,0 +1,723 @@
+//! The Kubernetes and container artefacts: `deploy/kustomize` (rendered by `kubectl kustomize`), the Helm chart
+//! `deploy/helm/wharf` (rendered by Helm's own engine with default, non-default and invalid values) and the
+//! `Dockerfile`. Every rendered object is validated strictly against the Kubernetes OpenAPI schemas (1.26, the
+//! chart's minimum, and 1.37) by `tests/deploy/k8s.py`; then the fields that matter are checked, the chart's
+//! defaults must equal the kustomize base, and the container arguments and the rendered wharf.toml must be
+//! accepted by the wharf binary built here (node-setup runs against a temporary host tree).
+
+use crate::support::images::run;
+use crate::support::tools::require;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// Kubernetes versions every object must validate against: the chart's `kubeVersion` floor and the newest
+/// schema kubernetes-validate bundles.
+const KUBE_VERSIONS: [&str; 2] = ["1.26.0", "1.37.0"];
+/// The image's user (Dockerfile `USER`), which the manifests must run wharf as and hand the cache to.
+const IMAGE_USER: i64 = 65532;
+const CHART: &str = "deploy/helm/wharf";
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn text(out: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The venv scripts/test builds from tests/deploy/requirements.txt (override with `WHARF_DEPLOY_VENV`).
+fn python() -> Command {
+    let venv = std::env::var_os("WHARF_DEPLOY_VENV").map(PathBuf::from).unwrap_or(repo().join("target/deploy-venv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/test, which creates it from tests/deploy/requirements.txt",
+        python.display()
+    );
+    let mut cmd = Command::new(python);
+    cmd.arg(repo().join("tests/deploy/k8s.py")).current_dir(repo());
+    cmd
+}
+
+fn kustomize(dir: &str) -> String {
+    require("kubectl");
+    let out = run(Command::new("kubectl").arg("kustomize").arg(repo().join(dir)), Duration::from_secs(120));
+    assert!(out.status.success(), "kubectl kustomize {dir} failed\n{}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `helm template`-equivalent (release `wharf` in namespace `wharf`); `Err` carries the lint or render error.
+fn helm(values: &[&str], set: &[&str]) -> Result<String, String> {
+    let mut cmd = python();
+    cmd.args(["helm", CHART, "--name", "wharf", "--namespace", "wharf"]);
+    for v in values {
+        cmd.arg("-f").arg(repo().join(CHART).join(v));
+    }
+    for s in set {
+        cmd.arg("--set").arg(s);
+    }
+    let out = run(&mut cmd, Duration::from_secs(120));
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Validates every object of a YAML stream (strict: unknown fields fail) and returns them as JSON.
+fn validate(yaml: &str) -> Objects {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), yaml).unwrap();
+    let mut cmd = python();
+    cmd.arg("validate").arg(file.path());
+    for v in KUBE_VERSIONS {
+        cmd.args(["--kube-version", v]);
+    }
+    let out = run(&mut cmd, Duration::from_secs(120));
+    assert!(out.status.success(), "schema validation failed\n{}\n---- manifests ----\n{yaml}", text(&out));
+    Objects(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// Rendered objects.
+struct Objects(Vec<Value>);
+
+impl Objects {
+    fn kinds(&self) -> BTreeSet<(String, String)> {
+        self.0.iter().map(|o| (str_at(o, "/kind"), str_at(o, "/metadata/name"))).collect()
+    }
+
+    fn find(&self, kind: &str) -> Option<&Value> {
+        let mut it = self.0.iter().filter(|o| o["kind"] == kind);
+        let first = it.next();
+        assert!(it.next().is_none(), "more than one {kind}");
+        first
+    }
+
+    fn one(&self, kind: &str) -> &Value {
+        self.find(kind).unwrap_or_else(|| panic!("no {kind} in {:?}", self.kinds()))
+    }
+}
+
+fn str_at(v: &Value, pointer: &str) -> String {
+    v.pointer(pointer).and_then(Value::as_str).unwrap_or_else(|| panic!("no string at {pointer} in {v:#}")).into()
+}
+
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == name))
+        .unwrap_or_else(|| panic!("no entry named {name} in {list:#}"))
+}
+
+/// The wharf.toml of the rendered ConfigMap the DaemonSet mounts.
+fn config_toml(objs: &Objects) -> String {
+    let ds = objs.one("DaemonSet");
+    let volumes = &ds["spec"]["template"]["spec"]["volumes"];
+    let cm_name = str_at(named(volumes, "config"), "/configMap/name");
+    let cm = objs.0.iter().find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == cm_name.as_str());
+    str_at(cm.unwrap_or_else(|| panic!("ConfigMap {cm_name} not rendered")), "/data/wharf.toml")
+}
+
+/// `wharf ARGS`, with `WHARF_…` from the test's environment removed and `env` added.
+fn wharf(args: &[String], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
+    cmd.args(args);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("WHARF_") {
+            cmd.env_remove(key);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run(&mut cmd, Duration::from_secs(60))
+}
+
+/// The effective configuration (`wharf config`) of a rendered wharf.toml.
+fn effective_config(toml_text: &str) -> toml::Table {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), toml_text).unwrap();
+    let out = wharf(&["config".into(), "--config".into(), file.path().to_str().unwrap().into()], &[]);
+    assert!(out.status.success(), "wharf does not accept the rendered wharf.toml\n{}\n{toml_text}", text(&out));
+    String::from_utf8(out.stdout).unwrap().parse().unwrap()
+}
+
+/// The value of `--NAME=VALUE` in a container's args.
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter().find_map(|a| a.strip_prefix(&format!("--{name}=")).map(str::to_string))
+}
+
+fn args_of(container: &Value) -> Vec<String> {
+    serde_json::from_value(container["args"].clone()).unwrap()
+}
+
+/// What a rendering is expected to do, beyond the invariants every rendering must keep.
+struct Expect {
+    node_setup: bool,
+    service: bool,
+    loopback: bool,
+}
+
+/// The invariants: probes, ports, volumes, security contexts, references between objects, and the
+/// containers' arguments and configuration run through the wharf binary.
+fn check_workload(objs: &Objects, expect: &Expect) -> toml::Table {
+    assert!(
+        !objs.0.iter().any(
+            |o| ["Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"].contains(&o["kind"].as_str().unwrap())
+        ),
+        "wharf needs no RBAC"
+    );
+    let config = effective_config(&config_toml(objs));
+    let listen: std::net::SocketAddr = config["listen"].as_str().unwrap().parse().unwrap();
+    let port = listen.port() as i64;
+    assert_eq!(listen.ip().is_loopback(), expect.loopback, "listen {listen}");
+    let data_dir = config["data_dir"].as_str().unwrap().to_string();
+
+    let ds = objs.one("DaemonSet");
+    let tmpl = &ds["spec"]["template"];
+    let pod = &tmpl["spec"];
+    let labels = tmpl["metadata"]["labels"].as_object().unwrap();
+    let selects_pods = |sel: &Value| {
+        let sel = sel.as_object().unwrap();
+        !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    assert!(selects_pods(&ds["spec"]["selector"]["matchLabels"]), "DaemonSet selector");
+    assert_eq!(pod["hostNetwork"], true, "the node's containerd reaches wharf on 127.0.0.1");
+    if ds["spec"]["updateStrategy"]["type"] == "RollingUpdate" {
+        let ru = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+        assert!(ru["maxSurge"].is_null() || ru["maxSurge"] == 0, "a host port cannot surge");
+    }
+    let grace = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
+    assert!(grace > config["shutdown_grace"].as_integer().unwrap(), "grace period {grace} <= shutdown_grace");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let sa = str_at(pod, "/serviceAccountName");
+    assert!(objs.kinds().contains(&("ServiceAccount".into(), sa.clone())), "ServiceAccount {sa}");
+    let pc = str_at(pod, "/priorityClassName");
+    assert!(
+        pc.starts_with("system-") || objs.kinds().contains(&("PriorityClass".into(), pc.clone())),
+        "priority class {pc} is neither built in nor rendered"
+    );
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+
+    // The wharf container: non-root as the image's user, read-only root, no capabilities, probes on the port.
+    let main = named(&pod["containers"], "wharf");
+    let sc = &main["securityContext"];
+    assert_eq!(
+        (&sc["runAsNonRoot"], &sc["runAsUser"], &sc["readOnlyRootFilesystem"], &sc["allowPrivilegeEscalation"]),
+        (&json!(true), &json!(IMAGE_USER), &json!(true), &json!(false)),
+        "wharf's securityContext"
+    );
+    assert_eq!(sc["capabilities"], json!({"drop": ["ALL"]}));
+    let http = named(&main["ports"], "http");
+    assert_eq!((&http["containerPort"], &http["hostPort"]), (&json!(port), &json!(port)), "ports vs listen {listen}");
+    for (probe, path) in [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let get = &main[probe]["httpGet"];
+        assert_eq!((&get["path"], &get["port"]), (&json!(path), &json!("http")), "{probe}");
+        // With the host network the kubelet probes the node's address, where a loopback-bound wharf is absent.
+        assert_eq!(get["host"] == "127.0.0.1", expect.loopback, "{probe} host");
+    }
+    assert!(main["resources"]["requests"]["memory"].is_string() && main["resources"]["limits"]["memory"].is_string());
+    let main_args = args_of(main);
+    assert_eq!(main_args[0], "serve");
+    let mounts = &main["volumeMounts"];
+    assert_eq!(str_at(named(mounts, "config"), "/mountPath"), "/etc/wharf");
+    assert_eq!(flag(&main_args, "config").as_deref(), Some("/etc/wharf/wharf.toml"));
+    assert_eq!(str_at(named(mounts, "data"), "/mountPath"), data_dir, "cache volume vs data_dir");
+    let data = named(&pod["volumes"], "data");
+    assert_eq!(data["hostPath"]["type"], "DirectoryOrCreate", "the cache survives pod restarts: {data}");
+    if let Some(creds) = config.get("credentials_file").and_then(|v| v.as_str()) {
+        let creds = Path::new(creds);
+        assert_eq!(str_at(named(mounts, "credentials"), "/mountPath"), creds.parent().unwrap().to_str().unwrap());
+        let secret = &named(&pod["volumes"], "credentials")["secret"];
+        assert_eq!(secret["items"], json!([{"key": ".dockerconfigjson", "path": creds.file_name().unwrap().to_str()}]));
+    }
+
+    // The init container: root with CAP_CHOWN only, host paths mounted under --root.
+    let init = named(&pod["initContainers"], "node-setup");
+    let isc = &init["securityContext"];
+    assert_eq!((&isc["readOnlyRootFilesystem"], &isc["allowPrivilegeEscalation"]), (&json!(true), &json!(false)));
+    assert_eq!(isc["capabilities"], json!({"drop": ["ALL"], "add": ["CHOWN"]}));
+    let init_args = args_of(init);
+    assert_eq!(init_args[0], "node-setup");
+    assert_eq!(flag(&init_args, "data-owner"), Some(format!("{IMAGE_USER}:{IMAGE_USER}")));
+    assert_eq!(str_at(named(&init["volumeMounts"], "data"), "/mountPath"), data_dir);
+    assert_eq!(flag(&init_args, "config").as_deref(), Some("/etc/wharf/wharf.toml"));
+    assert_eq!(init_args.contains(&"--only-data-dir".to_string()), !expect.node_setup);
+    if expect.node_setup {
+        assert_eq!(flag(&init_args, "mirror"), Some(format!("http://127.0.0.1:{port}")), "mirror vs listen");
+        let root = flag(&init_args, "root").unwrap();
+        for (volume, host_path) in [
+            ("certs-d", flag(&init_args, "certs-dir").unwrap()),
+            (
+                "containerd-config",
+                Path::new(&flag(&init_args, "containerd-config").unwrap()).parent().unwrap().to_str().unwrap().into(),
+            ),
+        ] {
+            let v = named(&pod["volumes"], volume);
+            assert_eq!(str_at(v, "/hostPath/path"), host_path, "{volume}");
+            assert_eq!(str_at(named(&init["volumeMounts"], volume), "/mountPath"), format!("{root}{host_path}"));
+        }
+        assert_eq!(named(&init["volumeMounts"], "containerd-config")["readOnly"], true);
+    }
+
+    // Service and PodDisruptionBudget select the pods; the Service stays on the client's node.
+    match objs.find("Service") {
+        Some(svc) => {
+            assert!(expect.service);
+            assert_eq!(svc["spec"]["internalTrafficPolicy"], "Local");
+            assert!(selects_pods(&svc["spec"]["selector"]), "Service selector");
+            let p = named(&svc["spec"]["ports"], "http");
+            assert_eq!((&p["port"], &p["targetPort"]), (&json!(port), &json!("http")));
+        }
+        None => assert!(!expect.service, "no Service rendered"),
+    }
+    if let Some(pdb) = objs.find("PodDisruptionBudget") {
+        assert!(selects_pods(&pdb["spec"]["selector"]["matchLabels"]), "PodDisruptionBudget selector");
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    }
+    if let Some(sm) = objs.find("ServiceMonitor") {
+        let svc = objs.one("Service");
+        let svc_labels = svc["metadata"]["labels"].as_object().unwrap();
+        let sel = sm["spec"]["selector"]["matchLabels"].as_object().unwrap();
+        assert!(sel.iter().all(|(k, v)| svc_labels.get(k) == Some(v)), "ServiceMonitor does not select the Service");
+        assert_eq!(sm["spec"]["endpoints"][0]["port"], "http");
+        assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    }
+    if let Some(port_annotation) = tmpl["metadata"]["annotations"].get("prometheus.io/port") {
+        assert_eq!(port_annotation, &json!(port.to_string()));
+    }
+
+    run_containers_here(objs, &config);
+    config
+}
+
+/// Runs both containers' arguments with the wharf binary: node-setup against a temporary host tree (the
+/// `--root` and the cache moved there), `serve`'s flags through `wharf config`.
+fn run_containers_here(objs: &Objects, config: &toml::Table) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_file = tmp.path().join("wharf.toml");
+    std::fs::write(&config_file, config_toml(objs)).unwrap();
+    let host = tmp.path().join("host");
+    let data = tmp.path().join("data");
+    let me = std::fs::metadata(tmp.path()).unwrap();
+    let pod = &objs.one("DaemonSet")["spec"]["template"]["spec"];
+    let local = |args: Vec<String>| -> Vec<String> {
+        args.into_iter()
+            .map(|a| match a.split_once('=') {
+                Some(("--config", _)) => format!("--config={}", config_file.display()),
+                Some(("--root", _)) => format!("--root={}", host.display()),
+                Some(("--data-owner", _)) => format!("--data-owner={}:{}", me.uid(), me.gid()),
+                _ => a,
+            })
+            .collect()
+    };
+    let init_args = args_of(named(&pod["initContainers"], "node-setup"));
+    let out = wharf(&local(init_args.clone()), &[("WHARF_DATA_DIR", &data)]);
+    assert!(out.status.success(), "node-setup {init_args:?}\n{}", text(&out));
+    assert!(data.is_dir(), "node-setup did not create the cache directory");
+    if let Some(certs) = flag(&init_args, "certs-dir") {
+        let certs = host.join(certs.trim_start_matches('/'));
+        let mirror = flag(&init_args, "mirror").unwrap();
+        for (name, reg) in config["registries"].as_table().unwrap() {
+            let file = certs.join(name).join("hosts.toml");
+            let hosts: toml::Table = std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{}", file.display(), text(&out)))
+                .parse()
+                .unwrap();
+            assert!(hosts["host"].as_table().unwrap().contains_key(&mirror), "{name}: {hosts:#?}");
+            assert_eq!(hosts["server"].as_str(), reg["url"].as_str(), "{name}");
+        }
+    } else {
+        assert!(!host.exists(), "--only-data-dir wrote host files");
+    }
+    let mut serve = local(args_of(named(&pod["containers"], "wharf")));
+    assert_eq!(serve[0], "serve");
+    serve[0] = "config".into();
+    let out = wharf(&serve, &[]);
+    assert!(out.status.success(), "wharf {serve:?}\n{}", text(&out));
+}
+
+#[test]
+fn kustomize_base_is_valid_and_safe() {
+    let objs = validate(&kustomize("deploy/kustomize/base"));
+    let kinds: BTreeSet<&str> = objs.0.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "ConfigMap",
+            "DaemonSet",
+            "Namespace",
+            "PodDisruptionBudget",
+            "PriorityClass",
+            "Service",
+            "ServiceAccount"
+        ])
+    );
+    let ns = objs.one("Namespace");
+    assert_eq!(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
+    for o in &objs.0 {
+        let cluster_scoped = ["Namespace", "PriorityClass"].contains(&o["kind"].as_str().unwrap());
+        assert_eq!(o["metadata"]["namespace"].is_null(), cluster_scoped, "{}", o["kind"]);
+    }
+    let config = check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
+    assert_eq!(config["log_format"].as_str(), Some("json"));
+}
+
+#[test]
+fn kustomize_credentials_overlay_mounts_the_dockerconfigjson_secret() {
+    let objs = validate(&kustomize("deploy/kustomize/overlays/credentials"));
+    check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
+    let pod = &objs.one("DaemonSet")["spec"]["template"]["spec"];
+    let main = named(&pod["containers"], "wharf");
+    let file = str_at(named(&main["env"], "WHARF_CREDENTIALS_FILE"), "/value");
+    let mount = str_at(named(&main["volumeMounts"], "credentials"), "/mountPath");
+    let secret = &named(&pod["volumes"], "credentials")["secret"];
+    assert_eq!(format!("{mount}/{}", str_at(secret, "/items/0/path")), file);
+    assert_eq!(secret["items"][0]["key"], ".dockerconfigjson");
+    // The variable really is a wharf setting.
+    let out = wharf(&["config".into()], &[("WHARF_CREDENTIALS_FILE", Path::new(&file))]);
+    let config: toml::Table = String::from_utf8_lossy(&out.stdout).parse().unwrap();
+    assert_eq!(config["credentials_file"].as_str(), Some(file.as_str()));
+}
+
+/// An object with what legitimately differs between the two renderings removed: Helm's labels and config
+/// checksum, the release label in selectors.
+fn comparable(o: &Value) -> Value {
+    let mut o = o.clone();
+    let meta = o["metadata"].as_object_mut().unwrap();
+    meta.remove("labels");
+    meta.remove("namespace");
+    if let Some(t) = o.pointer_mut("/spec/template/metadata") {
+        t.as_object_mut().unwrap().remove("labels");
+        t["annotations"].as_object_mut().unwrap().remove("checksum/config");
+    }
+    for selector in ["/spec/selector/matchLabels", "/spec/selector"] {
+        if let Some(s) = o.pointer_mut(selector).and_then(Value::as_object_mut) {
+            s.remove("app.kubernetes.io/instance");
+        }
+    }
+    if o["kind"] == "ConfigMap" {
+        o["data"] = Value::Null; // compared as effective configuration
+    }
+    o
+}
+
+/// Drops the content-hash suffix kustomize's configMapGenerator gives ConfigMap names (and their references),
+/// checking on the way that the suffix is there: it is what rolls the DaemonSet when wharf.toml changes.
+fn unhash(mut objs: Objects) -> Objects {
+    let mut renamed = BTreeMap::new();
+    for o in objs.0.iter_mut().filter(|o| o["kind"] == "ConfigMap") {
+        let name = str_at(o, "/metadata/name");
+        let (stem, hash) = name.rsplit_once('-').unwrap();
+        assert!(hash.len() == 10 && hash.chars().all(|c| c.is_ascii_alphanumeric()), "no hash suffix: {name}");
+        o["metadata"]["name"] = json!(stem);
+        renamed.insert(name.clone(), stem.to_string());
+    }
+    for o in objs.0.iter_mut().filter(|o| o["kind"] == "DaemonSet") {
+        for v in o["spec"]["template"]["spec"]["volumes"].as_array_mut().unwrap() {
+            if let Some(name) = v.pointer_mut("/configMap/name") {
+                *name = json!(renamed[name.as_str().unwrap()]);
+            }
+        }
+    }
+    objs
+}
+
+#[test]
+fn helm_chart_defaults_equal_the_kustomize_base() {
+    let chart = validate(&helm(&[], &[]).unwrap());
+    let config = check_workload(&chart, &Expect { node_setup: true, service: true, loopback: false });
+    let base = unhash(validate(&kustomize("deploy/kustomize/base")));
+    let mut base_kinds = base.kinds();
+    base_kinds.remove(&("Namespace".into(), "wharf".into())); // `helm install --create-namespace` makes it
+    assert_eq!(chart.kinds(), base_kinds, "the chart and the base define different objects");
+    assert_eq!(config, effective_config(&config_toml(&base)), "effective wharf configuration differs");
+    let by_key = |objs: &Objects| -> BTreeMap<(String, String), Value> {
+        objs.0.iter().map(|o| ((str_at(o, "/kind"), str_at(o, "/metadata/name")), comparable(o))).collect()
+    };
+    let (a, b) = (by_key(&chart), by_key(&base));
+    for (key, object) in &a {
+        assert_eq!(object, &b[key], "{key:?} differs between the chart (left) and the base (right)");
+    }
+}
+
+#[test]
+fn helm_chart_nondefault_values_land_where_they_should() {
+    let objs = validate(&helm(&["ci/nondefault-values.yaml"], &[]).unwrap());
+    let config = check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
+    // wharf.toml: upstreams, credentials, cache bounds, warm list, extra TOML.
+    assert_eq!(config["listen"].as_str(), Some("0.0.0.0:5001"));
+    assert_eq!(config["default_registry"].as_str(), Some("registry.internal:5000"));
+    let regs = config["registries"].as_table().unwrap();
+    assert_eq!(regs["registry.internal:5000"]["insecure"].as_bool(), Some(true));
+    assert_eq!(regs["ghcr.io"]["url"].as_str(), Some("https://ghcr-mirror.example.com"));
+    assert_eq!(regs["docker.io"]["url"].as_str(), Some("https://registry-1.docker.io"), "built-ins stay");
+    assert_eq!(config["credentials_file"].as_str(), Some("/etc/wharf/credentials/config.json"));
+    let cache = config["cache"].as_table().unwrap();
+    assert_eq!(
+        (cache["max_bytes"].as_integer(), cache["high_watermark"].as_integer(), cache["low_watermark"].as_integer()),
+        (Some(107374182400), Some(70), Some(60))
+    );
+    let warm = config["warm"]["images"].as_array().unwrap();
+    assert_eq!(warm.len(), 2);
+    assert_eq!(warm[1]["platforms"].as_array().unwrap().len(), 2);
+    assert_eq!(config["upstream"]["read_timeout"].as_integer(), Some(120));
+    // Pod placement, image, resources, metrics.
+    let ds = objs.one("DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["nodeSelector"]["node-role.example.com/builder"], "true");
+    assert_eq!(
+        pod["tolerations"],
+        json!([{"key": "dedicated", "operator": "Equal", "value": "builds", "effect": "NoSchedule"}])
+    );
+    assert!(pod["affinity"]["nodeAffinity"].is_object());
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(pod["imagePullSecrets"], json!([{"name": "platform-pull"}]));
+    let main = named(&pod["containers"], "wharf");
+    assert_eq!(main["image"], "registry.example.com/platform/wharf:0.1.0-rc1");
+    assert_eq!(main["resources"]["limits"]["cpu"], "2");
+    assert_eq!(str_at(named(&main["env"], "RUST_LOG"), "/value"), "info,wharf=debug");
+    let init = named(&pod["initContainers"], "node-setup");
+    assert_eq!(init["resources"]["limits"]["memory"], "32Mi");
+    let init_args = args_of(init);
+    assert_eq!(flag(&init_args, "dial-timeout").as_deref(), Some("500ms"));
+    assert_eq!(flag(&init_args, "certs-dir").as_deref(), Some("/var/lib/rancher/k3s/agent/etc/containerd/certs.d"));
+    assert_eq!(str_at(named(&pod["volumes"], "data"), "/hostPath/path"), "/mnt/fast/wharf");
+    let meta = &ds["spec"]["template"]["metadata"];
+    assert_eq!(meta["labels"]["example.com/tier"], "infra");
+    assert_eq!(meta["annotations"]["example.com/team"], "platform");
+    assert!(meta["annotations"].get("prometheus.io/scrape").is_none());
+    let sm = objs.one("ServiceMonitor");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(sm["spec"]["endpoints"][0]["interval"], "15s");
+    assert!(objs.find("PriorityClass").is_none() && objs.find("PodDisruptionBudget").is_none());
+    assert_eq!(str_at(ds, "/metadata/name"), "node-mirror");
+}
+
+#[test]
+fn helm_chart_loopback_values_without_node_setup() {
+    let objs = validate(&helm(&["ci/loopback-values.yaml"], &[]).unwrap());
+    check_workload(&objs, &Expect { node_setup: false, service: false, loopback: true });
+    let pod = &objs.one("DaemonSet")["spec"]["template"]["spec"];
+    let volumes: BTreeSet<String> = pod["volumes"].as_array().unwrap().iter().map(|v| str_at(v, "/name")).collect();
+    assert_eq!(volumes, BTreeSet::from(["config".into(), "data".into()]), "no host containerd paths mounted");
+    assert_eq!(objs.one("DaemonSet")["spec"]["updateStrategy"], json!({"type": "OnDelete"}));
+}
+
+#[test]
+fn helm_chart_rejects_invalid_values() {
+    let cases: [(&[&str], &str); 9] = [
+        (&["port=abc"], "/port"),
+        (&["cache.highWatermark=150"], "highWatermark"),
+        (&["registries.internal.url=ftp://internal"], "url"),
+        (&["warm.images[0].image=x", "warm.images[0].platforms[0]=amd64"], "platforms"),
+        (&["updateStrategy.rollingUpdate.maxSurge=1"], "maxSurge"),
+        (&["portt=5000"], "portt"),
+        (&["metrics.serviceMonitor.enabled=true", "service.enabled=false"], "needs service.enabled"),
+        (&["shutdownGrace=60"], "terminationGracePeriodSeconds must be larger"),
+        (&["listenAddress=127.0.0.1"], "service.enabled needs a listenAddress"),
+    ];
+    for (set, wanted) in cases {
+        match helm(&[], set) {
+            Ok(yaml) => panic!("--set {set:?} rendered:\n{yaml}"),
+            Err(e) => assert!(e.contains(wanted), "--set {set:?}: expected an error naming {wanted:?}, got:\n{e}"),
+        }
+    }
+}
+
+/// Dockerfile instructions: (keyword, arguments), continuation lines joined, comments dropped.
+fn dockerfile() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('#') || (t.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match t.strip_suffix('\\') {
+            Some(rest) => current.push_str(rest),
+            None => {
+                current.push_str(t);
+                let (k, v) = current.split_once(char::is_whitespace).unwrap_or((current.as_str(), ""));
+                out.push((k.to_uppercase(), v.trim().to_string()));
+                current.clear();
+            }
+        }
+    }
+    out
+}
+
+fn cargo_toml() -> toml::Table {
+    std::fs::read_to_string(repo().join("Cargo.toml")).unwrap().parse().unwrap()
+}
+
+#[test]
+fn dockerfile_matches_what_the_repository_builds() {
+    let ins = dockerfile();
+    let all = |k: &str| -> Vec<&String> { ins.iter().filter(|(kw, _)| kw == k).map(|(_, v)| v).collect() };
+    let one = |k: &str| -> &String {
+        let v = all(k);
+        assert_eq!(v.len(), 1, "{k}: {v:?}");
+        v[0]
+    };
+    let cargo = cargo_toml();
+    let package = cargo["package"].as_table().unwrap();
+    let bin = cargo["bin"].as_array().unwrap()[0]["name"].as_str().unwrap().to_string();
+
+    // Two stages: a Debian 12 Rust builder new enough for the edition, a Debian 12 distroless runtime.
+    let froms = all("FROM");
+    assert_eq!(froms.len(), 2, "{froms:?}");
+    assert_eq!(froms[0], "docker.io/library/rust:${RUST_VERSION}-bookworm AS build");
+    assert!(froms[1].starts_with("gcr.io/distroless/cc-debian12"), "runtime is glibc distroless: {}", froms[1]);
+    let rust_version = all("ARG").into_iter().find_map(|a| a.strip_prefix("RUST_VERSION=")).unwrap();
+    let (major, minor) = rust_version.split_once('.').unwrap();
+    assert!((major.parse::<u32>().unwrap(), minor.parse::<u32>().unwrap()) >= (1, 85), "edition 2024 needs 1.85+");
+    assert_eq!(package["edition"].as_str(), Some("2024"));
+
+    // The build produces the binary the ENTRYPOINT runs.
+    let run_line = one("RUN");
+    assert!(run_line.contains(&format!("cargo build --release --locked --bin {bin}")), "{run_line}");
+    let installed = format!("/usr/local/bin/{bin}");
+    assert!(run_line.contains(&format!("target/release/{bin} /out{installed}")), "{run_line}");
+    assert!(all("COPY").iter().any(|c| c.as_str() == format!("--from=build /out{installed} {installed}")));
+    assert_eq!(one("ENTRYPOINT"), &format!("[\"{installed}\"]"));
+
+    // Non-root as the user the manifests run it as; the cache directory is that user's and the default port.
+    assert_eq!(one("USER"), &format!("{IMAGE_USER}:{IMAGE_USER}"));
+    assert!(
+        all("COPY").iter().any(|c| c.as_str()
+            == format!("--from=build --chown={IMAGE_USER}:{IMAGE_USER} /out/var/lib/wharf /var/lib/wharf"))
+    );
+    assert_eq!(one("CMD"), "[\"serve\", \"--data-dir\", \"/var/lib/wharf\"]");
+    assert_eq!(one("VOLUME"), "[\"/var/lib/wharf\"]");
+    let default_port = wharf::config::Config::default().listen.port();
+    assert_eq!(one("EXPOSE"), &default_port.to_string());
+    assert!(all("HEALTHCHECK").is_empty(), "Kubernetes probes do that");
+
+    // OCI annotations agree with Cargo.toml.
+    let labels = one("LABEL");
+    for (key, value) in [
+        ("title", bin.as_str()),
+        ("description", package["description"].as_str().unwrap()),
+        ("licenses", package["license"].as_str().unwrap()),
+    ] {
+        assert!(labels.contains(&format!("org.opencontainers.image.{key}=\"{value}\"")), "{key}: {labels}");
+    }
+    for key in ["version", "revision", "created"] {
+        assert!(labels.contains(&format!("org.opencontainers.image.{key}=")), "{key}: {labels}");
+    }
+    let version = all("ARG").into_iter().find_map(|a| a.strip_prefix("VERSION=")).unwrap();
+    assert_eq!(Some(version), package["version"].as_str(), "ARG VERSION vs Cargo.toml");
+    assert_eq!(
+        std::fs::read_to_string(repo().join(CHART).join("Chart.yaml"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("appVersion:")),
+        Some(format!("appVersion: \"{version}\"").as_str()),
+        "the chart's default image tag is the crate's version"
+    );
+}
+
+/// `.dockerignore` patterns as used there: `dir/` and `**/*.ext`.
+fn ignored(patterns: &[String], rel: &str) -> bool {
+    patterns.iter().any(|p| match (p.strip_suffix('/'), p.strip_prefix("**/*")) {
+        (Some(dir), _) => rel == dir || rel.starts_with(&format!("{dir}/")),
+        (_, Some(ext)) => rel.ends_with(ext),
+        _ => rel == p,
+    })
+}
+
+#[test]
+fn dockerignore_keeps_what_cargo_needs() {
+    let patterns: Vec<String> = std::fs::read_to_string(repo().join(".dockerignore"))
+        .unwrap()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    for p in &patterns {
+        assert!(p.ends_with('/') || p.starts_with("**/*"), "pattern {p:?} is not understood by this test");
+    }
+    assert!(ignored(&patterns, "target") && ignored(&patterns, ".git"), "build output and history stay out");
+    // Every target Cargo.toml names, the lock file, and every file the sources include at compile time.
+    let cargo = cargo_toml();
+    let mut needed = vec!["Cargo.toml".to_string(), "Cargo.lock".into(), "src/lib.rs".into()];
+    for section in ["bin", "test", "bench"] {
+        for target in cargo.get(section).and_then(|v| v.as_array()).into_iter().flatten() {
+            let name = target["name"].as_str().unwrap();
+            let default = if section == "bench" { format!("benches/{name}.rs") } else { String::new() };
+            needed.push(target.get("path").and_then(|p| p.as_str()).map(str::to_string).unwrap_or(default));
+        }
+    }
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                sources(&p, out)
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p)
+            }
+        }
+    }
+    let mut files = Vec::new();
+    sources(&repo().join("src"), &mut files);
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for part in ["include_str!(\"", "include_bytes!(\""].iter().flat_map(|m| text.split(m).skip(1)) {
+            let rel = part.split('"').next().unwrap();
+            let abs = file.parent().unwrap().join(rel).canonicalize().unwrap();
+            needed.push(abs.strip_prefix(repo().canonicalize().unwrap()).unwrap().to_str().unwrap().into());
+        }
+    }
+    for rel in needed.iter().filter(|r| !r.is_empty()) {
+        assert!(repo().join(rel).exists(), "{rel} does not exist");
+        assert!(!ignored(&patterns, rel), ".dockerignore drops {rel}, which the build needs");
+    }
+}
+
+/// The runtime image has glibc (Debian 12: 2.36), libgcc and libstdc++ and no other shared library: the
+/// binary must need nothing else (an OpenSSL or libz dependency would fail only at container start).
+#[test]
+fn binary_needs_only_what_the_distroless_runtime_has() {
+    let bin = env!("CARGO_BIN_EXE_wharf");
+    let out =
+        run(Command::new("readelf").args(["--dynamic", "--version-info", "--wide", bin]), Duration::from_secs(60));
+    assert!(out.status.success(), "readelf (Debian: binutils, which cargo's linker needs anyway)\n{}", text(&out));
+    let dump = String::from_utf8_lossy(&out.stdout);
+    let runtime = [
+        "libc.so.6",
+        "libm.so.6",
+        "libgcc_s.so.1",
+        "libstdc++.so.6",
+        "libpthread.so.0",
+        "libdl.so.2",
+        "librt.so.1",
+        "ld-linux-x86-64.so.2",
+        "ld-linux-aarch64.so.1",
+    ];
+    let needed: Vec<&str> = dump
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1)?.split(']').next())
+        .collect();
+    assert!(needed.contains(&"libc.so.6"), "not a dynamically linked glibc binary? {needed:?}");
+    let extra: Vec<_> = needed.iter().filter(|n| !runtime.contains(n)).collect();
+    assert!(extra.is_empty(), "shared libraries the distroless runtime lacks: {extra:?}");
+    let newest = dump
+        .split("GLIBC_")
+        .skip(1)
+        .filter_map(|v| {
+            let v: String = v.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+            let mut it = v.split('.').map(|n| n.parse::<u32>().unwrap_or(0));
+            Some((it.next()?, it.next().unwrap_or(0)))
+        })
+        .max()
+        .unwrap();
+    assert!(newest <= (2, 36), "needs GLIBC_{}.{}, Debian 12 has 2.36", newest.0, newest.1);
+}
