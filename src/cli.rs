@@ -23,6 +23,8 @@ pub enum Command {
     Config(ServeArgs),
     /// Point this node's containerd at wharf (certs.d hosts.toml with fallback); `--remove` undoes it.
     NodeSetup(crate::node_setup::Args),
+    /// Pull images into the cache now: through a running wharf (`--server`) or into a data directory.
+    Prefetch(PrefetchArgs),
 }
 
 /// Flags for `serve`. Each overrides the config file and `WHARF_…` environment variables.
@@ -69,6 +71,52 @@ impl ServeArgs {
             credentials_file: self.credentials.clone(),
             log_format: if self.json { Some(LogFormat::Json) } else { self.log_format },
             upstreams: self.upstreams.clone(),
+        }
+    }
+}
+
+/// Flags for `prefetch`: where to pull into, and (for `--data-dir`) the usual configuration layers.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("into").required(true).args(["server", "data_dir"])))]
+pub struct PrefetchArgs {
+    /// Images, `[registry/]name[:tag|@digest]`, e.g. `docker.io/library/nginx:1.27`.
+    #[arg(value_name = "IMAGE", required = true)]
+    pub images: Vec<String>,
+    /// Platform to keep from a multi-platform image, `os/arch[/variant]` (repeatable; default: this node's).
+    #[arg(long = "platform", value_name = "OS/ARCH")]
+    pub platforms: Vec<String>,
+    /// Pull through the running wharf at URL (e.g. `http://127.0.0.1:5000`), which caches what passes.
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// Fill this cache directory directly (no wharf may be running on it).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML config file, for registries and credentials (with `--data-dir`).
+    #[arg(long, value_name = "FILE", conflicts_with = "server")]
+    pub config: Option<PathBuf>,
+    /// Serve registry name REGISTRY from endpoint URL (repeatable; with `--data-dir`).
+    #[arg(long = "upstream", value_name = "REGISTRY=URL", value_parser = parse_upstream_flag, conflicts_with = "server")]
+    pub upstreams: Vec<(String, String)>,
+    /// Registry for images that name none (with `--data-dir`).
+    #[arg(long, value_name = "REGISTRY", conflicts_with = "server")]
+    pub default_registry: Option<String>,
+    /// Upstream credentials as a docker config.json (with `--data-dir`).
+    #[arg(long = "credentials", value_name = "FILE", conflicts_with = "server")]
+    pub credentials: Option<PathBuf>,
+    /// JSON log lines (and no progress bars).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl PrefetchArgs {
+    /// The flags as configuration overrides (for `--data-dir`).
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            data_dir: self.data_dir.clone(),
+            default_registry: self.default_registry.clone(),
+            credentials_file: self.credentials.clone(),
+            upstreams: self.upstreams.clone(),
+            ..Overrides::default()
         }
     }
 }

@@ -151,7 +151,6 @@ pub struct AdminSettings {
     pub token: String,
 }
 
-
 /// One upstream registry.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

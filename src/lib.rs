@@ -5,6 +5,7 @@
 //! - [`upstream`]: registry clients, token auth, routing a request to a configured registry.
 //! - [`cache`]: the blob store, in-flight fills, manifests and tags, sled metadata.
 //! - [`api`]: HTTP routes, OCI errors, `Range`.
+//! - [`warm`]: the warm list and the image walk; [`prefetch`]: `wharf prefetch`; [`admin`]: the admin API.
 //! - [`config`], [`state`], [`server`], [`telemetry`]: wiring.
 //!
 //! # A blob's path
@@ -13,6 +14,7 @@
 //! written to a temporary file while hashing) → `cache::reader` streams from the file, following the fill →
 //! at the end the fill verifies size and digest and renames the file into `blobs/sha256/<2 hex>/<hex>`.
 
+pub mod admin;
 pub mod api;
 pub mod cache;
 pub mod cli;
@@ -20,7 +22,9 @@ pub mod config;
 pub mod metrics;
 pub mod node_setup;
 pub mod oci;
+pub mod prefetch;
 pub mod server;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;
+pub mod warm;

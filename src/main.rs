@@ -28,6 +28,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::NodeSetup(args) => Ok(wharf::node_setup::run(&args)?),
+        Command::Prefetch(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let summary = runtime.block_on(wharf::prefetch::run(&args))?;
+            if !summary.failed.is_empty() {
+                let failed: Vec<String> = summary.failed.iter().map(|(image, e)| format!("{image}: {e}")).collect();
+                anyhow::bail!("{} of {} images failed:\n  {}", failed.len(), args.images.len(), failed.join("\n  "));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -42,7 +51,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
+    // Background work stops when shutdown begins; the tracker then waits for it.
+    let stop = tokio_util::sync::CancellationToken::new();
+    state.cache.spawn_gc_loop(stop.clone());
+    wharf::warm::spawn(state.clone(), &tasks, stop.clone());
+    if let Some(admin) = wharf::admin::bind(&state).await.context("binding admin.listen")? {
+        let (router, stopped) = (wharf::admin::router(state.clone()), stop.clone().cancelled_owned());
+        tokio::spawn(async move {
+            if let Err(e) = wharf::server::serve_until(admin, router, stopped, grace).await {
+                tracing::error!(error = %e, "admin API listener failed");
+            }
+        });
+    }
     tracing::info!(data_dir = %data_dir.display(), "wharf {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
-    wharf::server::run(listener, state, tasks, wharf::server::shutdown_signal(), grace).await?;
+    let shutdown = async move {
+        wharf::server::shutdown_signal().await;
+        stop.cancel();
+    };
+    wharf::server::run(listener, state, tasks, shutdown, grace).await?;
     Ok(())
 }

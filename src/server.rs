@@ -43,6 +43,32 @@ pub async fn run(
     Ok(())
 }
 
+/// Serves `app` on `listener` until `shutdown` resolves, then gives open connections up to `grace`: for side
+/// listeners such as the admin API (the registry listener uses [`run`], which also waits for fills).
+pub async fn serve_until(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
+    let deadline = async move {
+        if rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        res = server => res,
+        _ = deadline => Ok(()),
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

@@ -2,12 +2,22 @@
 
 mod support;
 
+mod admin;
 mod api;
 mod containerd;
+mod dashboard;
+mod deploy;
+mod disk_full;
 mod faults;
+mod gc;
+mod hostile;
 mod lifecycle;
+mod metrics;
+mod node_setup;
 mod parallel_fill;
+mod prefetch;
 mod range;
 mod restart;
 mod single_flight;
 mod skopeo;
+mod warm;

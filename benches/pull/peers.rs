@@ -1,0 +1,288 @@
+//! The servers a client can pull from, all on 127.0.0.1, and their cold/warm life cycle.
+//!
+//! * `wharf`: the binary cargo built (`CARGO_BIN_EXE_wharf`), copied into the run directory first so that a
+//!   concurrent `cargo build` cannot swap it mid-run; upstream `origin.test=http://SHIM`.
+//! * `registry-proxy`: `docker-registry` with `proxy.remoteurl: http://SHIM`, the reference pull-through cache.
+//! * `nginx`: `sendfile on`, serving the origin's blob files in place (a regex location + `alias` maps
+//!   `/v2/<name>/blobs/sha256:<hex>` to `<root>/docker/registry/v2/blobs/sha256/<2 hex>/<hex>/data`) and the
+//!   manifests as static files: the upper bound for serving a cached blob (never cold).
+//! * `direct`: the origin through the shim (no cache). Its "server" figures are the origin's.
+//!
+//! [`Peers::cold`] gives a caching peer with an empty cache (stopped, new data directory, started again).
+
+use crate::origin::{Catalog, Registry};
+use crate::procs::{self, Proc};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Which server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PeerKind {
+    Wharf,
+    Proxy,
+    Nginx,
+    Direct,
+}
+
+impl PeerKind {
+    /// Name used in tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerKind::Wharf => "wharf",
+            PeerKind::Proxy => "registry-proxy",
+            PeerKind::Nginx => "nginx",
+            PeerKind::Direct => "direct",
+        }
+    }
+
+    /// Parses a name from `--peers`.
+    pub fn parse(s: &str) -> Option<PeerKind> {
+        match s {
+            "wharf" => Some(PeerKind::Wharf),
+            "proxy" | "registry-proxy" => Some(PeerKind::Proxy),
+            "nginx" => Some(PeerKind::Nginx),
+            "direct" => Some(PeerKind::Direct),
+            _ => None,
+        }
+    }
+}
+
+/// A server to point clients at.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub kind: PeerKind,
+    pub url: String,
+    /// Processes whose CPU and RSS count as the server's (nginx: master and workers).
+    pub pids: Vec<i32>,
+}
+
+struct WharfProc {
+    proc: Proc,
+    url: String,
+    dir: PathBuf,
+}
+
+struct Nginx {
+    proc: Proc,
+    port: u16,
+    workers: Vec<i32>,
+}
+
+/// Every peer's process, started on demand.
+pub struct Peers {
+    run_dir: PathBuf,
+    shim_url: String,
+    origin_pid: i32,
+    origin_root: PathBuf,
+    manifests_dir: PathBuf,
+    request_log: bool,
+    wharf_bin: PathBuf,
+    seq: u32,
+    wharf: Option<WharfProc>,
+    proxy: Option<(Registry, PathBuf)>,
+    nginx: Option<Nginx>,
+    /// Highest `VmHWM` (KiB) of any wharf instance stopped so far.
+    pub wharf_hwm_kib: u64,
+}
+
+impl Peers {
+    /// Writes the static manifests nginx serves; starts nothing yet.
+    pub fn new(run_dir: &Path, shim_url: &str, origin: &Registry, catalog: &Catalog, request_log: bool) -> Peers {
+        let manifests_dir = run_dir.join("nginx-manifests");
+        for img in catalog.all() {
+            let dir = manifests_dir.join(&img.repo);
+            std::fs::create_dir_all(&dir).expect("create manifests dir");
+            std::fs::write(dir.join(&img.tag), &img.manifest).expect("write manifest");
+            std::fs::write(dir.join(&img.manifest_digest), &img.manifest).expect("write manifest");
+        }
+        let wharf_bin = run_dir.join("wharf");
+        std::fs::copy(env!("CARGO_BIN_EXE_wharf"), &wharf_bin).expect("copy the wharf binary");
+        Peers {
+            run_dir: run_dir.to_path_buf(),
+            shim_url: shim_url.to_string(),
+            origin_pid: origin.proc.pid(),
+            origin_root: origin.root.clone(),
+            manifests_dir,
+            request_log,
+            wharf_bin,
+            seq: 0,
+            wharf: None,
+            proxy: None,
+            nginx: None,
+            wharf_hwm_kib: 0,
+        }
+    }
+
+    /// `kind` with an empty cache: wharf and the proxy are restarted on a new data directory.
+    pub async fn cold(&mut self, kind: PeerKind) -> Target {
+        match kind {
+            PeerKind::Wharf => self.stop_wharf(),
+            PeerKind::Proxy => self.stop_proxy(),
+            PeerKind::Nginx | PeerKind::Direct => {}
+        }
+        self.current(kind).await
+    }
+
+    /// The running instance of `kind` (started if needed; its cache as previous runs left it).
+    pub async fn current(&mut self, kind: PeerKind) -> Target {
+        match kind {
+            PeerKind::Wharf => {
+                if self.wharf.is_none() {
+                    self.wharf = Some(self.start_wharf());
+                }
+                let w = self.wharf.as_ref().expect("wharf");
+                Target { kind, url: w.url.clone(), pids: vec![w.proc.pid()] }
+            }
+            PeerKind::Proxy => {
+                if self.proxy.is_none() {
+                    self.seq += 1;
+                    let dir = self.run_dir.join(format!("proxy-{}", self.seq));
+                    self.proxy = Some((Registry::start(&dir, Some(&self.shim_url)).await, dir));
+                }
+                let (p, _) = self.proxy.as_ref().expect("proxy");
+                Target { kind, url: p.url(), pids: vec![p.proc.pid()] }
+            }
+            PeerKind::Nginx => {
+                if self.nginx.is_none() {
+                    self.nginx = Some(self.start_nginx().await);
+                }
+                let n = self.nginx.as_ref().expect("nginx");
+                let mut pids = vec![n.proc.pid()];
+                pids.extend(&n.workers);
+                Target { kind, url: format!("http://127.0.0.1:{}", n.port), pids }
+            }
+            PeerKind::Direct => Target { kind, url: self.shim_url.clone(), pids: vec![self.origin_pid] },
+        }
+    }
+
+    /// True once the proxy has committed every digest to its storage (its fills are background tasks).
+    pub fn proxy_has(&self, digests: &[&str]) -> bool {
+        let Some((p, _)) = &self.proxy else { return false };
+        digests.iter().all(|d| p.blob_path(d).exists())
+    }
+
+    fn start_wharf(&mut self) -> WharfProc {
+        self.seq += 1;
+        let dir = self.run_dir.join(format!("wharf-{}", self.seq));
+        std::fs::create_dir_all(&dir).expect("create wharf dir");
+        let mut cmd = Command::new(&self.wharf_bin);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--upstream")
+            .arg(format!("origin.test={}", self.shim_url))
+            .arg("--default-registry")
+            .arg("origin.test");
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("WHARF_") {
+                cmd.env_remove(key);
+            }
+        }
+        // The per-request log line is off unless asked for (nginx and the registries log no requests either).
+        let filter = if self.request_log { "info" } else { "info,wharf::request=warn" };
+        cmd.env("RUST_LOG", filter);
+        let mut proc = Proc::spawn("wharf", cmd, Some("listening on http://"));
+        let rest = proc.wait_ready(Duration::from_secs(30));
+        let addr: String = rest.chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
+        WharfProc { proc, url: format!("http://{addr}"), dir }
+    }
+
+    fn stop_wharf(&mut self) {
+        if let Some(mut w) = self.wharf.take() {
+            w.proc.stop(libc::SIGKILL, Duration::from_secs(5));
+            self.wharf_hwm_kib = self.wharf_hwm_kib.max(w.proc.final_hwm_kib);
+            let _ = std::fs::remove_dir_all(&w.dir);
+        }
+    }
+
+    /// wharf's `VmHWM` (KiB) so far: stopped instances and the running one.
+    pub fn wharf_peak_kib(&self) -> u64 {
+        let running = self.wharf.as_ref().and_then(|w| procs::rss_kib(w.proc.pid())).map(|r| r.1).unwrap_or(0);
+        self.wharf_hwm_kib.max(running)
+    }
+
+    fn stop_proxy(&mut self) {
+        if let Some((mut p, dir)) = self.proxy.take() {
+            p.proc.stop(libc::SIGKILL, Duration::from_secs(5));
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    async fn start_nginx(&mut self) -> Nginx {
+        let dir = self.run_dir.join("nginx");
+        std::fs::create_dir_all(dir.join("tmp")).expect("create nginx dir");
+        let port = procs::free_port();
+        // SAFETY: getuid has no preconditions.
+        let user = if unsafe { libc::getuid() } == 0 { "user root;\n" } else { "" };
+        let blobs = self.origin_root.join("docker/registry/v2/blobs/sha256");
+        let conf = format!(
+            "{user}daemon off;\nmaster_process on;\nworker_processes 2;\npid {dir}/nginx.pid;\n\
+             error_log {dir}/error.log warn;\nevents {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  tcp_nodelay on;\n\
+             keepalive_requests 1000000;\n  keepalive_timeout 75s;\n  server_tokens off;\n\
+             client_body_temp_path {dir}/tmp/body;\n  proxy_temp_path {dir}/tmp/proxy;\n\
+             fastcgi_temp_path {dir}/tmp/fastcgi;\n  uwsgi_temp_path {dir}/tmp/uwsgi;\n  scgi_temp_path {dir}/tmp/scgi;\n\
+             server {{\n    listen 127.0.0.1:{port};\n\
+             location ~ \"^/v2/(?<repo>.+)/blobs/sha256:(?<p2>[0-9a-f][0-9a-f])(?<rest>[0-9a-f]{{62}})$\" {{\n\
+             alias {blobs}/$p2/$p2$rest/data;\n      default_type application/octet-stream;\n    }}\n\
+             location ~ \"^/v2/(?<mrepo>.+)/manifests/(?<mref>[^/]+)$\" {{\n\
+             alias {manifests}/$mrepo/$mref;\n      default_type application/vnd.oci.image.manifest.v1+json;\n    }}\n\
+             location = /v2/ {{ default_type application/json; return 200 '{{}}'; }}\n  }}\n}}\n",
+            dir = dir.display(),
+            blobs = blobs.display(),
+            manifests = self.manifests_dir.display(),
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("write nginx.conf");
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-p").arg(&dir).arg("-e").arg(dir.join("error.log")).arg("-c").arg(&conf_path);
+        let proc = Proc::spawn("nginx", cmd, None);
+        let http = reqwest::Client::builder().no_proxy().build().expect("client");
+        let url = format!("http://127.0.0.1:{port}/v2/");
+        let mut workers = Vec::new();
+        for _ in 0..300 {
+            if matches!(http.get(&url).send().await, Ok(r) if r.status().is_success()) {
+                workers = procs::children_of(proc.pid());
+                if workers.len() >= 2 {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if workers.is_empty() {
+            let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+            panic!("nginx did not start:\n{}\n{log}", proc.log_tail(20));
+        }
+        for &w in &workers {
+            procs::register(w);
+        }
+        let listed: String = workers.iter().map(|w| format!("{w}\n")).collect();
+        let _ = std::fs::write(self.run_dir.join(procs::ORPHAN_PIDS_FILE), listed);
+        Nginx { proc, port, workers }
+    }
+
+    /// Stops everything (wharf, proxy, nginx and its workers).
+    pub fn stop_all(&mut self) {
+        self.stop_wharf();
+        self.stop_proxy();
+        if let Some(mut n) = self.nginx.take() {
+            n.proc.stop(libc::SIGTERM, Duration::from_secs(5));
+            for w in n.workers {
+                if Path::new(&format!("/proc/{w}")).exists() {
+                    // SAFETY: a worker of the nginx we started that outlived its master.
+                    unsafe { libc::kill(w, libc::SIGKILL) };
+                }
+                procs::unregister(w);
+            }
+        }
+    }
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}

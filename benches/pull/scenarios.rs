@@ -1,0 +1,652 @@
+//! The seven scenarios of issue 3, each producing one report [`Section`]:
+//! 1 cold single pull, 2 warm single pull, 3 cold herd, 4 late joiners, 5 many images, 6 the large layer
+//! with 4 clients (cold and warm), 7 manifest requests per second with `ab -k`.
+//!
+//! Every measured run goes through [`Ctx::measured`]: server CPU (`/proc/PID/stat` deltas), sampled peak
+//! RSS, and the shim's counters, read after the shim has been quiet for 300 ms so that background fills
+//! (the reference proxy's second download) are charged to the run that caused them.
+
+use crate::Opts;
+use crate::client::{self, BlobStats, Mode, Node, PullStats};
+use crate::origin::{ACCEPT_MANIFESTS, Blob, Catalog, GIB, Image, MIB, unique_bytes};
+use crate::peers::{PeerKind, Peers, Target};
+use crate::procs::{self, RssSampler};
+use crate::report::{Measure, Row, RpsRow, Section, Table};
+use crate::shim::Shim;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Everything a scenario needs.
+pub struct Ctx {
+    pub opts: Opts,
+    pub shim: Shim,
+    pub peers: Peers,
+    pub catalog: Catalog,
+    pub sections: Vec<Section>,
+}
+
+type R<T> = Result<T, String>;
+
+impl Ctx {
+    /// `wanted` filtered by `--peers`, in `wanted`'s order.
+    fn peers_of(&self, wanted: &[PeerKind]) -> Vec<PeerKind> {
+        wanted.iter().copied().filter(|p| self.opts.peers.contains(p)).collect()
+    }
+
+    /// Per-connection upstream rate in MB/s (0 = unlimited).
+    fn set_rate(&self, mbs: u64) {
+        self.shim.set_rate(mbs * 1_000_000);
+    }
+
+    /// Runs `fut` against `target`, measuring the server and the upstream.
+    async fn measured<T>(&self, target: &Target, fut: impl std::future::Future<Output = T>) -> (T, Measure) {
+        let sampler = RssSampler::start(target.pids.clone());
+        let cpu0 = procs::cpu_seconds_sum(&target.pids);
+        let up0 = self.shim.snapshot();
+        let t = Instant::now();
+        let out = fut.await;
+        let elapsed = t.elapsed().as_secs_f64();
+        self.shim.wait_idle(Duration::from_millis(300), Duration::from_secs(300)).await;
+        let m = Measure {
+            elapsed,
+            cpu_s: procs::cpu_seconds_sum(&target.pids) - cpu0,
+            peak_rss_kib: sampler.finish(),
+            up: self.shim.snapshot().since(&up0),
+        };
+        (out, m)
+    }
+
+    /// The images of the single-pull scenarios: `(key, image)`.
+    fn pull_images(&self) -> Vec<(&'static str, Image)> {
+        let mut v = vec![("app", self.catalog.app.clone()), ("large", self.catalog.large.clone())];
+        if let Some(h) = &self.catalog.huge {
+            v.push(("huge", h.clone()));
+        }
+        v
+    }
+
+    /// Pulls every image once (unlimited upstream) so that `target` has them cached; for the reference
+    /// proxy, waits until its background fills have committed every blob.
+    async fn warm_up(&mut self, target: &Target, images: &[Image]) {
+        let saved = self.shim.rate();
+        self.shim.set_rate(0);
+        for img in images {
+            let r = pull_all(&target.url, vec![(img.clone(), Mode::Whole)], self.opts.downloads).await;
+            if let Some(Err(e)) = r.first() {
+                eprintln!("bench: warm-up of {} on {} failed: {e}", img.repo, target.kind.name());
+            }
+        }
+        if target.kind == PeerKind::Proxy {
+            let digests: Vec<String> =
+                images.iter().flat_map(|i| i.blobs().into_iter().map(|b| b.digest.clone())).collect();
+            let refs: Vec<&str> = digests.iter().map(String::as_str).collect();
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !self.peers.proxy_has(&refs) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        self.shim.wait_idle(Duration::from_millis(300), Duration::from_secs(300)).await;
+        self.shim.set_rate(saved);
+    }
+
+    fn push(&mut self, scenario: u32, title: String, mut rows: Vec<Row>, notes: Vec<String>) {
+        // Group rows by case (first appearance), peers in a fixed order within a case.
+        let order: Vec<String> = rows.iter().fold(Vec::new(), |mut acc, r| {
+            if !acc.contains(&r.case) {
+                acc.push(r.case.clone());
+            }
+            acc
+        });
+        rows.sort_by_key(|r| (order.iter().position(|c| *c == r.case), r.peer));
+        let section = Section { scenario, title, notes, table: Table::Transfer(rows) };
+        println!("{}", crate::report::render_section(&section));
+        self.sections.push(section);
+    }
+}
+
+/// "410 MiB", "1.0 GiB".
+pub fn size_label(bytes: u64) -> String {
+    if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / MIB as f64)
+    }
+}
+
+fn image_label(img: &Image) -> String {
+    let layers: u64 = img.layers.iter().map(|l| l.size).sum();
+    format!("{} ({} layers, {})", img.repo, img.layers.len(), size_label(layers))
+}
+
+/// One node per job, all started at once; each pulls its image.
+async fn pull_all(url: &str, jobs: Vec<(Image, Mode)>, downloads: usize) -> Vec<R<PullStats>> {
+    let handles: Vec<_> = jobs
+        .into_iter()
+        .map(|(img, mode)| {
+            let url = url.to_string();
+            tokio::spawn(async move {
+                let node = Node::new(downloads);
+                client::pull(&node, &url, &img, mode).await
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap_or_else(|e| Err(format!("client task: {e}"))));
+    }
+    out
+}
+
+/// What a row needs besides the results.
+struct RowSpec {
+    scenario: u32,
+    case: String,
+    image: &'static str,
+    mode: String,
+    peer: PeerKind,
+    reference_bytes: u64,
+}
+
+fn pull_row(spec: RowSpec, results: &[R<PullStats>], m: Measure) -> Row {
+    let mut row = Row {
+        scenario: spec.scenario,
+        case: spec.case,
+        image: spec.image,
+        mode: spec.mode,
+        peer: spec.peer,
+        clients: results.len(),
+        errors: Vec::new(),
+        wall: Vec::new(),
+        ttfb: Vec::new(),
+        bytes: 0,
+        reference_bytes: spec.reference_bytes,
+        m,
+        note: String::new(),
+    };
+    for r in results {
+        match r {
+            Ok(s) => {
+                row.wall.push(s.wall.as_secs_f64());
+                row.ttfb.push(s.ttfb.as_secs_f64() * 1e3);
+                row.bytes += s.bytes;
+            }
+            Err(e) => row.errors.push(e.clone()),
+        }
+    }
+    progress(&row);
+    row
+}
+
+/// One line per finished run on stderr, for watching long runs.
+fn progress(r: &Row) {
+    let wall = r.wall.iter().cloned().fold(0.0, f64::max);
+    eprintln!(
+        "bench: [{}] {} | {}: max wall {:.2} s, {:.0} MB/s, upstream {:.1} MB ({:.2}×), CPU {:.2} s, RSS {:.0} MB{}",
+        r.scenario,
+        r.case,
+        r.peer.name(),
+        wall,
+        r.mbps(),
+        r.m.up.bytes as f64 / 1e6,
+        r.dedupe(),
+        r.m.cpu_s,
+        r.m.peak_rss_kib as f64 * 1024.0 / 1e6,
+        if r.errors.is_empty() { String::new() } else { format!(", {} errors: {}", r.errors.len(), r.errors[0]) }
+    );
+}
+
+/// 1. One client pulls each image from a cold peer, per rate and client mode.
+pub async fn cold_single(ctx: &mut Ctx) {
+    let mut rows = Vec::new();
+    for rate in ctx.opts.rates.clone() {
+        ctx.set_rate(rate);
+        for (key, img) in ctx.pull_images() {
+            for mode in ctx.opts.cold_modes.clone() {
+                let case = format!("{}, {}, {rate} MB/s", image_label(&img), mode.name());
+                for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Proxy, PeerKind::Direct]) {
+                    let target = ctx.peers.cold(peer).await;
+                    let job = pull_all(&target.url, vec![(img.clone(), mode)], ctx.opts.downloads);
+                    let (res, m) = ctx.measured(&target, job).await;
+                    let spec = RowSpec {
+                        scenario: 1,
+                        case: case.clone(),
+                        image: key,
+                        mode: mode.name(),
+                        peer,
+                        reference_bytes: img.bytes(),
+                    };
+                    rows.push(pull_row(spec, &res, m));
+                }
+            }
+        }
+    }
+    let title = format!(
+        "1. Cold single pull (1 client, {} concurrent requests; upstream limited per connection, +{} ms)",
+        ctx.opts.downloads, ctx.opts.latency_ms
+    );
+    ctx.push(1, title, rows, vec![]);
+}
+
+/// 2. One client pulls each image from a warm peer, per client mode.
+pub async fn warm_single(ctx: &mut Ctx) {
+    let rate = ctx.opts.rates[0];
+    let images = ctx.pull_images();
+    let mut rows = Vec::new();
+    for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Proxy, PeerKind::Nginx]) {
+        let target = ctx.peers.cold(peer).await;
+        ctx.warm_up(&target, &images.iter().map(|i| i.1.clone()).collect::<Vec<_>>()).await;
+        ctx.set_rate(rate);
+        for (key, img) in &images {
+            for mode in ctx.opts.warm_modes.clone() {
+                let case = format!("{}, {}", image_label(img), mode.name());
+                let job = pull_all(&target.url, vec![(img.clone(), mode)], ctx.opts.downloads);
+                let (res, m) = ctx.measured(&target, job).await;
+                let spec = RowSpec { scenario: 2, case, image: key, mode: mode.name(), peer, reference_bytes: 0 };
+                rows.push(pull_row(spec, &res, m));
+            }
+        }
+    }
+    let notes = vec![format!(
+        "Warm: every blob cached (the proxy's background fills committed). The manifest is fetched by tag, so \
+         the reference proxy still asks the upstream ({rate} MB/s, +{} ms) on every pull.",
+        ctx.opts.latency_ms
+    )];
+    ctx.push(2, "2. Warm single pull (1 client)".into(), rows, notes);
+}
+
+/// 3. N clients pull the same image from a cold peer at once.
+pub async fn cold_herd(ctx: &mut Ctx) {
+    let img = ctx.catalog.app.clone();
+    let mut rows = Vec::new();
+    for rate in ctx.opts.rates.clone() {
+        ctx.set_rate(rate);
+        for n in ctx.opts.herd.clone() {
+            let case = format!("N = {n}, {rate} MB/s");
+            for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Proxy, PeerKind::Direct]) {
+                let target = ctx.peers.cold(peer).await;
+                let jobs = vec![(img.clone(), Mode::Whole); n];
+                let (res, m) = ctx.measured(&target, pull_all(&target.url, jobs, ctx.opts.downloads)).await;
+                let spec = RowSpec {
+                    scenario: 3,
+                    case: case.clone(),
+                    image: "app",
+                    mode: "whole".into(),
+                    peer,
+                    reference_bytes: img.bytes(),
+                };
+                rows.push(pull_row(spec, &res, m));
+            }
+        }
+    }
+    let title = format!("3. Cold herd: N clients pull {} at once (whole-blob GETs)", image_label(&img));
+    let notes = vec!["dedupe = upstream bytes / image bytes (1.00: every byte fetched once).".into()];
+    ctx.push(3, title, rows, notes);
+}
+
+/// 4. A leader pulls the large layer from a cold peer; joiners start when it has 25/50/75 %.
+pub async fn late_joiners(ctx: &mut Ctx) {
+    let img = ctx.catalog.large.clone();
+    let blob = img.layers[0].clone();
+    let mut rows = Vec::new();
+    for rate in ctx.opts.rates.clone() {
+        ctx.set_rate(rate);
+        let case = format!("{} layer, {rate} MB/s", size_label(blob.size));
+        for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Proxy, PeerKind::Direct]) {
+            let target = ctx.peers.cold(peer).await;
+            let job = joiners(&target.url, &img.repo, &blob, &[0.25, 0.5, 0.75]);
+            let ((leader, joined), m) = ctx.measured(&target, job).await;
+            let mut row = Row {
+                scenario: 4,
+                case: case.clone(),
+                image: "large",
+                mode: "whole".into(),
+                peer,
+                clients: 1 + joined.len(),
+                errors: Vec::new(),
+                wall: Vec::new(),
+                ttfb: Vec::new(),
+                bytes: 0,
+                reference_bytes: blob.size,
+                m,
+                note: String::new(),
+            };
+            let mut notes = Vec::new();
+            match leader {
+                Ok((s, wall)) => {
+                    row.bytes += s.bytes;
+                    notes.push(format!("leader {wall:.2} s"));
+                }
+                Err(e) => row.errors.push(format!("leader: {e}")),
+            }
+            for j in joined {
+                match j.result {
+                    Ok((s, wall)) => {
+                        row.bytes += s.bytes;
+                        row.wall.push(wall);
+                        row.ttfb.push(s.ttfb.as_secs_f64() * 1e3);
+                        notes.push(format!(
+                            "joiner at {:.0}%{}: TTFB {:.1} ms, {wall:.2} s",
+                            j.fraction * 100.0,
+                            if j.fill_running { "" } else { " (leader already done)" },
+                            s.ttfb.as_secs_f64() * 1e3
+                        ));
+                    }
+                    Err(e) => row.errors.push(format!("joiner at {:.0}%: {e}", j.fraction * 100.0)),
+                }
+            }
+            row.note = notes.join(", ");
+            progress(&row);
+            rows.push(row);
+        }
+    }
+    let notes = vec![
+        "Joiners start when the leader has received 25/50/75 % of the blob; wall and TTFB columns are the \
+         joiners'. A whole-blob GET each."
+            .into(),
+    ];
+    ctx.push(4, "4. Late joiners during a cold fill".into(), rows, notes);
+}
+
+struct Joined {
+    fraction: f64,
+    fill_running: bool,
+    result: R<(BlobStats, f64)>,
+}
+
+type Timed = R<(BlobStats, f64)>;
+
+async fn joiners(url: &str, repo: &str, blob: &Blob, fractions: &[f64]) -> (Timed, Vec<Joined>) {
+    let progress = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let fetch = |progress: Option<Arc<AtomicU64>>| {
+        let (url, repo, blob) = (url.to_string(), repo.to_string(), blob.clone());
+        async move {
+            let node = Node::new(1);
+            let t = Instant::now();
+            let r = client::fetch_blob(&node, &url, &repo, &blob, Mode::Whole, progress.as_deref()).await;
+            r.map(|s| (s, t.elapsed().as_secs_f64()))
+        }
+    };
+    let leader = {
+        let (f, done) = (fetch(Some(progress.clone())), done.clone());
+        tokio::spawn(async move {
+            let r = f.await;
+            done.store(true, Ordering::Relaxed);
+            r
+        })
+    };
+    let mut handles = Vec::new();
+    for &f in fractions {
+        let want = (blob.size as f64 * f) as u64;
+        // Bounded wait: at most one hour at 1 ms steps.
+        for _ in 0..3_600_000 {
+            if progress.load(Ordering::Relaxed) >= want || done.load(Ordering::Relaxed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let running = !done.load(Ordering::Relaxed);
+        handles.push((f, running, tokio::spawn(fetch(None))));
+    }
+    let leader = leader.await.unwrap_or_else(|e| Err(format!("leader task: {e}")));
+    let mut joined = Vec::new();
+    for (fraction, fill_running, h) in handles {
+        let result = h.await.unwrap_or_else(|e| Err(format!("joiner task: {e}")));
+        joined.push(Joined { fraction, fill_running, result });
+    }
+    (leader, joined)
+}
+
+/// 5. Many clients pull many small images (shared base layers) from a cold peer.
+pub async fn many_images(ctx: &mut Ctx) {
+    let images = ctx.catalog.many.clone();
+    let reference = unique_bytes(&images.iter().collect::<Vec<_>>());
+    let clients = ctx.opts.many_clients;
+    let mut order: Vec<Image> = (0..ctx.opts.many_pulls).flat_map(|_| images.iter().cloned()).collect();
+    order.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(5));
+    let mut rows = Vec::new();
+    for rate in ctx.opts.rates.clone() {
+        ctx.set_rate(rate);
+        let case = format!("{} pulls by {clients} clients, {rate} MB/s", order.len());
+        for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Proxy, PeerKind::Direct]) {
+            let target = ctx.peers.cold(peer).await;
+            let queue = Arc::new(Mutex::new(order.iter().cloned().collect::<VecDeque<_>>()));
+            let job = async {
+                let workers: Vec<_> = (0..clients)
+                    .map(|_| {
+                        let (queue, url, downloads) = (queue.clone(), target.url.clone(), ctx.opts.downloads);
+                        tokio::spawn(async move {
+                            let node = Node::new(downloads);
+                            let mut out = Vec::new();
+                            loop {
+                                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                                let Some(img) = next else { break };
+                                out.push(client::pull(&node, &url, &img, Mode::Whole).await);
+                            }
+                            out
+                        })
+                    })
+                    .collect();
+                let mut all = Vec::new();
+                for w in workers {
+                    match w.await {
+                        Ok(v) => all.extend(v),
+                        Err(e) => all.push(Err(format!("client task: {e}"))),
+                    }
+                }
+                all
+            };
+            let (res, m) = ctx.measured(&target, job).await;
+            let spec = RowSpec {
+                scenario: 5,
+                case: case.clone(),
+                image: "many",
+                mode: "whole".into(),
+                peer,
+                reference_bytes: reference,
+            };
+            let mut row = pull_row(spec, &res, m);
+            row.clients = clients;
+            rows.push(row);
+        }
+    }
+    let title = format!(
+        "5. Many images: {} repositories × 5 layers (2 shared by all, 1 per group of 10, 2 own), {clients} \
+         concurrent clients",
+        images.len()
+    );
+    let notes = vec![format!(
+        "Wall and TTFB are per image pull. dedupe = upstream bytes / unique bytes of all images ({}).",
+        size_label(reference)
+    )];
+    ctx.push(5, title, rows, notes);
+}
+
+/// 6. The large layer with several clients, cold then warm.
+pub async fn large_layer(ctx: &mut Ctx) {
+    let n = ctx.opts.large_clients;
+    let mut images = vec![("large", ctx.catalog.large.clone())];
+    if let Some(h) = &ctx.catalog.huge {
+        images.push(("huge", h.clone()));
+    }
+    let mut rows = Vec::new();
+    for rate in ctx.opts.rates.clone() {
+        ctx.set_rate(rate);
+        for (key, img) in &images {
+            let case = format!("cold, {}, {rate} MB/s", image_label(img));
+            for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Proxy, PeerKind::Direct]) {
+                let target = ctx.peers.cold(peer).await;
+                let jobs = vec![(img.clone(), Mode::Whole); n];
+                let (res, m) = ctx.measured(&target, pull_all(&target.url, jobs, ctx.opts.downloads)).await;
+                let spec = RowSpec {
+                    scenario: 6,
+                    case: case.clone(),
+                    image: key,
+                    mode: "whole".into(),
+                    peer,
+                    reference_bytes: img.bytes(),
+                };
+                rows.push(pull_row(spec, &res, m));
+            }
+        }
+    }
+    let rate = ctx.opts.rates[0];
+    for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Proxy, PeerKind::Nginx]) {
+        let target = ctx.peers.current(peer).await;
+        ctx.warm_up(&target, &images.iter().map(|i| i.1.clone()).collect::<Vec<_>>()).await;
+        ctx.set_rate(rate);
+        for (key, img) in &images {
+            for mode in [Mode::Whole, Mode::Chunked(ctx.opts.chunk, ctx.opts.par)] {
+                let case = format!("warm, {}, {}", image_label(img), mode.name());
+                let jobs = vec![(img.clone(), mode); n];
+                let (res, m) = ctx.measured(&target, pull_all(&target.url, jobs, ctx.opts.downloads)).await;
+                let spec = RowSpec { scenario: 6, case, image: key, mode: mode.name(), peer, reference_bytes: 0 };
+                rows.push(pull_row(spec, &res, m));
+            }
+        }
+    }
+    let title = format!("6. The large layer, {n} clients at once, cold then warm");
+    let notes = vec![
+        "Peak RSS is sampled every 20 ms over the run (nginx: master + workers). Compare it with the smaller \
+         images of scenarios 1–3: memory must not grow with blob size."
+            .into(),
+    ];
+    ctx.push(6, title, rows, notes);
+}
+
+/// 7. Manifest `HEAD`/`GET` by tag and by digest with `ab -k`.
+pub async fn manifests(ctx: &mut Ctx) {
+    let img = ctx.catalog.app.clone();
+    ctx.set_rate(ctx.opts.rates[0]);
+    let mut rows = Vec::new();
+    let kinds = [
+        ("HEAD tag", img.tag.clone(), true),
+        ("GET tag", img.tag.clone(), false),
+        ("HEAD digest", img.manifest_digest.clone(), true),
+        ("GET digest", img.manifest_digest.clone(), false),
+    ];
+    for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Nginx, PeerKind::Proxy, PeerKind::Direct]) {
+        let target = ctx.peers.current(peer).await;
+        for (what, reference, head) in &kinds {
+            let url = format!("{}/v2/{}/manifests/{reference}", target.url, img.repo);
+            let mut best: Option<RpsRow> = None;
+            for _ in 0..ctx.opts.ab_runs {
+                let row = ab_row(ctx, &target, &url, what, *head).await;
+                if best.as_ref().is_none_or(|b| row.rps > b.rps) {
+                    best = Some(row);
+                }
+            }
+            let row = best.expect("at least one ab run");
+            eprintln!(
+                "bench: [7] {what} | {}: {:.0} req/s, {} upstream requests {}",
+                peer.name(),
+                row.rps,
+                row.up.total_requests(),
+                row.note
+            );
+            rows.push(row);
+        }
+    }
+    let section = Section {
+        scenario: 7,
+        title: format!(
+            "7. Manifest requests per second (`ab -k -c {} -t {}`, best of {}; {} of {} bytes; nginx serves the \
+             same bytes as a static file)",
+            ctx.opts.ab_concurrency,
+            ctx.opts.ab_secs,
+            ctx.opts.ab_runs,
+            img.repo,
+            img.manifest.len()
+        ),
+        notes: vec![
+            "ab is single-threaded and shares the 2 cores with the server. The reference proxy and direct go \
+             upstream (via the shim, +20 ms) for every tag request."
+                .into(),
+        ],
+        table: Table::Rps(rows),
+    };
+    println!("{}", crate::report::render_section(&section));
+    ctx.sections.push(section);
+}
+
+/// One warm-up GET, then one measured `ab` run against `url`.
+async fn ab_row(ctx: &Ctx, target: &Target, url: &str, what: &str, head: bool) -> RpsRow {
+    // Warm-up: the tag is now fresh (well within wharf's default 60 s tag_ttl) and the manifest cached.
+    let warm = reqwest::Client::builder().no_proxy().build().expect("client");
+    let ok = matches!(
+        warm.get(url).header("accept", ACCEPT_MANIFESTS).send().await,
+        Ok(r) if r.status().is_success()
+    );
+    let (ab, m) = ctx.measured(target, ab(url, head, ctx.opts.ab_secs, ctx.opts.ab_concurrency)).await;
+    let mut row = RpsRow {
+        what: what.to_string(),
+        peer: Some(target.kind),
+        cpu_s: m.cpu_s,
+        peak_rss_kib: m.peak_rss_kib,
+        up: m.up,
+        ..Default::default()
+    };
+    match ab {
+        Ok(a) => {
+            row.rps = a.rps;
+            row.complete = a.complete;
+            row.failed = a.failed;
+            row.non_2xx = a.non_2xx;
+            row.keep_alive = a.keep_alive;
+        }
+        Err(e) => row.note = format!("ab failed: {e}"),
+    }
+    if !ok {
+        row.note.push_str(" (warm-up GET failed)");
+    }
+    row
+}
+
+struct AbResult {
+    rps: f64,
+    complete: u64,
+    failed: u64,
+    non_2xx: u64,
+    keep_alive: u64,
+}
+
+async fn ab(url: &str, head: bool, secs: u64, concurrency: usize) -> R<AbResult> {
+    let mut cmd = std::process::Command::new("ab");
+    cmd.arg("-k")
+        .arg("-q")
+        .arg("-c")
+        .arg(concurrency.to_string())
+        .arg("-t")
+        .arg(secs.to_string())
+        .arg("-n")
+        .arg("50000000")
+        .arg("-H")
+        .arg(format!("Accept: {ACCEPT_MANIFESTS}"));
+    if head {
+        cmd.arg("-i");
+    }
+    cmd.arg(url);
+    let timeout = Duration::from_secs(secs + 60);
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || procs::run_output(cmd, timeout)).await.map_err(|e| e.to_string())?;
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let Some(rps) = field("Requests per second:") else {
+        return Err(format!("ab (ok={ok}): {}", err.lines().last().unwrap_or("no output")));
+    };
+    Ok(AbResult {
+        rps,
+        complete: field("Complete requests:").unwrap_or(0.0) as u64,
+        failed: field("Failed requests:").unwrap_or(0.0) as u64,
+        non_2xx: field("Non-2xx responses:").unwrap_or(0.0) as u64,
+        keep_alive: field("Keep-Alive requests:").unwrap_or(0.0) as u64,
+    })
+}
