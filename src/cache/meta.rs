@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Handle to the metadata database. Cheap to clone.
@@ -20,6 +22,8 @@ pub struct Meta {
     atime: sled::Tree,
     /// `<pin name>\0<digest>`: blobs and manifests the warm list keeps.
     pins: sled::Tree,
+    /// The last access stamp handed out (see [`Meta::stamp`]).
+    last_stamp: Arc<AtomicU64>,
 }
 
 /// What a tag pointed to when it was last checked upstream.
@@ -74,6 +78,16 @@ impl Meta {
         let existed = path.join("db").exists();
         let db = match sled::open(path) {
             Ok(db) => db,
+            // Another process holds the database: never treat a live cache as corrupt.
+            // sled wraps the flock error as text: "could not acquire lock on …: Os { code: 11, … }".
+            Err(sled::Error::Io(e))
+                if e.kind() == io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock") =>
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is in use by another wharf process", path.display()),
+                ));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, path = %path.display(), "metadata database unreadable; rebuilding it");
                 std::fs::remove_dir_all(path)?;
@@ -88,9 +102,19 @@ impl Meta {
             atime: tree("atime")?,
             pins: tree("pins")?,
             db,
+            last_stamp: Arc::default(),
         };
         let fresh = !existed || meta.db.get("initialized").map_err(io::Error::other)?.is_none();
         Ok((meta, fresh))
+    }
+
+    /// An access time: wall-clock milliseconds, but strictly increasing within the process, so LRU order is
+    /// the order of events even when several land in the same millisecond.
+    pub fn stamp(&self) -> u64 {
+        let now = now_millis();
+        let prev = self.last_stamp.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| Some(now.max(p + 1)));
+        let prev = prev.unwrap_or_else(|p| p);
+        now.max(prev + 1)
     }
 
     /// Marks a rebuild complete, so the next start-up trusts the database.
@@ -130,7 +154,7 @@ impl Meta {
 
     /// Records a committed blob (accessed now) and, when known, a repository that references it.
     pub fn record_blob(&self, digest: &Digest, size: u64, repo: Option<&str>) -> Result<(), sled::Error> {
-        let now = now_millis();
+        let now = self.stamp();
         if let Some(old) = self.blob(digest)? {
             self.atime.remove(atime_key(old.last_access, digest))?;
         }

@@ -218,7 +218,7 @@ impl Cache {
     /// Registers a response streaming `digest` (and counts it as an access).
     fn guard(&self, digest: &Digest) -> ServeGuard {
         *self.shared.serving.lock().unwrap().entry(digest.clone()).or_default() += 1;
-        self.shared.accessed.lock().unwrap().insert(digest.clone(), meta::now_millis());
+        self.shared.accessed.lock().unwrap().insert(digest.clone(), self.shared.meta.stamp());
         ServeGuard { shared: self.shared.clone(), digest: digest.clone() }
     }
 

@@ -169,7 +169,8 @@ impl BlobStore {
         self.scan("blobs")
     }
 
-    /// Size of the filesystem holding the store and the bytes in use on it (`statvfs`).
+    /// Capacity of the filesystem holding the store and the bytes in use on it, as `df` reports them
+    /// (capacity = used + available to unprivileged users), from `statvfs`.
     pub fn filesystem(&self) -> io::Result<(u64, u64)> {
         let path = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -178,9 +179,11 @@ impl BlobStore {
             return Err(io::Error::last_os_error());
         }
         let frsize = st.f_frsize as u64;
-        let total = st.f_blocks as u64 * frsize;
-        let used = total.saturating_sub(st.f_bavail as u64 * frsize);
-        Ok((total, used))
+        // Thin-provisioned and overlay filesystems report f_blocks far above what can be used; `df`'s Use%
+        // (used / (used + available)) is what an operator compares against the watermarks.
+        let used = (st.f_blocks as u64).saturating_sub(st.f_bfree as u64) * frsize;
+        let available = st.f_bavail as u64 * frsize;
+        Ok((used + available, used))
     }
 
     fn scan(&self, kind: &str) -> io::Result<Vec<(Digest, u64)>> {

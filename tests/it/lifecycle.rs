@@ -106,3 +106,40 @@ fn help_lists_the_stable_flags() {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_wharf_on_a_live_data_directory_is_refused_and_wipes_nothing() {
+    use std::os::unix::fs::MetadataExt;
+    let fake = FakeUpstream::start().await;
+    let (digest, data) = fake.add_random_blob(1000);
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = Wharf::start(dir.path(), &fake.wharf_args());
+    crate::support::fake_upstream::get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data)
+        .await;
+    let db = dir.path().join("meta").join("db");
+    let inode = std::fs::metadata(&db).unwrap().ino();
+
+    let mut second = wharf_cmd()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(fake.wharf_args())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A second wharf that wrongly starts serving never exits: bound the wait, then fail.
+    let mut status = None;
+    crate::support::fake_upstream::wait_until("the second wharf exits", || {
+        status = second.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    assert!(!status.unwrap().success(), "a second wharf started on a live data directory");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("in use by another wharf"), "{err}");
+    assert_eq!(std::fs::metadata(&db).unwrap().ino(), inode, "the live metadata database was replaced");
+    assert_eq!(fake.blob_gets(&digest), 1);
+    crate::support::fake_upstream::get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data)
+        .await;
+    assert_eq!(fake.blob_gets(&digest), 1, "the first wharf lost its cache");
+}
