@@ -47,6 +47,7 @@ cargo bench --bench pull -- [FLAGS]
   --large-clients N     scenario 6 clients (default: 4)
   --ab-secs N           seconds per ab run (default: 5)
   --ab-concurrency N    ab -c (default: 16)
+  --repeat N            runs per warm figure (scenarios 2, 6), the median reported (default: 3; --quick: 1)
   --ab-runs N           ab runs per figure, the best one reported (default: 2; --quick: 1)
   --request-log         keep wharf's per-request log lines on (default: off, like the peers)
   --keep                keep the run directory (target/tmp/bench-pull/run-PID) for inspection
@@ -71,6 +72,7 @@ pub struct Opts {
     pub ab_secs: u64,
     pub ab_concurrency: usize,
     pub ab_runs: usize,
+    pub repeat: usize,
     pub request_log: bool,
     pub keep: bool,
     pub cold_modes: Vec<Mode>,
@@ -120,6 +122,7 @@ impl Opts {
             ab_secs: if quick { 1 } else { 5 },
             ab_concurrency: 16,
             ab_runs: if quick { 1 } else { 2 },
+            repeat: if quick { 1 } else { 3 },
             request_log: false,
             keep: false,
             cold_modes: Vec::new(),
@@ -161,6 +164,7 @@ impl Opts {
                 "--large-clients" => o.large_clients = num(value()) as usize,
                 "--ab-secs" => o.ab_secs = num(value()),
                 "--ab-concurrency" => o.ab_concurrency = num(value()) as usize,
+                "--repeat" => o.repeat = (num(value()) as usize).max(1),
                 "--ab-runs" => o.ab_runs = (num(value()) as usize).max(1),
                 "--request-log" => o.request_log = true,
                 "--keep" => o.keep = true,

@@ -38,6 +38,9 @@ pub enum Error {
     /// The HTTP client could not be built.
     #[error("building the HTTP client")]
     Client(#[source] reqwest::Error),
+    /// A running wharf holds the data directory.
+    #[error("{0} is in use by a running wharf: prefetch through it with --server instead")]
+    InUse(String),
     /// A blocking set-up task failed.
     #[error("start-up task failed")]
     Task(#[from] tokio::task::JoinError),
@@ -82,6 +85,9 @@ pub async fn run(args: &PrefetchArgs) -> Result<Summary, Error> {
         None => {
             let config = Config::load(args.config.as_deref(), &args.overrides())?;
             let shown = config.data_dir.display().to_string();
+            if in_use(&config.data_dir) {
+                return Err(Error::InUse(shown));
+            }
             let tasks = tokio_util::task::TaskTracker::new();
             let t = tasks.clone();
             let state = tokio::task::spawn_blocking(move || AppState::open(config, t))
@@ -114,6 +120,16 @@ pub async fn run(args: &PrefetchArgs) -> Result<Summary, Error> {
     }
     tracing::info!(ok = summary.ok, failed = summary.failed.len(), "prefetch finished");
     Ok(summary)
+}
+
+/// True when another process (a running wharf) holds the metadata database's lock: sled keeps an exclusive
+/// `flock` on `meta/db` while open, and opening it anyway must not be attempted.
+fn in_use(data_dir: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(data_dir.join("meta").join("db")) else { return false };
+    // SAFETY: flock on a descriptor this function owns; the lock goes when `file` is closed on return.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
 }
 
 /// Text (or JSON) log lines on stderr, without colours unless it is a terminal; on a terminal only warnings,

@@ -150,8 +150,10 @@ fn add(progress: Option<&AtomicU64>, n: usize) {
     }
 }
 
+/// A blob `GET`. It offers compression as containerd does (`fetcher.go`); the client never decodes, so a
+/// server that applied `Content-Encoding` to a blob fails the digest check.
 async fn send(node: &Node, url: &str, range: Option<String>) -> R<reqwest::Response> {
-    let mut req = node.http.get(url);
+    let mut req = node.http.get(url).header("accept-encoding", "zstd;q=1.0, gzip;q=0.8, deflate;q=0.5");
     if let Some(r) = range {
         req = req.header("range", r);
     }

@@ -231,31 +231,74 @@ pub async fn cold_single(ctx: &mut Ctx) {
     ctx.push(1, title, rows, vec![]);
 }
 
-/// 2. One client pulls each image from a warm peer, per client mode.
+/// 2. One client pulls each image from a warm peer, per client mode; peers interleaved run by run.
 pub async fn warm_single(ctx: &mut Ctx) {
     let rate = ctx.opts.rates[0];
     let images = ctx.pull_images();
-    let mut rows = Vec::new();
+    let plain: Vec<Image> = images.iter().map(|i| i.1.clone()).collect();
+    let mut targets = Vec::new();
     for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Proxy, PeerKind::Nginx]) {
         let target = ctx.peers.cold(peer).await;
-        ctx.warm_up(&target, &images.iter().map(|i| i.1.clone()).collect::<Vec<_>>()).await;
-        ctx.set_rate(rate);
-        for (key, img) in &images {
-            for mode in ctx.opts.warm_modes.clone() {
-                let case = format!("{}, {}", image_label(img), mode.name());
-                let job = pull_all(&target.url, vec![(img.clone(), mode)], ctx.opts.downloads);
-                let (res, m) = ctx.measured(&target, job).await;
-                let spec = RowSpec { scenario: 2, case, image: key, mode: mode.name(), peer, reference_bytes: 0 };
-                rows.push(pull_row(spec, &res, m));
-            }
+        ctx.warm_up(&target, &plain).await;
+        targets.push(target);
+    }
+    ctx.set_rate(rate);
+    let mut rows = Vec::new();
+    for (key, img) in &images {
+        for mode in ctx.opts.warm_modes.clone() {
+            let case = format!("{}, {}", image_label(img), mode.name());
+            let jobs = vec![(img.clone(), mode)];
+            rows.extend(interleaved(ctx, &targets, 2, &case, key, mode, &jobs).await);
         }
     }
     let notes = vec![format!(
         "Warm: every blob cached (the proxy's background fills committed). The manifest is fetched by tag, so \
-         the reference proxy still asks the upstream ({rate} MB/s, +{} ms) on every pull.",
-        ctx.opts.latency_ms
+         the reference proxy still asks the upstream ({rate} MB/s, +{} ms) on every pull. Each figure is the \
+         median run (by MB/s) of {} runs, the peers taking turns.",
+        ctx.opts.latency_ms, ctx.opts.repeat
     )];
     ctx.push(2, "2. Warm single pull (1 client)".into(), rows, notes);
+}
+
+/// Runs `jobs` against every target in turn, `--repeat` times; one row per target: its median run by MB/s.
+async fn interleaved(
+    ctx: &Ctx,
+    targets: &[Target],
+    scenario: u32,
+    case: &str,
+    image: &'static str,
+    mode: Mode,
+    jobs: &[(Image, Mode)],
+) -> Vec<Row> {
+    let mut runs: Vec<Vec<Row>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..ctx.opts.repeat {
+        for (i, target) in targets.iter().enumerate() {
+            let job = pull_all(&target.url, jobs.to_vec(), ctx.opts.downloads);
+            let (res, m) = ctx.measured(target, job).await;
+            let spec = RowSpec {
+                scenario,
+                case: case.to_string(),
+                image,
+                mode: mode.name(),
+                peer: target.kind,
+                reference_bytes: 0,
+            };
+            runs[i].push(pull_row(spec, &res, m));
+        }
+    }
+    runs.into_iter().filter_map(median_row).collect()
+}
+
+/// The median run by throughput, noting every run's MB/s.
+fn median_row(mut runs: Vec<Row>) -> Option<Row> {
+    if runs.len() <= 1 {
+        return runs.pop();
+    }
+    runs.sort_by(|a, b| a.mbps().total_cmp(&b.mbps()));
+    let all: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.mbps())).collect();
+    let mut row = runs.remove(runs.len() / 2);
+    row.note = format!("median of {} runs, MB/s {}", all.len(), all.join(" / "));
+    Some(row)
 }
 
 /// 3. N clients pull the same image from a cold peer at once.
@@ -495,26 +538,28 @@ pub async fn large_layer(ctx: &mut Ctx) {
         }
     }
     let rate = ctx.opts.rates[0];
+    let plain: Vec<Image> = images.iter().map(|i| i.1.clone()).collect();
+    let mut targets = Vec::new();
     for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Proxy, PeerKind::Nginx]) {
         let target = ctx.peers.current(peer).await;
-        ctx.warm_up(&target, &images.iter().map(|i| i.1.clone()).collect::<Vec<_>>()).await;
-        ctx.set_rate(rate);
-        for (key, img) in &images {
-            for mode in [Mode::Whole, Mode::Chunked(ctx.opts.chunk, ctx.opts.par)] {
-                let case = format!("warm, {}, {}", image_label(img), mode.name());
-                let jobs = vec![(img.clone(), mode); n];
-                let (res, m) = ctx.measured(&target, pull_all(&target.url, jobs, ctx.opts.downloads)).await;
-                let spec = RowSpec { scenario: 6, case, image: key, mode: mode.name(), peer, reference_bytes: 0 };
-                rows.push(pull_row(spec, &res, m));
-            }
+        ctx.warm_up(&target, &plain).await;
+        targets.push(target);
+    }
+    ctx.set_rate(rate);
+    for (key, img) in &images {
+        for mode in [Mode::Whole, Mode::Chunked(ctx.opts.chunk, ctx.opts.par)] {
+            let case = format!("warm, {}, {}", image_label(img), mode.name());
+            let jobs = vec![(img.clone(), mode); n];
+            rows.extend(interleaved(ctx, &targets, 6, &case, key, mode, &jobs).await);
         }
     }
     let title = format!("6. The large layer, {n} clients at once, cold then warm");
-    let notes = vec![
+    let notes = vec![format!(
         "Peak RSS is sampled every 20 ms over the run (nginx: master + workers). Compare it with the smaller \
-         images of scenarios 1–3: memory must not grow with blob size."
-            .into(),
-    ];
+             images of scenarios 1–3: memory must not grow with blob size. Warm figures: median of {} runs, the \
+             peers taking turns.",
+        ctx.opts.repeat
+    )];
     ctx.push(6, title, rows, notes);
 }
 
@@ -529,21 +574,26 @@ pub async fn manifests(ctx: &mut Ctx) {
         ("HEAD digest", img.manifest_digest.clone(), true),
         ("GET digest", img.manifest_digest.clone(), false),
     ];
+    let mut targets = Vec::new();
     for peer in ctx.peers_of(&[PeerKind::Wharf, PeerKind::Nginx, PeerKind::Proxy, PeerKind::Direct]) {
-        let target = ctx.peers.current(peer).await;
-        for (what, reference, head) in &kinds {
-            let url = format!("{}/v2/{}/manifests/{reference}", target.url, img.repo);
-            let mut best: Option<RpsRow> = None;
-            for _ in 0..ctx.opts.ab_runs {
-                let row = ab_row(ctx, &target, &url, what, *head).await;
-                if best.as_ref().is_none_or(|b| row.rps > b.rps) {
-                    best = Some(row);
+        targets.push(ctx.peers.current(peer).await);
+    }
+    for (what, reference, head) in &kinds {
+        // Peers take turns run by run, so that a noisy moment does not hit one peer only.
+        let mut best: Vec<Option<RpsRow>> = targets.iter().map(|_| None).collect();
+        for _ in 0..ctx.opts.ab_runs {
+            for (i, target) in targets.iter().enumerate() {
+                let url = format!("{}/v2/{}/manifests/{reference}", target.url, img.repo);
+                let row = ab_row(ctx, target, &url, what, *head).await;
+                if best[i].as_ref().is_none_or(|b| row.rps > b.rps) {
+                    best[i] = Some(row);
                 }
             }
-            let row = best.expect("at least one ab run");
+        }
+        for row in best.into_iter().flatten() {
             eprintln!(
                 "bench: [7] {what} | {}: {:.0} req/s, {} upstream requests {}",
-                peer.name(),
+                row.peer.map(|p| p.name()).unwrap_or("?"),
                 row.rps,
                 row.up.total_requests(),
                 row.note

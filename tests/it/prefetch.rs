@@ -3,7 +3,7 @@
 //! when an image fails.
 
 use crate::admin::{OCI_INDEX, OCI_MANIFEST, blob, manifest_json};
-use crate::support::fake_upstream::{FakeUpstream, REPO, blob_path, client};
+use crate::support::fake_upstream::{FakeUpstream, REPO, blob_path, client, get_ok};
 use crate::support::wharf::Wharf;
 use serde_json::json;
 use std::path::Path;
@@ -142,6 +142,15 @@ async fn prefetch_exits_non_zero_when_an_image_fails() {
     assert_plain(&text);
     assert!(text.contains("1 of 2 images failed") && text.contains(&missing), "{text}");
     assert!(blob_path(&data, &data_blob).exists(), "the good image was not cached");
+
+    // The data directory of a running wharf is refused (prefetch through it instead), and left alone.
+    let running = Wharf::start(&data, &fake.wharf_args());
+    let out = prefetch(&["--data-dir", &dir, "--upstream", &upstream, &good]).await;
+    assert!(!out.status.success() && stderr(&out).contains("in use by a running wharf"), "{}", stderr(&out));
+    get_ok(&client(), &format!("{}/v2/{REPO}/blobs/{data_blob}", running.url()), &bytes).await;
+    assert_eq!(fake.blob_gets(&data_blob), 1, "the running wharf lost its cache");
+    assert!(!running.log().contains("unreadable"), "{}", running.log());
+    drop(running);
 
     // Neither --server nor --data-dir: a usage error, before anything runs.
     let out = prefetch(&[&good]).await;

@@ -74,6 +74,20 @@ async fn warm_list_prepulls_and_pins_seeded_images_so_a_pull_fetches_nothing_ups
     let wharf = Wharf::start(&data, &with_config(tmp.path(), &toml, &upstream));
     let api = admin_url(&wharf);
 
+    // Ready once every blob is cached (pins are set before the blobs land, so wait for this first).
+    let metrics_url = format!("{}/metrics", wharf.url());
+    let ready_lines: Vec<String> =
+        [&arm, &multi, &docker].iter().map(|i| format!("wharf_warm_image_ready{{image=\"{}\"}} 1", name(i))).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let metrics = loop {
+        let text = client().get(&metrics_url).send().await.unwrap().text().await.unwrap();
+        if ready_lines.iter().all(|l| text.contains(l.as_str())) {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "warm images never became ready:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
     // Pinned: every manifest and blob of the whole image (both platforms, or the single manifest).
     for image in [&multi, &docker] {
         let want = image.all_digests();
@@ -95,11 +109,8 @@ async fn warm_list_prepulls_and_pins_seeded_images_so_a_pull_fetches_nothing_ups
         assert_eq!(registry.count("GET", &format!("/v2/{}/blobs/{digest}", arm.repo)), 1, "{digest}");
     }
 
-    // Ready in /metrics, and every blob on disk before any client asked.
-    let metrics = client().get(format!("{}/metrics", wharf.url())).send().await.unwrap().text().await.unwrap();
+    // A refresh time in /metrics, and every blob on disk before any client asked.
     for image in [&arm, &multi, &docker] {
-        let line = format!("wharf_warm_image_ready{{image=\"{}\"}} 1", name(image));
-        assert!(metrics.contains(&line), "missing {line:?} in:\n{metrics}");
         let ts = format!("wharf_warm_image_last_success_timestamp_seconds{{image=\"{}\"}} ", name(image));
         let value = metrics.lines().find_map(|l| l.strip_prefix(ts.as_str())).unwrap_or("0");
         assert!(value.parse::<f64>().unwrap() > 1.7e9, "{ts}{value}");
@@ -150,7 +161,8 @@ async fn a_moved_warm_tag_unpins_the_old_digests() {
 
     let first: BTreeSet<String> = [&m1, &config1.0, &shared_layer.0, &layer1.0].map(String::clone).into();
     wait_for_pins(&api, &image, "the first digest is pinned", |p| *p == first).await;
-    assert!(blob_path(&data, &layer1.0).exists());
+    // Pins are set as soon as the digests are known; the blobs land after.
+    wait_until("the first layer is cached", || blob_path(&data, &layer1.0).exists()).await;
     let (status, body) = admin("DELETE", &format!("{api}/blobs/{}", layer1.0), None, None).await;
     assert_eq!((status, body["error"].as_str()), (409, Some("pinned")), "a pinned blob was evicted: {body}");
     assert!(blob_path(&data, &layer1.0).exists(), "refused eviction removed the file");

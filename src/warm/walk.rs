@@ -1,27 +1,18 @@
-//! The warm list, and the image walk it shares with `POST /prefetch` and `wharf prefetch`.
-//!
-//! This module owns: parsing image references (`docker.io/library/nginx:1.27`, `ghcr.io/org/app@sha256:…`)
-//! into a configured registry and repository; the walk tag → index → platform manifests → config and layers
-//! ([`resolve`], [`fetch`]) over any [`Fetch`] source; the in-process source [`Local`], which goes through the
-//! cache; and the background loop ([`spawn`]) that re-resolves every configured image every `warm.interval`
-//! seconds, fetches what is missing and replaces the image's pins with exactly what it references now, so
-//! when a tag moves the old digests lose their pins and become evictable.
+//! The image walk shared by the warm list, the admin API's `POST /prefetch` and `wharf prefetch`: parsing an
+//! image reference (`docker.io/library/nginx:1.27`, `ghcr.io/org/app@sha256:…`) into a configured registry and
+//! repository ([`target`]), then tag → index → the wanted platforms' manifests → config and layers
+//! ([`resolve`]), and fetching the blobs a few at a time ([`fetch`]) from any [`Fetch`] source. [`Local`] is
+//! the source that goes through this process's cache.
 
 use crate::cache::reader::Source;
 use crate::cache::{BlobHandle, Cache, FillState};
-use crate::config::WarmImage;
-use crate::metrics::ImageLabel;
 use crate::oci::manifest::{Descriptor, References};
 use crate::oci::{AcceptSet, Digest, Reference, RepoName};
-use crate::state::AppState;
 use crate::upstream::{RegistryClient, RouteError, Upstreams};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Blobs of one image fetched at the same time (each large blob is itself fetched in parallel ranges).
 const BLOB_CONCURRENCY: usize = 3;
@@ -299,139 +290,6 @@ impl Fetch for Local<'_> {
             }
         }
     }
-}
-
-/// What pulling one image did, for logs, the admin API and `wharf prefetch`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Report {
-    /// The image as given.
-    pub image: String,
-    /// Whether every manifest and blob is now cached.
-    pub ok: bool,
-    /// What the reference resolved to.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub digest: Option<Digest>,
-    /// Manifests (index and platform manifests).
-    pub manifests: usize,
-    /// Configs and layers.
-    pub blobs: usize,
-    /// Their bytes.
-    pub bytes: u64,
-    /// Why it failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Report {
-    /// Summarises the result of [`pull`].
-    pub fn new(image: &str, result: &Result<Plan, Error>) -> Report {
-        let (digest, manifests, blobs, bytes, error) = match result {
-            Ok(p) => (Some(p.digest.clone()), p.manifests.len(), p.blobs.len(), p.total_bytes(), None),
-            Err(e) => (None, 0, 0, 0, Some(e.to_string())),
-        };
-        Report { image: image.to_owned(), ok: result.is_ok(), digest, manifests, blobs, bytes, error }
-    }
-}
-
-/// Resolves `image` through the cache and fetches whatever is missing. With `pin`, the image's pins (named
-/// by `image`) become exactly what it references now: the new digests are pinned as soon as they are known,
-/// the old ones are unpinned once everything new is cached, and a failure leaves the old pins in place.
-pub async fn pull(
-    state: &AppState,
-    image: &str,
-    platforms: &[String],
-    pin: bool,
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<Plan, Error> {
-    let target = target(&state.upstreams, image)?;
-    let cache = &state.cache;
-    let local = Local::new(cache, &target);
-    let plan = resolve(&local, &target.reference, platforms).await?;
-    let old = if pin { cache.pins().map_err(|e| Error::cache(&e))?.remove(image).unwrap_or_default() } else { vec![] };
-    if pin {
-        let both: Vec<Digest> = old.iter().cloned().chain(plan.digests()).collect();
-        cache.set_pins(image, &both).map_err(|e| Error::cache(&e))?;
-    }
-    let fetched = fetch(&local, &plan, progress).await;
-    if pin {
-        let keep = if fetched.is_ok() { plan.digests() } else { old };
-        cache.set_pins(image, &keep).map_err(|e| Error::cache(&e))?;
-    }
-    fetched.map(|_| plan)
-}
-
-/// Pulls and pins one warm-list image, updating its metrics and logging the outcome.
-pub async fn warm_one(state: &AppState, warm: &WarmImage) -> Report {
-    let started = Instant::now();
-    let result = pull(state, &warm.image, &warm.platforms, true, &|_| {}).await;
-    let label = ImageLabel { image: warm.image.clone() };
-    match &result {
-        Ok(plan) => {
-            state.metrics.warm_ready.get_or_create(&label).set(1);
-            state.metrics.warm_last_success.get_or_create(&label).set(crate::cache::meta::now_secs() as i64);
-            tracing::info!(
-                image = %warm.image,
-                digest = %plan.digest,
-                manifests = plan.manifests.len(),
-                blobs = plan.blobs.len(),
-                bytes = plan.total_bytes(),
-                ms = started.elapsed().as_millis() as u64,
-                "warm image cached and pinned"
-            );
-        }
-        Err(e) => {
-            state.metrics.warm_ready.get_or_create(&label).set(0);
-            tracing::warn!(image = %warm.image, error = %e, "warm image failed; keeping its previous pins");
-        }
-    }
-    Report::new(&warm.image, &result)
-}
-
-/// One pass over the warm list, one image at a time; then drops the pins of images no longer listed.
-pub async fn run_pass(state: &AppState) -> Vec<Report> {
-    let mut reports = Vec::new();
-    for warm in &state.config.warm.images {
-        reports.push(warm_one(state, warm).await);
-    }
-    let listed = |name: &str| state.config.warm.images.iter().any(|w| w.image == name);
-    match state.cache.pins() {
-        Ok(pins) => {
-            for name in pins.keys().filter(|n| !listed(n)) {
-                tracing::info!(image = %name, "no longer on the warm list; unpinned");
-                if let Err(e) = state.cache.set_pins(name, &[]) {
-                    tracing::warn!(image = %name, error = %chain(&e), "unpinning failed");
-                }
-            }
-        }
-        Err(e) => tracing::warn!(error = %chain(&e), "reading pins failed"),
-    }
-    reports
-}
-
-/// Runs the warm list at start-up and every `warm.interval` seconds on `tasks` until `shutdown`. With an
-/// empty list it runs once, to drop pins left by an earlier configuration.
-pub fn spawn(state: AppState, tasks: &TaskTracker, shutdown: CancellationToken) {
-    for warm in &state.config.warm.images {
-        state.metrics.warm_ready.get_or_create(&ImageLabel { image: warm.image.clone() }).set(0);
-    }
-    tasks.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(state.config.warm.interval.max(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.cancelled() => return,
-            }
-            tokio::select! {
-                _ = run_pass(&state) => {}
-                // Fills already started run on to completion on the cache's own tasks.
-                _ = shutdown.cancelled() => return,
-            }
-            if state.config.warm.images.is_empty() {
-                return;
-            }
-        }
-    });
 }
 
 #[cfg(test)]
