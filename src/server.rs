@@ -15,26 +15,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = crate::api::router(state);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; draining");
-        let _ = tx.send(());
-    });
-    let deadline = async move {
-        if rx.await.is_ok() {
-            tokio::time::sleep(grace).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
     };
-    tokio::select! {
-        res = server => res?,
-        _ = deadline => {
-            tracing::warn!("shutdown grace period over; closing remaining connections");
-            return Ok(());
-        }
+    if !serve_until(listener, crate::api::router(state), shutdown, grace).await? {
+        return Ok(());
     }
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
@@ -43,14 +29,14 @@ pub async fn run(
     Ok(())
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then gives open connections up to `grace`: for side
-/// listeners such as the admin API (the registry listener uses [`run`], which also waits for fills).
+/// Serves `app` on `listener` until `shutdown` resolves, then gives open connections up to `grace`. Returns
+/// whether every connection finished in time. Also used for side listeners such as the admin API.
 pub async fn serve_until(
     listener: TcpListener,
     app: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
@@ -64,8 +50,11 @@ pub async fn serve_until(
         }
     };
     tokio::select! {
-        res = server => res,
-        _ = deadline => Ok(()),
+        res = server => res.map(|()| true),
+        _ = deadline => {
+            tracing::warn!("shutdown grace period over; closing remaining connections");
+            Ok(false)
+        }
     }
 }
 
