@@ -130,11 +130,7 @@ impl Cache {
             if keep.contains(&digest) || s.inflight.get(&digest).is_some() {
                 continue;
             }
-            s.store.remove_blob(&digest)?;
-            s.meta.remove_blob(&digest)?;
-            s.bytes.fetch_sub(size.min(s.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
-            s.metrics.evictions.inc();
-            s.metrics.evicted_bytes.inc_by(size);
+            self.remove_blob(&digest, size)?;
             tracing::info!(%digest, size, last_access, "evicted blob");
             report.evicted_bytes += size;
             report.evicted_blobs.push(digest);
@@ -171,12 +167,29 @@ impl Cache {
                 }
             }
         }
-        for (key, entry) in s.meta.tags()? {
-            if removed.contains(&entry.digest) {
-                s.meta.remove_tag(&key)?;
+        self.remove_tags_to(&removed)?;
+        Ok(removed.len())
+    }
+
+    /// Deletes a committed blob and everything that accounts for it.
+    fn remove_blob(&self, digest: &Digest, size: u64) -> Result<(), Error> {
+        let s = &self.shared;
+        s.store.remove_blob(digest)?;
+        s.meta.remove_blob(digest)?;
+        let _ = s.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(b.saturating_sub(size)));
+        s.metrics.evictions.inc();
+        s.metrics.evicted_bytes.inc_by(size);
+        Ok(())
+    }
+
+    /// Forgets the tags that point to any of `manifests` (whose files are gone).
+    fn remove_tags_to(&self, manifests: &HashSet<Digest>) -> Result<(), Error> {
+        for (key, entry) in self.shared.meta.tags()? {
+            if manifests.contains(&entry.digest) {
+                self.shared.meta.remove_tag(&key)?;
             }
         }
-        Ok(removed.len())
+        Ok(())
     }
 
     /// Runs an eviction pass on the blocking pool.
@@ -200,19 +213,11 @@ impl Cache {
             }
             if s.store.has_manifest(&digest) {
                 s.store.remove_manifest(&digest)?;
-                for (key, entry) in s.meta.tags()? {
-                    if entry.digest == digest {
-                        s.meta.remove_tag(&key)?;
-                    }
-                }
+                this.remove_tags_to(&HashSet::from([digest]))?;
                 return Ok(Ok(0));
             }
             let Some(size) = s.store.blob_size(&digest)? else { return Ok(Err(EvictRefusal::NotCached)) };
-            s.store.remove_blob(&digest)?;
-            s.meta.remove_blob(&digest)?;
-            s.bytes.fetch_sub(size.min(s.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
-            s.metrics.evictions.inc();
-            s.metrics.evicted_bytes.inc_by(size);
+            this.remove_blob(&digest, size)?;
             this.usage();
             Ok(Ok(size))
         })
