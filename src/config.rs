@@ -51,6 +51,10 @@ pub struct Config {
     pub warm: WarmSettings,
     /// The admin API listener (off by default).
     pub admin: AdminSettings,
+    /// Who may read private content (see SECURITY.md).
+    pub access: AccessSettings,
+    /// Limits and timeouts of the registry listener, and optional TLS.
+    pub server: ServerSettings,
     /// Registries wharf mirrors, keyed by the name clients use (`docker.io`, `ghcr.io`, `myreg:5000`).
     pub registries: BTreeMap<String, RegistryConfig>,
 }
@@ -151,6 +155,117 @@ pub struct AdminSettings {
     pub token: String,
 }
 
+/// Access to private content: what wharf could fetch only with its configured credentials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSettings {
+    /// What a client without access to private content gets: `deny` (401 with a challenge) or `hide` (404).
+    pub private_answer: PrivateAnswer,
+    /// Seconds a verdict on a client's own upstream credentials is reused (memory only, never on disk).
+    pub credential_ttl: u64,
+    /// Seconds a learnt repository visibility (public or private) is trusted before it is probed again.
+    pub visibility_ttl: u64,
+    /// Client tokens and what each may read.
+    pub tokens: Vec<ClientToken>,
+}
+
+impl Default for AccessSettings {
+    fn default() -> Self {
+        AccessSettings {
+            private_answer: PrivateAnswer::Deny,
+            credential_ttl: 60,
+            visibility_ttl: 600,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// The answer to a client that may not read private content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrivateAnswer {
+    /// 401 `UNAUTHORIZED` with `WWW-Authenticate: Basic realm="wharf"`, so clients offer credentials.
+    Deny,
+    /// 404, as if wharf had never heard of it: does not reveal that a private repository exists.
+    Hide,
+}
+
+/// A client token: sent as `Authorization: Bearer <token>` (containerd `hosts.toml` header) or as the
+/// password of Basic credentials (Docker, podman).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientToken {
+    /// A name for logs.
+    pub name: String,
+    /// The secret.
+    pub token: String,
+    /// `registry/repository` patterns this token may read: `*` within one path component, `**` across them
+    /// (`ghcr.io/acme/*`, `registry.example:5000/**`).
+    pub read: Vec<String>,
+}
+
+impl fmt::Debug for ClientToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientToken")
+            .field("name", &self.name)
+            .field("token", &"<redacted>")
+            .field("read", &self.read)
+            .finish()
+    }
+}
+
+/// What the registry listener accepts: limits against slow or greedy clients, and TLS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Seconds a client has to send a request's headers (slow-loris).
+    pub header_timeout: u64,
+    /// Seconds an idle keep-alive connection stays open.
+    pub idle_timeout: u64,
+    /// Largest request head in bytes (request line and headers).
+    pub max_header_bytes: usize,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Upstream fills running at once; more wait their turn (queued, not failed).
+    pub max_fills: usize,
+    /// Seconds a request may wait for the upstream before the client gets an error (503), whatever the
+    /// upstream does. Bodies that have started are bounded by `upstream.read_timeout` per stall instead.
+    pub request_timeout: u64,
+    /// PEM certificate chain: serve HTTPS (HTTP/1.1 and HTTP/2). Reloaded when the file changes.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            header_timeout: 10,
+            idle_timeout: 90,
+            max_header_bytes: 64 * 1024,
+            max_connections: 4096,
+            max_fills: 64,
+            request_timeout: 120,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+/// Whether a registry's content may be private.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Visibility {
+    /// Learn per repository: content wharf can fetch anonymously is public, the rest private. Only
+    /// registries with credentials have private content.
+    #[default]
+    Auto,
+    /// Everything is public (skip the probes).
+    Public,
+    /// Everything is private, even what the upstream serves anonymously.
+    Private,
+}
+
 /// One upstream registry.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,6 +284,9 @@ pub struct RegistryConfig {
     /// A registry token used as the Basic password or identity token.
     #[serde(default)]
     pub token: Option<String>,
+    /// Whether content may be private (`auto`, `public`, `private`).
+    #[serde(default)]
+    pub visibility: Visibility,
 }
 
 impl fmt::Debug for RegistryConfig {
@@ -180,6 +298,7 @@ impl fmt::Debug for RegistryConfig {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("visibility", &self.visibility)
             .finish()
     }
 }
@@ -193,6 +312,7 @@ impl RegistryConfig {
             username: None,
             password: None,
             token: None,
+            visibility: Visibility::Auto,
         }
     }
 }
@@ -222,6 +342,8 @@ impl Default for Config {
             cache: CacheSettings::default(),
             warm: WarmSettings::default(),
             admin: AdminSettings::default(),
+            access: AccessSettings::default(),
+            server: ServerSettings::default(),
             registries: BUILTIN_REGISTRIES.iter().map(|(n, u)| (n.to_string(), RegistryConfig::at(u))).collect(),
         }
     }
@@ -339,6 +461,28 @@ impl Config {
             return Err(Error::Value {
                 key: "admin.listen".into(),
                 reason: "not an address such as 127.0.0.1:5001".into(),
+            });
+        }
+        for t in &self.access.tokens {
+            let key = format!("access.tokens[{}]", t.name);
+            if t.token.len() < 16 {
+                return Err(Error::Value { key, reason: "a client token needs at least 16 characters".into() });
+            }
+            if t.read.iter().any(|p| !p.contains('/') && p != "**") {
+                return Err(Error::Value { key, reason: "`read` patterns are registry/repository".into() });
+            }
+        }
+        let s = &self.server;
+        if s.tls_cert.is_some() != s.tls_key.is_some() {
+            return Err(Error::Value {
+                key: "server.tls_key".into(),
+                reason: "TLS needs both tls_cert and tls_key".into(),
+            });
+        }
+        if s.max_connections == 0 || s.max_fills == 0 {
+            return Err(Error::Value {
+                key: "server.max_connections".into(),
+                reason: "limits must be at least 1".into(),
             });
         }
         if !self.registries.contains_key(&self.default_registry) {

@@ -14,6 +14,7 @@
 //! written to a temporary file while hashing) → `cache::reader` streams from the file, following the fill →
 //! at the end the fill verifies size and digest and renames the file into `blobs/sha256/<2 hex>/<hex>`.
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod cache;

@@ -66,7 +66,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(admin) = wharf::admin::bind(&state).await.context("binding admin.listen")? {
         let (router, stopped) = (wharf::admin::router(state.clone()), stop.clone().cancelled_owned());
         tokio::spawn(async move {
-            if let Err(e) = wharf::server::serve_until(admin, router, stopped, grace).await {
+            if let Err(e) =
+                wharf::server::serve_until(admin, router, &wharf::server::Listen::plain(), stopped, grace).await
+            {
                 tracing::error!(error = %e, "admin API listener failed");
             }
         });

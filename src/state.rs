@@ -1,5 +1,6 @@
 //! Shared application state: cheap-clone handles to the config, the upstreams and the cache.
 
+use crate::access::Access;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -18,6 +19,8 @@ pub struct AppState {
     pub cache: Cache,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Who may read private content.
+    pub access: Arc<Access>,
 }
 
 /// Start-up failures.
@@ -26,6 +29,9 @@ pub enum OpenError {
     /// Upstream clients could not be built.
     #[error(transparent)]
     Upstream(#[from] crate::upstream::SetupError),
+    /// A client token's pattern is invalid.
+    #[error(transparent)]
+    Access(#[from] crate::access::PatternError),
     /// The data directory could not be opened.
     #[error("opening the data directory")]
     Cache(#[from] crate::cache::Error),
@@ -36,7 +42,8 @@ impl AppState {
     pub fn open(config: Config, tasks: TaskTracker) -> Result<AppState, OpenError> {
         let metrics = Arc::new(Metrics::new());
         let upstreams = Upstreams::from_config(&config, metrics.clone())?;
+        let access = Arc::new(Access::from_config(&config)?);
         let cache = Cache::open(&config, metrics.clone(), tasks)?;
-        Ok(AppState { config: Arc::new(config), upstreams, cache, metrics })
+        Ok(AppState { config: Arc::new(config), upstreams, cache, metrics, access })
     }
 }

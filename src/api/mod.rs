@@ -9,7 +9,9 @@ mod passthrough;
 pub mod path;
 pub mod range;
 
+use crate::access::{Denied, Target};
 use crate::cache::Outcome;
+use crate::config::PrivateAnswer;
 use crate::metrics::RequestLabels;
 use crate::oci::RepoName;
 use crate::state::AppState;
@@ -19,11 +21,12 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use error::Subject;
 use error::{Error, ErrorNote, OciCode};
-use http::{HeaderValue, Method, header};
+use http::{HeaderMap, HeaderValue, Method, header};
 use path::Endpoint;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Which upstream served a request and how, attached to responses for the request log.
 #[derive(Debug, Clone)]
@@ -58,9 +61,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn base(method: Method) -> Response {
+async fn base(State(state): State<AppState>, method: Method, headers: HeaderMap) -> Response {
     if !matches!(method, Method::GET | Method::HEAD) {
         return Error::new(OciCode::Unsupported, "wharf is a pull-only mirror").into_response();
+    }
+    if !headers.contains_key(header::AUTHORIZATION) && state.access.is_active(&state.upstreams) {
+        // Docker and podman learn here whether to send credentials; anonymous clients carry on as with
+        // Docker Hub, whose `/v2/` also answers 401.
+        return Error::new(OciCode::Unauthorized, "credentials are needed for private content").into_response();
     }
     ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
 }
@@ -78,31 +86,64 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         if !matches!(method, Method::GET | Method::HEAD) || matches!(endpoint, Ok(Endpoint::Upload)) {
             return Err(Error::new(OciCode::Unsupported, "wharf is a pull-only mirror"));
         }
-        let routed = |name: &str| -> Result<Routed, Error> {
-            let (client, repo) = state.upstreams.route(ns.as_deref(), name)?;
-            Ok(Routed { state: state.clone(), client, repo })
+        let endpoint = endpoint?;
+        let (name, target, subject) = match &endpoint {
+            Endpoint::Blob(name, digest) => (*name, Target::Blob(digest), Subject::Blob),
+            Endpoint::Manifest(name, reference) => (*name, Target::Manifest(reference), Subject::Manifest),
+            Endpoint::TagsList(name) | Endpoint::Referrers(name, _) => (*name, Target::Repository, Subject::Repository),
+            Endpoint::Upload => unreachable!("refused above"),
         };
+        let (client, repo) = state.upstreams.route(ns.as_deref(), name)?;
+        let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        state
+            .access
+            .check(&state.cache, &client, &repo, target, authorization)
+            .await
+            .map_err(|e| denial(e, subject))?;
+        let routed = Routed { state: state.clone(), client, repo };
         let head = method == Method::HEAD;
-        match endpoint? {
-            Endpoint::Blob(name, digest) if head => blobs::head(routed(name)?, digest).await,
-            Endpoint::Blob(name, digest) => blobs::get(routed(name)?, digest, &headers).await,
-            Endpoint::Manifest(name, reference) => {
-                manifests::get_or_head(routed(name)?, reference, &headers, !head).await
+        match endpoint {
+            Endpoint::Blob(_, digest) if head => blobs::head(routed, digest).await,
+            Endpoint::Blob(_, digest) => blobs::get(routed, digest, &headers).await,
+            Endpoint::Manifest(_, reference) => manifests::get_or_head(routed, reference, &headers, !head).await,
+            Endpoint::TagsList(_) => passthrough::forward(routed, "tags/list", uri.query()).await,
+            Endpoint::Referrers(_, digest) => {
+                passthrough::forward(routed, &format!("referrers/{digest}"), uri.query()).await
             }
-            Endpoint::TagsList(name) => passthrough::forward(routed(name)?, "tags/list", uri.query()).await,
-            Endpoint::Referrers(name, digest) => {
-                passthrough::forward(routed(name)?, &format!("referrers/{digest}"), uri.query()).await
-            }
-            Endpoint::Upload => unreachable!("handled above"),
+            Endpoint::Upload => unreachable!("refused above"),
         }
-    }
-    .await;
+    };
+    // A stalled upstream must not hold a client forever: past the deadline the client gets a 503 and moves
+    // on to its next host. A fill that was started goes on in the background.
+    let deadline = Duration::from_secs(state.config.server.request_timeout.max(1));
+    let result = tokio::time::timeout(deadline, result).await.unwrap_or_else(|_| {
+        Err(Error::new(OciCode::Unavailable, format!("no answer from the upstream within {}s", deadline.as_secs())))
+    });
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
     if let Some(ns) = ns.and_then(|ns| HeaderValue::from_str(&ns).ok()) {
         // distribution-spec "Registry Proxying": echo the namespace the request was scoped to.
         resp.headers_mut().insert("oci-namespace", ns);
     }
     resp
+}
+
+/// The answer to a refused request: hidden content looks like content that does not exist.
+fn denial(e: Denied, subject: Subject) -> Error {
+    let not_found = |detail: &str| {
+        let code = match subject {
+            Subject::Blob => OciCode::BlobUnknown,
+            Subject::Manifest => OciCode::ManifestUnknown,
+            Subject::Repository => OciCode::NameUnknown,
+        };
+        Error::new(code, detail)
+    };
+    match e {
+        Denied::Private(PrivateAnswer::Deny) => Error::new(OciCode::Unauthorized, e.to_string()),
+        Denied::Private(PrivateAnswer::Hide) => not_found("unknown to this registry"),
+        Denied::NotReferenced => not_found("not referenced by this repository"),
+        Denied::Upstream(u) => Error::upstream(&u, subject),
+        Denied::Cache(c) => Error::cache(&c, subject),
+    }
 }
 
 /// The metrics label for a path: a handful of fixed values, never the raw path.

@@ -206,6 +206,7 @@ impl Cache {
         let store = self.shared.store.clone();
         let to_write = bytes.clone();
         tokio::task::spawn_blocking(move || store.write_manifest(&digest, &media_type, &to_write)).await??;
+        self.record_ref(&client.name, repo, &info.digest)?;
         Ok((info, bytes))
     }
 

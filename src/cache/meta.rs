@@ -167,6 +167,16 @@ impl Meta {
         Ok(())
     }
 
+    /// Records that `repo` (`<registry>/<repo>`) references `digest` (a blob or a manifest).
+    pub fn add_ref(&self, repo: &str, digest: &Digest) -> Result<(), sled::Error> {
+        self.refs.insert(format!("{repo}\0{digest}"), &[][..]).map(drop)
+    }
+
+    /// Whether `repo` is known to reference `digest`.
+    pub fn has_ref(&self, repo: &str, digest: &Digest) -> Result<bool, sled::Error> {
+        self.refs.contains_key(format!("{repo}\0{digest}"))
+    }
+
     /// The recorded entry for a blob.
     pub fn blob(&self, digest: &Digest) -> Result<Option<BlobEntry>, sled::Error> {
         Ok(self.blobs.get(digest.to_string())?.and_then(|v| decode(&v)))
@@ -328,7 +338,15 @@ mod tests {
             meta.mark_initialized().unwrap();
             meta.db.flush().unwrap();
         }
-        let (_, fresh) = Meta::open(&path).unwrap();
+        // sled releases its file lock from a background thread after the drop, with no signal to wait on.
+        let reopened = (0..200).find_map(|_| match Meta::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                None
+            }
+            other => Some(other),
+        });
+        let (_, fresh) = reopened.expect("the lock is released").unwrap();
         assert!(!fresh);
     }
 }

@@ -116,6 +116,8 @@ struct Shared {
     accessed: Mutex<HashMap<Digest, u64>>,
     /// One eviction pass at a time.
     gc_lock: Mutex<()>,
+    /// Fills allowed to talk to upstreams at once (`server.max_fills`); the rest queue here.
+    fill_slots: tokio::sync::Semaphore,
 }
 
 impl Cache {
@@ -156,6 +158,7 @@ impl Cache {
             serving: Mutex::default(),
             accessed: Mutex::default(),
             gc_lock: Mutex::default(),
+            fill_slots: tokio::sync::Semaphore::new(config.server.max_fills.max(1)),
         };
         Ok(Cache { shared: Arc::new(shared) })
     }
@@ -215,6 +218,17 @@ impl Cache {
         }
     }
 
+    /// Whether `repo` of `registry` is known to reference `digest`: it was fetched through that repository,
+    /// or the upstream confirmed it (see [`Cache::record_ref`]). Private content is served per repository.
+    pub fn is_referenced(&self, registry: &str, repo: &RepoName, digest: &Digest) -> Result<bool, Error> {
+        Ok(self.shared.meta.has_ref(&format!("{registry}/{repo}"), digest)?)
+    }
+
+    /// Records that the upstream confirmed `repo` references `digest`.
+    pub fn record_ref(&self, registry: &str, repo: &RepoName, digest: &Digest) -> Result<(), Error> {
+        Ok(self.shared.meta.add_ref(&format!("{registry}/{repo}"), digest)?)
+    }
+
     /// Registers a response streaming `digest` (and counts it as an access).
     fn guard(&self, digest: &Digest) -> ServeGuard {
         *self.shared.serving.lock().unwrap().entry(digest.clone()).or_default() += 1;
@@ -250,6 +264,8 @@ impl Cache {
     }
 
     async fn run_fill(&self, fill: Arc<Fill>, temp: store::TempFile, client: &RegistryClient, repo: &RepoName) {
+        // Queued, not failed: waiting clients see the fill start when a slot frees (or their deadline passes).
+        let _slot = self.shared.fill_slots.acquire().await.expect("the fill semaphore is never closed");
         let digest = fill.digest.clone();
         let metrics = &self.shared.metrics;
         let started = std::time::Instant::now();

@@ -60,6 +60,29 @@ pub struct Passthrough {
     pub body: Pin<Box<dyn Stream<Item = Result<Bytes, Error>> + Send>>,
 }
 
+/// On whose behalf a request is sent: wharf's configured credentials, nobody, or a client's own
+/// `Authorization` header (checked against the upstream, never stored).
+#[derive(Debug, Clone, Copy)]
+pub enum Identity<'a> {
+    /// wharf's own credentials for this registry, if any.
+    Wharf,
+    /// No credentials: what any anonymous puller could fetch.
+    Anonymous,
+    /// The `Authorization` value a client sent to wharf.
+    Client(&'a str),
+}
+
+/// What a [`RegistryClient::probe`] asks about.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    /// A manifest by tag or digest.
+    Manifest(String),
+    /// A blob.
+    Blob(Digest),
+    /// The repository itself (`tags/list?n=1`).
+    Repository,
+}
+
 impl RegistryClient {
     /// A client for `base` sharing the process-wide connection pool `http`.
     pub fn new(
@@ -89,7 +112,7 @@ impl RegistryClient {
         accept: &AcceptSet,
     ) -> Result<ManifestHead, Error> {
         let url = self.url(repo, &format!("manifests/{reference}"));
-        let resp = self.send(Method::HEAD, url, repo, accept_headers(accept)).await?;
+        let resp = self.send(Method::HEAD, url, repo, accept_headers(accept), Identity::Wharf).await?;
         Ok(manifest_head(resp.headers()))
     }
 
@@ -101,7 +124,7 @@ impl RegistryClient {
         accept: &AcceptSet,
     ) -> Result<(ManifestHead, Bytes), Error> {
         let url = self.url(repo, &format!("manifests/{reference}"));
-        let resp = self.send(Method::GET, url, repo, accept_headers(accept)).await?;
+        let resp = self.send(Method::GET, url, repo, accept_headers(accept), Identity::Wharf).await?;
         let head = manifest_head(resp.headers());
         if head.size.is_some_and(|s| s > MAX_MANIFEST_SIZE as u64) {
             return Err(Error::Protocol("manifest larger than 4 MiB".into()));
@@ -120,8 +143,30 @@ impl RegistryClient {
     /// HEAD a blob: its size, without downloading it.
     pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, Error> {
         let url = self.url(repo, &format!("blobs/{digest}"));
-        let resp = self.send(Method::HEAD, url, repo, HeaderMap::new()).await?;
+        let resp = self.send(Method::HEAD, url, repo, HeaderMap::new(), Identity::Wharf).await?;
         Ok(content_length(resp.headers()))
+    }
+
+    /// Whether `who` may read `what` in `repo`: a HEAD (a one-item tag list for the repository) that
+    /// succeeds only if the upstream grants it. Answers with the upstream's refusal otherwise.
+    pub async fn probe(&self, repo: &RepoName, what: &Probe, who: Identity<'_>) -> Result<(), Error> {
+        let (method, tail, headers) = match what {
+            Probe::Manifest(reference) => {
+                (Method::HEAD, format!("manifests/{reference}"), accept_headers(&AcceptSet::all_manifests()))
+            }
+            Probe::Blob(digest) => (Method::HEAD, format!("blobs/{digest}"), HeaderMap::new()),
+            Probe::Repository => (Method::GET, "tags/list".to_owned(), HeaderMap::new()),
+        };
+        let mut url = self.url(repo, &tail);
+        if matches!(what, Probe::Repository) {
+            url.set_query(Some("n=1"));
+        }
+        self.send(method, url, repo, headers, who).await.map(drop)
+    }
+
+    /// Whether wharf holds credentials for this registry (so it may fetch content anonymous clients cannot).
+    pub fn has_credentials(&self) -> bool {
+        self.creds.is_some()
     }
 
     /// GET a blob, or the inclusive byte range `range` of it, as a stream. The caller verifies the digest.
@@ -140,7 +185,7 @@ impl RegistryClient {
         {
             headers.insert(header::RANGE, v);
         }
-        let resp = self.send(Method::GET, url, repo, headers).await?;
+        let resp = self.send(Method::GET, url, repo, headers, Identity::Wharf).await?;
         let size = content_length(resp.headers());
         let partial = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
@@ -163,7 +208,7 @@ impl RegistryClient {
     pub async fn passthrough(&self, repo: &RepoName, tail: &str, query: Option<&str>) -> Result<Passthrough, Error> {
         let mut url = self.url(repo, tail);
         url.set_query(query);
-        let resp = self.send(Method::GET, url, repo, HeaderMap::new()).await?;
+        let resp = self.send(Method::GET, url, repo, HeaderMap::new(), Identity::Wharf).await?;
         let mut headers = HeaderMap::new();
         for name in [header::CONTENT_TYPE, header::LINK, header::HeaderName::from_static("oci-filters-applied")] {
             if let Some(v) = resp.headers().get(&name) {
@@ -175,37 +220,73 @@ impl RegistryClient {
         Ok(Passthrough { status, headers, body: Box::pin(body) })
     }
 
-    /// Sends a request, answering auth challenges and following redirects; non-2xx statuses become errors.
+    /// Sends a request as `who`, answering auth challenges and following redirects; non-2xx statuses become
+    /// errors. Tokens obtained for a client's own credentials are used for this request only, never cached.
     async fn send(
         &self,
         method: Method,
         mut url: Url,
         repo: &RepoName,
         headers: HeaderMap,
+        who: Identity<'_>,
     ) -> Result<reqwest::Response, Error> {
         let scope = format!("repository:{repo}:pull");
         let mut redirects = 0;
         let mut auth_tried = false;
+        let mut client_token: Option<String> = None;
         loop {
             let host = host_key(&url);
             let own_host = host == host_key(&self.base);
+            let cache_key = match who {
+                Identity::Wharf => Some(host.clone()),
+                // Anonymous tokens are kept apart, so a probe never rides on wharf's credentials.
+                Identity::Anonymous => Some(format!("anonymous {host}")),
+                Identity::Client(_) => None,
+            };
             let mut req = self.http.request(method.clone(), url.clone()).headers(headers.clone());
-            let cached = self.tokens.get(&host, &scope);
+            let cached = match (&cache_key, &client_token) {
+                (Some(key), _) => self.tokens.get(key, &scope),
+                (None, Some(token)) => Some(token.clone()),
+                (None, None) => None,
+            };
             if let Some(value) = &cached {
                 req = req.header(header::AUTHORIZATION, value);
-            } else if let (true, Some(Credentials::Bearer(t))) = (own_host, &self.creds) {
-                req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            } else if own_host {
+                match (who, &self.creds) {
+                    (Identity::Wharf, Some(Credentials::Bearer(t))) => {
+                        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+                    }
+                    // A client's bearer token is for the registry itself; send it as the client did.
+                    (Identity::Client(auth), _) if auth.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer ")) => {
+                        req = req.header(header::AUTHORIZATION, auth);
+                    }
+                    _ => {}
+                }
             }
             let resp = self.observe(req.send()).await?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !auth_tried {
                 auth_tried = true;
-                if cached.is_some() {
-                    self.tokens.remove(&host, &scope);
+                if let (true, Some(key)) = (cached.is_some(), &cache_key) {
+                    self.tokens.remove(key, &scope);
                 }
                 let challenge = resp.headers().get_all(header::WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok());
                 let challenges: Vec<_> = challenge.flat_map(parse_challenges).collect();
-                if self.authorize(&host, own_host, &scope, &challenges).await? {
+                let creds = match who {
+                    _ if !own_host => None,
+                    Identity::Wharf => self.creds.clone(),
+                    Identity::Anonymous => None,
+                    // No Basic credentials to offer: an anonymous token must not stand in for the client's.
+                    Identity::Client(auth) => match Credentials::from_basic_header(auth) {
+                        Some(c) => Some(c),
+                        None => return Err(Error::Unauthorized),
+                    },
+                };
+                if let Some(value) = self.authorize(&scope, creds.as_ref(), &challenges).await? {
+                    match &cache_key {
+                        Some(key) => self.tokens.put(key, &scope, value.0, value.1),
+                        None => client_token = Some(value.0),
+                    }
                     continue;
                 }
                 return Err(Error::Unauthorized);
@@ -217,6 +298,7 @@ impl RegistryClient {
                 }
                 url = redirect_target(&url, resp.headers())?;
                 auth_tried = false;
+                client_token = None;
                 continue;
             }
             if status.is_success() {
@@ -252,16 +334,15 @@ impl RegistryClient {
         self.metrics.upstream_bytes.get_or_create(&RegistryLabel { registry: self.name.clone() }).inc_by(bytes);
     }
 
-    /// Obtains an `Authorization` value for `host` from its challenges. Credentials are offered only to the
-    /// registry's own host (and the token realm it names), never to a redirect target.
+    /// Obtains an `Authorization` value (and how long it lasts) from a host's challenges, offering `creds`.
+    /// The caller passes credentials only for the registry's own host (the token realm it names gets them
+    /// too, as every registry client does), never for a redirect target.
     async fn authorize(
         &self,
-        host: &str,
-        own_host: bool,
         scope: &str,
+        creds: Option<&Credentials>,
         challenges: &[super::auth::Challenge],
-    ) -> Result<bool, Error> {
-        let creds = if own_host { self.creds.as_ref() } else { None };
+    ) -> Result<Option<(String, std::time::Duration)>, Error> {
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
             let realm =
                 c.params.get("realm").ok_or_else(|| Error::Protocol("bearer challenge without realm".into()))?;
@@ -292,17 +373,15 @@ impl RegistryClient {
                 serde_json::from_slice(&bytes).map_err(|_| Error::Protocol("token response is not JSON".into()))?;
             let (token, lifetime) =
                 token.into_parts().ok_or_else(|| Error::Protocol("token response without token".into()))?;
-            self.tokens.put(host, scope, format!("Bearer {token}"), lifetime);
-            return Ok(true);
+            return Ok(Some((format!("Bearer {token}"), lifetime)));
         }
         if challenges.iter().any(|c| c.scheme == "basic")
             && let Some(basic) = creds.and_then(Credentials::basic_header)
         {
             // Basic credentials do not expire; a day bounds how long a changed password goes unnoticed.
-            self.tokens.put(host, scope, basic, std::time::Duration::from_secs(86_400));
-            return Ok(true);
+            return Ok(Some((basic, std::time::Duration::from_secs(86_400))));
         }
-        Ok(false)
+        Ok(None)
     }
 }
 

@@ -40,6 +40,17 @@ impl Credentials {
             Credentials::Bearer(_) => None,
         }
     }
+
+    /// Parses an `Authorization: Basic …` value a client sent (what Docker and podman send a mirror).
+    pub fn from_basic_header(value: &str) -> Option<Credentials> {
+        let (scheme, encoded) = value.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+        let (username, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+        Some(Credentials::Basic { username: username.to_owned(), password: password.to_owned() })
+    }
 }
 
 /// Why a credentials file could not be used. The message never includes file contents.

@@ -6,7 +6,7 @@ mod client;
 pub mod creds;
 mod error;
 
-pub use client::{BlobStream, MAX_MANIFEST_SIZE, ManifestHead, Passthrough, RegistryClient};
+pub use client::{BlobStream, Identity, MAX_MANIFEST_SIZE, ManifestHead, Passthrough, Probe, RegistryClient};
 pub use error::Error;
 
 use crate::config::Config;

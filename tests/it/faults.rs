@@ -37,6 +37,23 @@ fn credentials(dir: &Path, entry: serde_json::Value) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// The content in these tests is private (only wharf's credentials reach it), so the client proves access
+/// with a client token. Returns the `--config` arguments and the token's `Authorization` value.
+fn client_token(dir: &Path) -> ([String; 2], String) {
+    let token = "faults-client-token-0123456789";
+    let path = dir.join("wharf.toml");
+    let toml = format!("[[access.tokens]]\nname = \"tests\"\ntoken = \"{token}\"\nread = [\"{REGISTRY}/**\"]\n");
+    std::fs::write(&path, toml).unwrap();
+    (["--config".into(), path.to_str().unwrap().into()], format!("Bearer {token}"))
+}
+
+/// A client that sends `authorization` on every request.
+fn client_with(authorization: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(reqwest::header::AUTHORIZATION, authorization.parse().unwrap());
+    reqwest::Client::builder().no_proxy().default_headers(h).build().unwrap()
+}
+
 async fn error_code(resp: reqwest::Response) -> String {
     let v: serde_json::Value = resp.json().await.expect("a JSON error body");
     v["errors"][0]["code"].as_str().expect("errors[0].code").to_string()
@@ -107,8 +124,9 @@ async fn bearer_challenge_fetches_a_token_with_configured_credentials() {
     let auth = basic("alice", "s3cret").to_str().unwrap().trim_start_matches("Basic ").to_string();
     let creds = credentials(dir.path(), serde_json::json!({ "auth": auth }));
     let data_dir = dir.path().join("data");
-    let wharf = wharf_with(&up, &data_dir, &["--credentials", &creds]);
-    let http = client();
+    let (config, token) = client_token(dir.path());
+    let wharf = wharf_with(&up, &data_dir, &["--credentials", &creds, &config[0], &config[1]]);
+    let http = client_with(&token);
 
     get_ok(&http, &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
     let resp = http.get(format!("{}/v2/{REPO}/manifests/v1", wharf.url())).send().await.unwrap();
@@ -118,10 +136,15 @@ async fn bearer_challenge_fetches_a_token_with_configured_credentials() {
     assert!(up.challenges() >= 1, "the fake never challenged: the test proves nothing");
     assert!(up.token_requests() >= 1, "wharf never asked the realm for a token");
     let seen = up.requests();
+    let alice = basic("alice", "s3cret");
+    // Token requests carry alice's credentials, or none: the anonymous probe that learns the repository
+    // is private (SECURITY.md).
     for r in seen.iter().filter(|r| r.path.starts_with("/token")) {
-        assert_eq!(r.authorization.as_deref(), Some(basic("alice", "s3cret").to_str().unwrap()));
+        assert!(r.authorization.is_none() || r.authorization.as_deref() == Some(alice.to_str().unwrap()), "{r:?}");
         assert!(r.path.contains("scope=repository"), "token request without a scope: {}", r.path);
     }
+    let with_creds = seen.iter().filter(|r| r.path.starts_with("/token") && r.authorization.is_some()).count();
+    assert!(with_creds >= 1, "wharf never offered its credentials to the realm");
     let ok_blob =
         seen.iter().find(|r| r.method == "GET" && r.path.contains("/blobs/") && r.status == 200).expect("blob GET");
     assert!(ok_blob.authorization.as_deref().unwrap_or("").starts_with("Bearer tok-"));
@@ -145,8 +168,9 @@ async fn anonymous_bearer_token_and_basic_challenge() {
     let (digest, data) = up.add_random_blob(100_000);
     let dir = tempfile::tempdir().unwrap();
     let creds = credentials(dir.path(), serde_json::json!({"username": "bob", "password": "pw"}));
-    let wharf = wharf_with(&up, &dir.path().join("data"), &["--credentials", &creds]);
-    get_ok(&client(), &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
+    let (config, token) = client_token(dir.path());
+    let wharf = wharf_with(&up, &dir.path().join("data"), &["--credentials", &creds, &config[0], &config[1]]);
+    get_ok(&client_with(&token), &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
     let seen = up.requests();
     let ok_blob =
         seen.iter().find(|r| r.method == "GET" && r.path.contains("/blobs/") && r.status == 200).expect("blob GET");
@@ -162,8 +186,9 @@ async fn redirect_to_another_host_never_carries_authorization() {
         let (digest, data) = up.add_random_blob(500_000);
         let dir = tempfile::tempdir().unwrap();
         let creds = credentials(dir.path(), serde_json::json!({"username": "alice", "password": "pw"}));
-        let wharf = wharf_with(&up, &dir.path().join("data"), &["--credentials", &creds]);
-        get_ok(&client(), &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
+        let (config, token) = client_token(dir.path());
+        let wharf = wharf_with(&up, &dir.path().join("data"), &["--credentials", &creds, &config[0], &config[1]]);
+        get_ok(&client_with(&token), &format!("{}/v2/{REPO}/blobs/{digest}", wharf.url()), &data).await;
 
         let seen = up.requests();
         let main = seen.iter().find(|r| r.listener == "main" && r.status == 307).expect("redirected GET");

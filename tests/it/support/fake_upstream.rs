@@ -88,6 +88,12 @@ struct Faults {
     honor_ranges: bool,
     /// Break the next `n` ranged responses that cover this absolute offset: digest → (offset, n).
     drop_range: HashMap<String, (usize, usize)>,
+    /// With bearer auth: repositories anonymous tokens may read (`None`: anonymous token requests fail
+    /// when credentials are configured). Docker Hub hands every client a token, with access to public
+    /// repositories only.
+    public_repos: Option<HashSet<String>>,
+    /// Digest → the only repositories that have the blob (unlisted digests are in every repository).
+    blob_repos: HashMap<String, HashSet<String>>,
 }
 
 #[derive(Default)]
@@ -169,6 +175,18 @@ impl FakeUpstream {
         let digest = sha256_digest(&data);
         self.shared.blobs.lock().unwrap().insert(digest.clone(), data);
         digest
+    }
+
+    /// With bearer auth, hands anonymous clients tokens that read only `repos` (as Docker Hub does).
+    pub fn set_public_repos(&self, repos: &[&str]) {
+        self.faults().public_repos = Some(repos.iter().map(|r| r.to_string()).collect());
+    }
+
+    /// Stores `len` random bytes that only `repos` have; returns (digest, bytes).
+    pub fn add_random_blob_in(&self, repos: &[&str], len: usize) -> (String, Bytes) {
+        let (digest, data) = self.add_random_blob(len);
+        self.faults().blob_repos.insert(digest.clone(), repos.iter().map(|r| r.to_string()).collect());
+        (digest, data)
     }
 
     /// Stores `len` random bytes; returns (digest, bytes).
@@ -303,8 +321,10 @@ async fn token(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: 
         _ => None,
     };
     let ok = want.is_none_or(|(u, p)| headers.get(header::AUTHORIZATION) == Some(&basic(&u, &p)));
-    let resp = if ok {
-        let tok = format!("tok-{}", s.token_requests.load(SeqCst));
+    let anonymous = !headers.contains_key(header::AUTHORIZATION) && s.faults.lock().unwrap().public_repos.is_some();
+    let resp = if ok || anonymous {
+        let kind = if ok { "tok" } else { "anon" };
+        let tok = format!("{kind}-{}", s.token_requests.load(SeqCst));
         s.tokens.lock().unwrap().insert(tok.clone());
         axum::Json(serde_json::json!({"token": tok, "access_token": tok, "expires_in": 300})).into_response()
     } else {
@@ -359,7 +379,9 @@ fn respond(s: &Shared, headers: &HeaderMap, head: bool, repo: &str, kind: &str, 
         Auth::Anonymous => None,
         Auth::Bearer(_) => {
             let ok = got.and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-            let ok = ok.is_some_and(|t| s.tokens.lock().unwrap().contains(t));
+            let public = |repo: &str| s.faults.lock().unwrap().public_repos.as_ref().is_some_and(|p| p.contains(repo));
+            let ok =
+                ok.is_some_and(|t| s.tokens.lock().unwrap().contains(t) && (!t.starts_with("anon-") || public(repo)));
             (!ok).then(|| format!(r#"Bearer realm="{}/token",service="fake",scope="repository:{repo}:pull""#, s.base))
         }
         Auth::Basic(u, p) => (got != Some(&basic(&u, &p))).then(|| r#"Basic realm="fake""#.to_string()),
@@ -390,6 +412,9 @@ fn respond(s: &Shared, headers: &HeaderMap, head: bool, repo: &str, kind: &str, 
                 (DIGEST_HEADER, sha256_digest(&body)),
             ];
             (hdrs, if head { Bytes::new() } else { body }).into_response()
+        }
+        "blobs" if s.faults.lock().unwrap().blob_repos.get(reference).is_some_and(|r| !r.contains(repo)) => {
+            oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN")
         }
         "blobs" if redirect && !head => {
             let to = format!("{}/cdn/{reference}", s.cdn_base);
