@@ -57,6 +57,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let state = tokio::task::spawn_blocking(move || wharf::state::AppState::open(config, tasks2))
         .await?
         .with_context(|| format!("opening data directory {}", data_dir.display()))?;
+    let listen_opts =
+        wharf::server::Listen::from_settings(&state.config.server).context("loading the TLS certificate")?;
+    let scheme = if listen_opts.tls.is_some() { "https" } else { "http" };
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     // Background work stops when shutdown begins; the tracker then waits for it.
@@ -73,11 +76,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         });
     }
-    tracing::info!(data_dir = %data_dir.display(), "wharf {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
+    tracing::info!(data_dir = %data_dir.display(), "wharf {} listening on {scheme}://{addr}", env!("CARGO_PKG_VERSION"));
     let shutdown = async move {
         wharf::server::shutdown_signal().await;
         stop.cancel();
     };
-    wharf::server::run(listener, state, tasks, shutdown, grace).await?;
+    wharf::server::run(listener, listen_opts, state, tasks, shutdown, grace).await?;
     Ok(())
 }

@@ -56,6 +56,7 @@ impl Listen {
 /// Runs until `shutdown` resolves, then waits up to `grace` for open connections and background fills.
 pub async fn run(
     listener: TcpListener,
+    listen: Listen,
     state: AppState,
     tasks: TaskTracker,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -65,7 +66,6 @@ pub async fn run(
         shutdown.await;
         tracing::info!("shutting down: no new connections; draining");
     };
-    let listen = Listen::from_settings(&state.config.server).map_err(std::io::Error::other)?;
     if !serve_until(listener, crate::api::router(state), &listen, shutdown, grace).await? {
         return Ok(());
     }

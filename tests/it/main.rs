@@ -19,6 +19,7 @@ mod parallel_fill;
 mod prefetch;
 mod range;
 mod restart;
+mod server;
 mod single_flight;
 mod skopeo;
 mod warm;

@@ -40,7 +40,9 @@ impl Wharf {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on http://").nth(1) {
+                if let Some(rest) =
+                    line.split("listening on http://").nth(1).or(line.split("listening on https://").nth(1))
+                {
                     let addr: String = rest.chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr);
