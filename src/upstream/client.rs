@@ -429,6 +429,10 @@ fn redirect_target(from: &Url, headers: &HeaderMap) -> Result<Url, Error> {
     if !matches!(next.scheme(), "http" | "https") {
         return Err(Error::Protocol("redirect to a non-HTTP scheme".into()));
     }
+    // A TLS registry must not be able to send wharf's traffic (and signed URLs) over plain HTTP.
+    if from.scheme() == "https" && next.scheme() == "http" {
+        return Err(Error::Protocol("redirect from https to plain http".into()));
+    }
     Ok(next)
 }
 
@@ -444,6 +448,10 @@ mod tests {
         assert_eq!(redirect_target(&from, &h).unwrap().as_str(), "https://r.example/other?sig=a%2Fb");
         h.insert(header::LOCATION, HeaderValue::from_static("file:///etc/passwd"));
         assert!(redirect_target(&from, &h).is_err());
+        h.insert(header::LOCATION, HeaderValue::from_static("http://cdn.example/blob"));
+        assert!(redirect_target(&from, &h).is_err(), "https must not redirect to http");
+        let plain = Url::parse("http://r.example/v2/a/blobs/x").unwrap();
+        assert!(redirect_target(&plain, &h).is_ok());
     }
 
     #[test]

@@ -188,3 +188,52 @@ async fn nothing_is_private_without_credentials() {
     assert_eq!(resp.status(), 200);
     assert!(resp.bytes().await.unwrap() == data);
 }
+
+/// The real thing: a docker-registry with htpasswd auth (every repository private) behind wharf, pulled
+/// with skopeo, which offers its credentials after wharf's `/v2/` challenge as Docker and podman do.
+#[test]
+fn skopeo_pulls_a_private_image_only_with_credentials() {
+    use crate::support::images::{run, run_ok, sha256, skopeo};
+    use crate::support::registry::{Registry, shared};
+    let seeded = shared();
+    let image = seeded.image("test/multi");
+    let private = Registry::start_private(seeded.registry.root(), "alice", "pw");
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("config.json");
+    let auth = basic("alice", "pw").to_str().unwrap().trim_start_matches("Basic ").to_string();
+    std::fs::write(&creds, serde_json::json!({"auths": {"private.test": {"auth": auth}}}).to_string()).unwrap();
+    let config = dir.path().join("wharf.toml");
+    let toml =
+        format!("[[access.tokens]]\nname = \"ci\"\ntoken = \"{TEAM_TOKEN}\"\nread = [\"private.test/test/*\"]\n");
+    std::fs::write(&config, toml).unwrap();
+    let args = ["--upstream", &format!("private.test={}", private.url()), "--credentials", creds.to_str().unwrap()];
+    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    args.extend(["--config".into(), config.to_str().unwrap().into()]);
+    let wharf = Wharf::start(&dir.path().join("data"), &args);
+    let source = format!("docker://{}/private.test/{}", wharf.addr, image.reference());
+    let inspect = |creds: Option<&str>| {
+        let mut cmd = skopeo();
+        cmd.args(["inspect", "--raw", "--tls-verify=false"]);
+        if let Some(c) = creds {
+            cmd.args(["--creds", c]);
+        }
+        cmd.arg(&source);
+        cmd
+    };
+    let timeout = std::time::Duration::from_secs(120);
+
+    let refused = run(&mut inspect(None), timeout);
+    assert!(!refused.status.success(), "an anonymous client read a private image");
+    let wrong = run(&mut inspect(Some("alice:wrong")), timeout);
+    assert!(!wrong.status.success(), "wrong upstream credentials were accepted");
+    // Her own upstream credentials, which wharf checks with the registry.
+    let raw = run_ok(&mut inspect(Some("alice:pw")), timeout);
+    assert_eq!(sha256(&raw.stdout), image.manifest_digest);
+    // A wharf client token as the password, with the whole image copied.
+    let out = dir.path().join("layout");
+    let mut copy = skopeo();
+    copy.args(["copy", "--all", "--src-tls-verify=false", "--dest-oci-accept-uncompressed-layers"]);
+    copy.args(["--src-creds", &format!("ci:{TEAM_TOKEN}")]);
+    run_ok(copy.arg(&source).arg(format!("oci:{}:{}", out.display(), image.tag)), timeout);
+    crate::skopeo::check_layout(&out, image, &source);
+}

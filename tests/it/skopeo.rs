@@ -32,7 +32,7 @@ fn pull(wharf: &Wharf, path: &str, image: &TestImage, out: &Path) {
     check_layout(out, image, &source);
 }
 
-fn check_layout(out: &Path, image: &TestImage, source: &str) {
+pub(crate) fn check_layout(out: &Path, image: &TestImage, source: &str) {
     let found = read_layout(out);
     if image.media_type == DOCKER_MANIFEST {
         // skopeo's oci: destination converts schema2 to OCI, rewriting the manifest and the config: only

@@ -54,11 +54,36 @@ impl Registry {
 
     /// Starts a registry whose config and storage live in `dir` (created if missing).
     pub fn start_in(dir: &Path) -> Registry {
+        Registry::launch(dir, &dir.join("storage"), None)
+    }
+
+    /// A second registry over `storage` (another registry's, so it holds the same images) where every
+    /// request needs `user`'s Basic credentials (htpasswd auth): a private registry.
+    pub fn start_private(storage: &Path, user: &str, password: &str) -> Registry {
+        let dir = tempfile::Builder::new().prefix("wharf-private-registry-").tempdir().expect("tempdir");
+        let htpasswd = dir.path().join("htpasswd");
+        // bcrypt, the only scheme distribution's htpasswd accepts (Python's crypt uses libxcrypt's), at the
+        // lowest cost: the registry checks it on every request.
+        let script = "import crypt,sys; print(sys.argv[1] + ':' + crypt.crypt(sys.argv[2], crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)))";
+        let out =
+            Command::new("python3").args(["-W", "ignore", "-c", script, user, password]).output().expect("python3");
+        assert!(out.status.success() && out.stdout.contains(&b'$'), "bcrypt: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(&htpasswd, &out.stdout).unwrap();
+        let mut r = Registry::launch(dir.path(), storage, Some(&htpasswd));
+        r._tempdir = Some(dir);
+        r
+    }
+
+    fn launch(dir: &Path, root: &Path, htpasswd: Option<&Path>) -> Registry {
         super::tools::require("docker-registry");
-        let root = dir.join("storage");
+        let root = root.to_path_buf();
         std::fs::create_dir_all(&root).expect("create registry storage");
         let config = dir.join("config.yml");
-        std::fs::write(&config, config_yaml(&root)).expect("write registry config");
+        let mut yaml = config_yaml(&root);
+        if let Some(h) = htpasswd {
+            yaml.push_str(&format!("auth:\n  htpasswd:\n    realm: private\n    path: {}\n", h.display()));
+        }
+        std::fs::write(&config, yaml).expect("write registry config");
         let mut cmd = Command::new("docker-registry");
         cmd.arg("serve").arg(&config).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (key, _) in std::env::vars_os() {
@@ -101,7 +126,7 @@ impl Registry {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match http(&reg.host(), "GET", "/v2/", &[], b"") {
-                Ok(r) if r.status == 200 => break,
+                Ok(r) if r.status == 200 || (htpasswd.is_some() && r.status == 401) => break,
                 _ if Instant::now() > deadline => {
                     reg.kill();
                     panic!("docker-registry on port {port} never answered GET /v2/:\n{}", reg.log());
@@ -125,6 +150,11 @@ impl Registry {
     /// The registry's own log (stderr: logrus lines with errors and `response completed` records).
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// The storage root (another registry can serve the same images from it).
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Where the registry keeps blob `digest` (`sha256:...`): the exact bytes it serves.
