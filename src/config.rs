@@ -427,6 +427,27 @@ impl Config {
         }
     }
 
+    /// A copy fit to print: every secret (registry passwords and tokens, client tokens, the admin token)
+    /// replaced by `<redacted>`.
+    pub fn redacted(&self) -> Config {
+        const R: &str = "<redacted>";
+        let mut c = self.clone();
+        for reg in c.registries.values_mut() {
+            for secret in [&mut reg.password, &mut reg.token] {
+                if secret.is_some() {
+                    *secret = Some(R.into());
+                }
+            }
+        }
+        for t in &mut c.access.tokens {
+            t.token = R.into();
+        }
+        if !c.admin.token.is_empty() {
+            c.admin.token = R.into();
+        }
+        c
+    }
+
     /// Checks what serde cannot: URLs, schemes and references between keys.
     pub fn validate(&self) -> Result<(), Error> {
         for (name, reg) in &self.registries {
@@ -536,6 +557,20 @@ mod tests {
         let mut c = Config::default();
         c.registries.insert("x".into(), RegistryConfig { insecure: false, ..RegistryConfig::at("http://x") });
         assert!(matches!(c.validate(), Err(Error::Value { .. })));
+    }
+
+    #[test]
+    fn printed_config_carries_no_secret() {
+        let mut c = Config::default();
+        c.registries
+            .insert("x".into(), RegistryConfig { password: Some("hunter2".into()), ..RegistryConfig::at("https://x") });
+        c.access.tokens.push(ClientToken { name: "ci".into(), token: "client-secret-123456".into(), read: vec![] });
+        c.admin.token = "admin-secret".into();
+        let text = toml::to_string(&c.redacted()).unwrap();
+        for secret in ["hunter2", "client-secret-123456", "admin-secret"] {
+            assert!(!text.contains(secret), "{secret} printed");
+        }
+        assert!(text.contains("name = \"ci\""));
     }
 
     #[test]

@@ -24,15 +24,8 @@ fn main() -> anyhow::Result<()> {
                 .block_on(serve(config))
         }
         Command::Config(args) => {
-            let mut config = Config::load(args.config.as_deref(), &args.overrides())?;
-            for reg in config.registries.values_mut() {
-                for secret in [&mut reg.password, &mut reg.token] {
-                    if secret.is_some() {
-                        *secret = Some("<redacted>".into());
-                    }
-                }
-            }
-            print!("{}", toml::to_string(&config)?);
+            let config = Config::load(args.config.as_deref(), &args.overrides())?;
+            print!("{}", toml::to_string(&config.redacted())?);
             Ok(())
         }
         Command::NodeSetup(args) => Ok(wharf::node_setup::run(&args)?),

@@ -456,6 +456,7 @@ fn helm_chart_nondefault_values_land_where_they_should() {
     assert_eq!(regs["ghcr.io"]["url"].as_str(), Some("https://ghcr-mirror.example.com"));
     assert_eq!(regs["docker.io"]["url"].as_str(), Some("https://registry-1.docker.io"), "built-ins stay");
     assert_eq!(config["credentials_file"].as_str(), Some("/etc/wharf/credentials/config.json"));
+    assert_eq!(config["access"]["private_answer"].as_str(), Some("hide"));
     let cache = config["cache"].as_table().unwrap();
     assert_eq!(
         (cache["max_bytes"].as_integer(), cache["high_watermark"].as_integer(), cache["low_watermark"].as_integer()),
@@ -481,6 +482,8 @@ fn helm_chart_nondefault_values_land_where_they_should() {
     assert_eq!(main["image"], "registry.example.com/platform/wharf:0.1.0-rc1");
     assert_eq!(main["resources"]["limits"]["cpu"], "2");
     assert_eq!(str_at(named(&main["env"], "RUST_LOG"), "/value"), "info,wharf=debug");
+    let tokens = &named(&main["env"], "WHARF_ACCESS__TOKENS")["valueFrom"]["secretKeyRef"];
+    assert_eq!((tokens["name"].as_str(), tokens["key"].as_str()), (Some("wharf-client-tokens"), Some("tokens")));
     let init = named(&pod["initContainers"], "node-setup");
     assert_eq!(init["resources"]["limits"]["memory"], "32Mi");
     let init_args = args_of(init);
@@ -510,7 +513,7 @@ fn helm_chart_loopback_values_without_node_setup() {
 
 #[test]
 fn helm_chart_rejects_invalid_values() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["port=abc"], "/port"),
         (&["cache.highWatermark=150"], "highWatermark"),
         (&["registries.internal.url=ftp://internal"], "url"),
@@ -520,6 +523,7 @@ fn helm_chart_rejects_invalid_values() {
         (&["metrics.serviceMonitor.enabled=true", "service.enabled=false"], "needs service.enabled"),
         (&["shutdownGrace=60"], "terminationGracePeriodSeconds must be larger"),
         (&["listenAddress=127.0.0.1"], "service.enabled needs a listenAddress"),
+        (&["access.privateAnswer=maybe"], "privateAnswer"),
     ];
     for (set, wanted) in cases {
         match helm(&[], set) {

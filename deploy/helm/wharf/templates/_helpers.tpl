@@ -53,6 +53,11 @@ shutdown_grace = {{ int .Values.shutdownGrace }}
 {{- if .Values.credentials.existingSecret }}
 credentials_file = "/etc/wharf/credentials/config.json"
 {{- end }}
+{{- if ne .Values.access.privateAnswer "deny" }}
+
+[access]
+private_answer = {{ .Values.access.privateAnswer | toJson }}
+{{- end }}
 
 [cache]
 max_bytes = {{ int64 .Values.cache.maxBytes }}
