@@ -4,6 +4,7 @@ mod support;
 
 mod admin;
 mod api;
+mod chaos;
 mod containerd;
 mod dashboard;
 mod deploy;
