@@ -8,6 +8,7 @@
 //! `WHARF_CHAOS_ROUNDS` (default 4) sets the rounds, `WHARF_CHAOS_SEED` replays a run; the long loop is
 //! `WHARF_CHAOS_ROUNDS=100 cargo test --release --test it chaos -- --nocapture`.
 
+use crate::support::data_dir::audit;
 use crate::support::fake_upstream::{blob_path, client};
 use crate::support::images::{DOCKER_LIST, DOCKER_MANIFEST, Manifest, OCI_INDEX, OCI_MANIFEST, TestImage};
 use crate::support::registry::shared;
@@ -224,51 +225,6 @@ async fn fetch_checked(
         }
     }
     Ok(Served::Complete)
-}
-
-/// Audits the data directory: every file under `blobs/` and `manifests/` must hash to its name (`verified`
-/// remembers files already hashed, by path and size), `meta/` is sled's, and `tmp/` must be empty unless
-/// `allow_tmp`. Returns the number of temporary files found.
-fn audit(data: &Path, allow_tmp: bool, verified: &mut HashMap<PathBuf, u64>) -> usize {
-    let mut tmp = 0;
-    let mut todo = vec![data.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            let (path, meta) = (entry.path(), entry.metadata().unwrap());
-            let rel = path.strip_prefix(data).unwrap().to_path_buf();
-            let top = rel.components().next().unwrap().as_os_str().to_string_lossy().to_string();
-            if meta.is_dir() {
-                if top != "meta" {
-                    todo.push(path);
-                }
-                continue;
-            }
-            match top.as_str() {
-                "tmp" => {
-                    assert!(allow_tmp, "temporary file {} survived a start-up or a clean shutdown", rel.display());
-                    tmp += 1;
-                }
-                "blobs" | "manifests" => {
-                    if verified.get(&path) == Some(&meta.len()) {
-                        continue;
-                    }
-                    let name = format!("sha256:{}", path.file_name().unwrap().to_string_lossy());
-                    let bytes_hash = if top == "blobs" {
-                        crate::support::images::sha256_file(&path)
-                    } else {
-                        // "<media type>\n<exact bytes>"
-                        let raw = std::fs::read(&path).unwrap();
-                        let nl = raw.iter().position(|b| *b == b'\n').expect("manifest file has a type line");
-                        crate::support::images::sha256(&raw[nl + 1..])
-                    };
-                    assert_eq!(bytes_hash, name, "{} holds bytes of another digest (or a partial file)", rel.display());
-                    verified.insert(path, meta.len());
-                }
-                _ => panic!("unexpected file in the data directory: {}", rel.display()),
-            }
-        }
-    }
-    tmp
 }
 
 fn rounds() -> usize {

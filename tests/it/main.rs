@@ -10,6 +10,7 @@ mod dashboard;
 mod deploy;
 mod disk_full;
 mod faults;
+mod flapping;
 mod gc;
 mod hostile;
 mod lifecycle;
