@@ -18,9 +18,18 @@ pub struct Wharf {
 }
 
 impl Wharf {
-    /// Starts wharf with `--listen 127.0.0.1:0 --data-dir DIR` plus `args`, and waits for its start-up line.
+    /// Starts wharf with `--listen 127.0.0.1:0 --data-dir DIR` plus `args` (and no `WHARF_*` variables), and
+    /// waits for its start-up line.
     pub fn start(data_dir: &Path, args: &[String]) -> Wharf {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("WHARF_") {
+                // wharf reads WHARF_* as configuration (and rejects unknown keys such as the tests' own
+                // WHARF_CHAOS_SEED): the caller's environment must not change what a test starts.
+                cmd.env_remove(key);
+            }
+        }
+        let mut child = cmd
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
