@@ -8,7 +8,7 @@
 //! `WHARF_CHAOS_ROUNDS` (default 4) sets the rounds, `WHARF_CHAOS_SEED` replays a run; the long loop is
 //! `WHARF_CHAOS_ROUNDS=100 cargo test --release --test it chaos -- --nocapture`.
 
-use crate::support::data_dir::audit;
+use crate::support::data_dir::{audit, blob_bytes};
 use crate::support::fake_upstream::{blob_path, client};
 use crate::support::images::{DOCKER_LIST, DOCKER_MANIFEST, Manifest, OCI_INDEX, OCI_MANIFEST, TestImage};
 use crate::support::registry::shared;
@@ -382,6 +382,9 @@ async fn sigkill_at_random_points_never_serves_wrong_bytes() {
             let requests = plan(&images, &origin, &big, &ranges);
             let mut wharf = Wharf::start(&data, &args);
             assert_eq!(audit(&data, false, &mut verified), 0, "start-up must remove temporary files");
+            // Eviction and the byte budget work from the metadata's sizes: a blob it lost would never be evicted.
+            let counted = wharf.metric("wharf_cache_used_bytes").await as u64;
+            assert_eq!(counted, blob_bytes(&data), "cached bytes wharf counts after a restart vs the blob files");
             let lived = Life { http: &http, requests: &requests, big: &big };
             let cold = !blob_path(&data, &big.0).exists();
             if life == KILLS_PER_ROUND {
@@ -391,6 +394,8 @@ async fn sigkill_at_random_points_never_serves_wrong_bytes() {
                 }
                 println!("chaos round {round} final life (cold {cold}, last-byte wait {w:?}): {tally:?}");
                 assert_eq!(tally.complete, requests.len(), "after the restart every pull must complete");
+                let counted = wharf.metric("wharf_cache_used_bytes").await as u64;
+                assert_eq!(counted, blob_bytes(&data), "cached bytes wharf counts after the pulls vs the blob files");
                 assert!(wharf.terminate().is_some_and(|s| s.success()), "wharf did not shut down cleanly");
                 assert_eq!(audit(&data, false, &mut verified), 0, "temporary files after a clean shutdown");
                 assert!(blob_path(&data, &big.0).is_file(), "the big layer is not committed after a complete pull");

@@ -3,7 +3,7 @@
 //! after the freshness window) keeps being served; cold pulls either deliver the right bytes or fail clearly,
 //! within a deadline derived from the upstream timeouts; and no partial file survives the storm or a restart.
 
-use crate::support::data_dir::audit;
+use crate::support::data_dir::{audit, blob_bytes};
 use crate::support::fake_upstream::{FakeUpstream, Flap, REPO, blob_path, client, sha256_digest};
 use crate::support::wharf::Wharf;
 use bytes::Bytes;
@@ -19,8 +19,8 @@ const READ_TIMEOUT: u64 = 1;
 const CHUNK: usize = 1 << 20;
 const FILL_CONCURRENCY: usize = 2;
 /// Passes over the cached content per wharf while the storm lasts: each pass makes the revalidating wharf
-/// send two tag `HEAD`s, so with one request per cold item the storm sees at least 27 requests (every flap).
-const WARM_PASSES: usize = 10;
+/// send two tag `HEAD`s, so with the cold pulls' six or more requests the storm sees at least 27 (every flap).
+const WARM_PASSES: usize = 12;
 /// Tries per cold item while the storm lasts.
 const COLD_TRIES: usize = 3;
 
@@ -162,17 +162,10 @@ fn start(up: &FakeUpstream, data: &Path, config: &Path, tag_ttl: &str) -> Wharf 
     Wharf::start(data, &args)
 }
 
-/// A value from wharf's `/metrics` (0 when absent).
-async fn metric(http: &reqwest::Client, wharf: &Wharf, name: &str) -> f64 {
-    let text = http.get(format!("{}/metrics", wharf.url())).send().await.unwrap().text().await.unwrap();
-    let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
-    line.and_then(|l| l.split_whitespace().nth(1)).map_or(0.0, |v| v.parse().unwrap())
-}
-
 /// Waits (polling the gauge: another process has no other signal) until `wharf` runs no fill.
-async fn fills_settle(http: &reqwest::Client, wharf: &Wharf) {
+async fn fills_settle(wharf: &Wharf) {
     let deadline = Instant::now() + cold_deadline(3 * CHUNK);
-    while metric(http, wharf, "wharf_fills_in_flight").await > 0.0 {
+    while wharf.metric("wharf_fills_in_flight").await > 0.0 {
         assert!(Instant::now() < deadline, "fills still running long after the storm ended");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -273,13 +266,13 @@ async fn a_flapping_upstream_keeps_cached_pulls_working_and_cold_pulls_honest() 
         cold_seen.iter().any(|s| !matches!(s, Seen::Complete)),
         "no cold pull met a fault: the storm did not reach them"
     );
-    let stale_served = metric(&http, &stale, "wharf_stale_manifests_served_total").await;
+    let stale_served = stale.metric("wharf_stale_manifests_served_total").await;
     assert!(stale_served > 0.0, "the revalidating wharf never served a tag stale during the storm");
 
     // The storm is over: fills end, nothing partial remains, and every cold item now arrives intact.
     let mut verified = HashMap::new();
     for (wharf, data) in [(&fresh, &fresh_dir), (&stale, &stale_dir)] {
-        fills_settle(&http, wharf).await;
+        fills_settle(wharf).await;
         assert_eq!(audit(data, false, &mut verified), 0, "temporary files after the fills settled");
     }
     for c in &colds {
@@ -296,6 +289,8 @@ async fn a_flapping_upstream_keeps_cached_pulls_working_and_cold_pulls_honest() 
     audit(&stale_dir, true, &mut verified);
     let mut stale = start(&up, &stale_dir, &config, "0");
     assert_eq!(audit(&stale_dir, false, &mut verified), 0, "temporary files after a restart");
+    let counted = stale.metric("wharf_cache_used_bytes").await as u64;
+    assert_eq!(counted, blob_bytes(&stale_dir), "cached bytes wharf counts after a crash vs the blob files");
     let by_digest = |c: &&Check| !c.path.ends_with("/warm") && !c.path.ends_with("/cold");
     up.start_flapping(seed ^ 1);
     for c in cached.iter().chain(&colds).filter(by_digest) {

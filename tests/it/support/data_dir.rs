@@ -49,3 +49,20 @@ pub fn audit(data: &Path, allow_tmp: bool, verified: &mut HashMap<PathBuf, u64>)
     }
     tmp
 }
+
+/// Total size of the files under `DATA/blobs`.
+pub fn blob_bytes(data: &Path) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![data.join("blobs")];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                todo.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}

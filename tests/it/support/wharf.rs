@@ -75,6 +75,14 @@ impl Wharf {
         format!("http://{}", self.addr)
     }
 
+    /// A sample from `/metrics` (`name` exactly as exposed, without labels); 0 when absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let resp = super::fake_upstream::client().get(format!("{}/metrics", self.url())).send().await;
+        let text = resp.expect("GET /metrics").text().await.expect("read /metrics");
+        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+        line.and_then(|l| l.split_whitespace().nth(1)).map_or(0.0, |v| v.parse().expect("a number"))
+    }
+
     /// Everything wharf logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
