@@ -6,7 +6,7 @@
 //! manifests (and, while wharf is dead, temporary files that the next start removes).
 //!
 //! `WHARF_CHAOS_ROUNDS` (default 4) sets the rounds, `WHARF_CHAOS_SEED` replays a run; the long loop is
-//! `WHARF_CHAOS_ROUNDS=100 cargo test --release --test it chaos -- --nocapture`.
+//! `WHARF_CHAOS_ROUNDS=100 cargo test --test it chaos -- --nocapture`.
 
 use crate::support::data_dir::{audit, blob_bytes};
 use crate::support::fake_upstream::{blob_path, client};
@@ -310,6 +310,7 @@ impl Life<'_> {
             };
             tokio::time::timeout(PULL_DEADLINE, trigger).await.expect("the kill trigger never fired");
             at_kill = Some(*watched.borrow());
+            assert!(wharf.is_running(), "wharf exited on its own before the kill:\n{}", wharf.log());
             wharf.kill9();
         }
         let mut tally = Tally::default();

@@ -274,6 +274,8 @@ async fn a_flapping_upstream_keeps_cached_pulls_working_and_cold_pulls_honest() 
     for (wharf, data) in [(&fresh, &fresh_dir), (&stale, &stale_dir)] {
         fills_settle(wharf).await;
         assert_eq!(audit(data, false, &mut verified), 0, "temporary files after the fills settled");
+        let counted = wharf.metric("wharf_cache_used_bytes").await as u64;
+        assert_eq!(counted, blob_bytes(data), "cached bytes wharf counts after the storm vs the blob files");
     }
     for c in &colds {
         let seen = within(&http, &stale.url(), c, cold_deadline(c.want.len())).await;

@@ -124,7 +124,7 @@ pub enum Flap {
 }
 
 impl Flap {
-    /// Every kind, in the order a storm cycles through them.
+    /// Every kind (a storm cycles through them in a shuffled order).
     pub const ALL: [Flap; 9] = [
         Flap::Ok,
         Flap::Status(500),

@@ -93,6 +93,11 @@ impl Wharf {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Whether the process is still running (false once it exited on its own, or was killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
