@@ -418,9 +418,8 @@ async fn sigkill_at_random_points_never_serves_wrong_bytes() {
                 big.1
             );
             match phase {
-                Phase::MidFill(n) if cold => {
-                    assert!(at_kill >= n && at_kill < big.1, "MidFill kill landed outside the fill ({at_kill})")
-                }
+                // The fill may finish before a slow watcher reaches `n`; the kill still comes after `n` bytes.
+                Phase::MidFill(n) => assert!(at_kill >= n, "the watched response ended at {at_kill} < {n} bytes"),
                 Phase::AroundCommit(_) => assert!(at_kill + 1 >= big.1, "AroundCommit kill before the download ended"),
                 Phase::JustCommitted => assert!(committed, "JustCommitted kill before the commit"),
                 _ => {}
