@@ -3,7 +3,7 @@
 
 use crate::oci::Digest;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -121,6 +121,35 @@ impl Meta {
     pub fn mark_initialized(&self) -> Result<(), sled::Error> {
         self.db.insert("initialized", &b"1"[..])?;
         Ok(())
+    }
+
+    /// Makes the blob records match `files` (every committed blob and its size): sled writes its log in the
+    /// background, so a crash can lose the last records, and a blob file nobody records is never evicted nor
+    /// counted against the budget. Records missing or wrong are rewritten (accessed now), records without a
+    /// file dropped. Returns how many were (rewritten, dropped).
+    pub fn reconcile_blobs(&self, files: &[(Digest, u64)]) -> Result<(usize, usize), sled::Error> {
+        let on_disk: HashMap<String, u64> = files.iter().map(|(d, size)| (d.to_string(), *size)).collect();
+        let mut gone = Vec::new();
+        for key in self.blobs.iter().keys() {
+            let key = key?;
+            let name = String::from_utf8_lossy(&key);
+            if !on_disk.contains_key(name.as_ref())
+                && let Ok(digest) = name.parse::<Digest>()
+            {
+                gone.push(digest);
+            }
+        }
+        for digest in &gone {
+            self.remove_blob(digest)?;
+        }
+        let mut rewritten = 0;
+        for (digest, size) in files {
+            if self.blob(digest)?.is_none_or(|e| e.size != *size) {
+                self.record_blob(digest, *size, None)?;
+                rewritten += 1;
+            }
+        }
+        Ok((rewritten, gone.len()))
     }
 
     /// The entry for a tag key (see `cache::manifests` for the key format).
@@ -326,6 +355,21 @@ mod tests {
         meta.set_pins("img", &[a.clone(), b.clone()]).unwrap();
         meta.set_pins("img", std::slice::from_ref(&b)).unwrap();
         assert_eq!(meta.pins().unwrap()["img"], vec![b]);
+    }
+
+    #[test]
+    fn reconcile_records_lost_blobs_and_drops_records_without_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (meta, _) = Meta::open(&dir.path().join("meta")).unwrap();
+        let (kept, lost, ghost) = (Digest::sha256_of(b"k"), Digest::sha256_of(b"l"), Digest::sha256_of(b"g"));
+        meta.record_blob(&kept, 10, Some("reg/x")).unwrap();
+        meta.record_blob(&ghost, 30, Some("reg/x")).unwrap();
+        let files = [(kept.clone(), 10), (lost.clone(), 20)];
+        assert_eq!(meta.reconcile_blobs(&files).unwrap(), (1, 1));
+        assert_eq!(meta.blob_totals().unwrap(), (30, 2));
+        assert!(meta.blob(&ghost).unwrap().is_none());
+        assert_eq!(meta.lru().count(), 2, "the recovered blob is evictable");
+        assert_eq!(meta.reconcile_blobs(&files).unwrap(), (0, 0));
     }
 
     #[test]

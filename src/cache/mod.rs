@@ -132,13 +132,15 @@ impl Cache {
         let tag_ttl = config.tag_ttl;
         let store = BlobStore::open(data_dir)?;
         let (meta, fresh) = Meta::open(&data_dir.join("meta"))?;
+        // Also when the database is not new: a crash can lose its last writes, and a blob it does not know
+        // would never be evicted.
+        let blobs = store.scan_blobs()?;
+        let (recorded, dropped) = meta.reconcile_blobs(&blobs)?;
         if fresh {
-            let blobs = store.scan_blobs()?;
-            for (digest, size) in &blobs {
-                meta.record_blob(digest, *size, None)?;
-            }
             meta.mark_initialized()?;
             tracing::info!(blobs = blobs.len(), "metadata rebuilt from the blob tree");
+        } else if recorded + dropped > 0 {
+            tracing::warn!(recorded, dropped, "blob metadata was behind the blob tree (a crash?); caught up");
         }
         let (bytes, _) = meta.blob_totals()?;
         metrics.cache_bytes.set(bytes as i64);

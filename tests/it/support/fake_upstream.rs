@@ -1,24 +1,35 @@
 //! An in-process fake upstream registry (axum on 127.0.0.1:0) serving blobs and manifests from memory,
 //! with per-route counters, a log of the `Authorization` header each request carried, and runtime fault
-//! knobs: dropped connections, wrong bytes, bearer/basic challenges, 429/5xx, cross-host redirects, gates.
+//! knobs: dropped connections, wrong bytes, bearer/basic challenges, 429/5xx, cross-host redirects, gates, and
+//! a seeded flapping mode ([`FakeUpstream::start_flapping`]) mixing bursts of resets, 5xx/429, cut and stalled
+//! bodies and wrong bytes.
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use axum::serve::{IncomingStream, Listener};
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use sha2::{Digest as _, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -94,6 +105,71 @@ struct Faults {
     public_repos: Option<HashSet<String>>,
     /// Digest → the only repositories that have the blob (unlisted digests are in every repository).
     blob_repos: HashMap<String, HashSet<String>>,
+    flapping: Option<Flapping>,
+    /// How many requests each flap was applied to (kept after the flapping stops).
+    flaps: HashMap<Flap, usize>,
+}
+
+/// One request's fate while the upstream flaps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flap {
+    /// Answered normally.
+    Ok,
+    /// An OCI error with this status (429 carries `Retry-After`).
+    Status(u16),
+    /// The connection is reset (`SO_LINGER` 0) before any byte of the response.
+    Reset,
+    /// Headers, half the body, then a broken connection.
+    CutBody,
+    /// No response until the flapping stops (the request is held, not refused).
+    StallHeaders,
+    /// Headers and half the body, then nothing until the flapping stops.
+    StallBody,
+    /// Right length, wrong bytes.
+    Garbage,
+}
+
+impl Flap {
+    /// Every kind (a storm cycles through them in a shuffled order).
+    pub const ALL: [Flap; 9] = [
+        Flap::Ok,
+        Flap::Status(500),
+        Flap::Status(503),
+        Flap::Status(429),
+        Flap::Reset,
+        Flap::CutBody,
+        Flap::StallHeaders,
+        Flap::StallBody,
+        Flap::Garbage,
+    ];
+}
+
+/// A storm: bursts of 1–3 requests with the same flap, the kinds in a shuffled order that repeats, so that the
+/// first 27 requests ([`Flap::ALL`] × 3) see every kind.
+struct Flapping {
+    rng: StdRng,
+    order: Vec<Flap>,
+    next: usize,
+    current: Flap,
+    left: usize,
+    /// Held requests, all released when the flapping stops.
+    stalls: Vec<Arc<Gate>>,
+}
+
+impl Flapping {
+    fn draw(&mut self) -> Flap {
+        if self.left == 0 {
+            if self.next == self.order.len() {
+                self.order.shuffle(&mut self.rng);
+                self.next = 0;
+            }
+            self.current = self.order[self.next];
+            self.next += 1;
+            self.left = self.rng.random_range(1..=3);
+        }
+        self.left -= 1;
+        self.current
+    }
 }
 
 #[derive(Default)]
@@ -150,7 +226,8 @@ impl FakeUpstream {
         for (listener, app) in [(main, main_app), (cdn, cdn_app)] {
             let (tx, rx) = oneshot::channel::<()>();
             stop.push(tx);
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            let app = app.into_make_service_with_connect_info::<Conn>();
+            let serve = axum::serve(FlakyListener(listener), app).with_graceful_shutdown(async {
                 let _ = rx.await;
             });
             tokio::spawn(async move { serve.await });
@@ -275,6 +352,28 @@ impl FakeUpstream {
         self.shared.blob_ranges.lock().unwrap().get(digest).cloned().unwrap_or_default()
     }
 
+    /// Starts a storm of faults on every manifest and blob request (seeded: the same requests in the same
+    /// order meet the same faults); [`Self::stop_flapping`] ends it.
+    pub fn start_flapping(&self, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut order = Flap::ALL.to_vec();
+        order.shuffle(&mut rng);
+        let storm = Flapping { rng, order, next: 0, current: Flap::Ok, left: 0, stalls: Vec::new() };
+        self.faults().flapping = Some(storm);
+    }
+
+    /// Ends the storm: held requests continue (their clients may have given up) and new ones behave.
+    pub fn stop_flapping(&self) {
+        if let Some(storm) = self.faults().flapping.take() {
+            storm.stalls.iter().for_each(|g| g.release());
+        }
+    }
+
+    /// How many requests met each flap so far.
+    pub fn flaps(&self) -> HashMap<Flap, usize> {
+        self.faults().flaps.clone()
+    }
+
     /// Install a gate on `digest` after `after` bytes.
     pub fn gate(&self, digest: &str, after: usize) -> Arc<Gate> {
         let gate = Arc::new(Gate { after, reached: watch::channel(false).0, released: watch::channel(false).0 });
@@ -300,6 +399,7 @@ impl Drop for FakeUpstream {
         for g in self.faults().gates.values() {
             g.release();
         }
+        self.stop_flapping();
     }
 }
 
@@ -340,7 +440,13 @@ pub fn basic(user: &str, pass: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("Basic {enc}")).unwrap()
 }
 
-async fn registry(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+async fn registry(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let rest = uri.path().trim_start_matches("/v2/").to_string();
     let parsed = rest.rsplit_once('/').and_then(|(front, reference)| {
         let (repo, kind) = front.rsplit_once('/')?;
@@ -357,9 +463,70 @@ async fn registry(State(s): State<Arc<Shared>>, method: Method, uri: Uri, header
         ("blobs", true) => bump(&s.blob_heads, &reference),
         _ => 0,
     };
-    let resp = respond(&s, &headers, head, &repo, &kind, &reference);
+    let flap = if matches!(kind.as_str(), "manifests" | "blobs") { next_flap(&s) } else { None };
+    let resp = match flap {
+        Some((Flap::Reset, _)) => {
+            conn.reset();
+            StatusCode::OK.into_response() // never reaches the wire
+        }
+        Some((Flap::Status(code), _)) => status_error(code),
+        Some((Flap::StallHeaders, Some(gate))) => {
+            let _ = gate.released.subscribe().wait_for(|r| *r).await;
+            respond(&s, &headers, head, &repo, &kind, &reference, None)
+        }
+        Some((flap, gate)) => respond(&s, &headers, head, &repo, &kind, &reference, Some((flap, gate))),
+        None => respond(&s, &headers, head, &repo, &kind, &reference, None),
+    };
     record(&s, "main", &method, &uri, &headers, resp.status().as_u16());
     resp
+}
+
+/// Draws the next request's flap while a storm lasts; a stalling flap comes with its gate, registered under
+/// the same lock so that stopping the storm releases it.
+fn next_flap(s: &Shared) -> Option<(Flap, Option<Arc<Gate>>)> {
+    let mut f = s.faults.lock().unwrap();
+    let storm = f.flapping.as_mut()?;
+    let flap = storm.draw();
+    let gate = matches!(flap, Flap::StallHeaders | Flap::StallBody).then(|| {
+        let gate = Arc::new(Gate { after: 0, reached: watch::channel(false).0, released: watch::channel(false).0 });
+        storm.stalls.push(gate.clone());
+        gate
+    });
+    *f.flaps.entry(flap).or_default() += 1;
+    Some((flap, gate))
+}
+
+fn status_error(code: u16) -> Response {
+    let status = StatusCode::from_u16(code).unwrap();
+    let mut r = oci_error(status, if code == 429 { "TOOMANYREQUESTS" } else { "UNAVAILABLE" });
+    if code == 429 {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+/// A body flap (`CutBody`, `StallBody`, `Garbage`) with the gate a stall waits on.
+type BodyFlap = Option<(Flap, Option<Arc<Gate>>)>;
+
+/// `data` as a stream with a body flap applied at its middle.
+fn flapped_body(data: Bytes, flap: BodyFlap) -> Body {
+    let half = data.len() / 2;
+    match flap {
+        Some((Flap::CutBody, _)) => Body::from_stream(stream::iter([
+            Ok(data.slice(..half)),
+            Err(std::io::Error::other("fake upstream: flapping cut the body")),
+        ])),
+        Some((Flap::StallBody, Some(gate))) => {
+            let rest = data.slice(half..);
+            let held = async move {
+                let _ = gate.released.subscribe().wait_for(|r| *r).await;
+                Ok::<_, std::io::Error>(rest)
+            };
+            Body::from_stream(stream::iter([Ok(data.slice(..half))]).chain(stream::once(held)))
+        }
+        Some((Flap::Garbage, _)) => Body::from(data.iter().map(|b| !b).collect::<Vec<u8>>()),
+        _ => Body::from(data),
+    }
 }
 
 fn bump(map: &Mutex<HashMap<String, usize>>, key: &str) -> usize {
@@ -369,7 +536,17 @@ fn bump(map: &Mutex<HashMap<String, usize>>, key: &str) -> usize {
     *n
 }
 
-fn respond(s: &Shared, headers: &HeaderMap, head: bool, repo: &str, kind: &str, reference: &str) -> Response {
+fn respond(
+    s: &Shared,
+    headers: &HeaderMap,
+    head: bool,
+    repo: &str,
+    kind: &str,
+    reference: &str,
+    flap: BodyFlap,
+) -> Response {
+    // A HEAD has no body to flap.
+    let flap = flap.filter(|_| !head);
     let (auth, fail, redirect) = {
         let f = s.faults.lock().unwrap();
         (f.auth.clone(), f.fail_with, f.redirect_blobs)
@@ -393,12 +570,7 @@ fn respond(s: &Shared, headers: &HeaderMap, head: bool, repo: &str, kind: &str, 
         return r;
     }
     if let Some(code) = fail {
-        let status = StatusCode::from_u16(code).unwrap();
-        let mut r = oci_error(status, if code == 429 { "TOOMANYREQUESTS" } else { "UNAVAILABLE" });
-        if code == 429 {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        return r;
+        return status_error(code);
     }
     match kind {
         "manifests" => {
@@ -411,7 +583,7 @@ fn respond(s: &Shared, headers: &HeaderMap, head: bool, repo: &str, kind: &str, 
                 (header::CONTENT_LENGTH, body.len().to_string()),
                 (DIGEST_HEADER, sha256_digest(&body)),
             ];
-            (hdrs, if head { Bytes::new() } else { body }).into_response()
+            (hdrs, if head { Body::empty() } else { flapped_body(body, flap) }).into_response()
         }
         "blobs" if s.faults.lock().unwrap().blob_repos.get(reference).is_some_and(|r| !r.contains(repo)) => {
             oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN")
@@ -428,9 +600,9 @@ fn respond(s: &Shared, headers: &HeaderMap, head: bool, repo: &str, kind: &str, 
             if s.faults.lock().unwrap().honor_ranges
                 && let Some(r) = range.as_deref().and_then(parse_range)
             {
-                return ranged_blob_response(s, reference, r);
+                return ranged_blob_response(s, reference, r, flap);
             }
-            blob_response(s, reference, head)
+            blob_response(s, reference, head, flap)
         }
         _ => oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
     }
@@ -443,7 +615,7 @@ async fn cdn_blob(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let resp = blob_response(&s, &digest, method == Method::HEAD);
+    let resp = blob_response(&s, &digest, method == Method::HEAD, None);
     record(&s, "cdn", &method, &uri, &headers, resp.status().as_u16());
     resp
 }
@@ -455,7 +627,7 @@ enum Step {
 }
 
 /// The blob body, streamed in chunks, with the drop / wrong-bytes / gate faults applied.
-fn blob_response(s: &Shared, digest: &str, head: bool) -> Response {
+fn blob_response(s: &Shared, digest: &str, head: bool, flap: BodyFlap) -> Response {
     let Some(data) = s.blobs.lock().unwrap().get(digest).cloned() else {
         return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
     };
@@ -467,10 +639,19 @@ fn blob_response(s: &Shared, digest: &str, head: bool) -> Response {
     if head {
         return (hdrs, Body::empty()).into_response();
     }
-    let (drop_at, wrong, gate) = {
+    let (mut drop_at, mut wrong, mut gate) = {
         let f = s.faults.lock().unwrap();
         (f.drop_after.get(digest).copied(), f.wrong_bytes.contains(digest), f.gates.get(digest).cloned())
     };
+    match flap {
+        Some((Flap::CutBody, _)) => drop_at = Some(drop_at.unwrap_or(usize::MAX).min(data.len() / 2)),
+        Some((Flap::Garbage, _)) => wrong = true,
+        Some((Flap::StallBody, Some(g))) => {
+            gate =
+                Some(Arc::new(Gate { after: data.len() / 2, reached: g.reached.clone(), released: g.released.clone() }))
+        }
+        _ => {}
+    }
     let data = if wrong { data.iter().map(|b| !b).collect::<Vec<u8>>().into() } else { data };
     let len = data.len();
     let end = drop_at.map_or(len, |n| n.min(len));
@@ -522,7 +703,7 @@ fn parse_range(v: &str) -> Option<(usize, Option<usize>)> {
 }
 
 /// A 206 for `range` of the blob, with the wrong-bytes and drop faults applied.
-fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<usize>)) -> Response {
+fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<usize>), flap: BodyFlap) -> Response {
     let Some(data) = s.blobs.lock().unwrap().get(digest).cloned() else {
         return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
     };
@@ -552,11 +733,106 @@ fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<
         (header::CONTENT_RANGE, format!("bytes {first}-{last}/{}", data.len())),
     ];
     let cut = drop_at.map(|at| at - first);
-    let pieces: Vec<Result<Bytes, std::io::Error>> = match cut {
-        Some(n) => vec![Ok(part.slice(..n)), Err(std::io::Error::other("fake upstream: dropping a ranged response"))],
-        None => part.chunks(CHUNK).map(|c| Ok(Bytes::copy_from_slice(c))).collect(),
+    let body = match cut {
+        Some(n) => Body::from_stream(stream::iter([
+            Ok(part.slice(..n)),
+            Err(std::io::Error::other("fake upstream: dropping a ranged response")),
+        ])),
+        None if flap.is_some() => flapped_body(part, flap),
+        None => Body::from_stream(stream::iter(
+            part.chunks(CHUNK).map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c))).collect::<Vec<_>>(),
+        )),
     };
-    (StatusCode::PARTIAL_CONTENT, hdrs, Body::from_stream(stream::iter(pieces))).into_response()
+    (StatusCode::PARTIAL_CONTENT, hdrs, body).into_response()
+}
+
+/// The fake's listener: a TCP listener whose connections a handler can reset (see [`Conn`]).
+struct FlakyListener(TcpListener);
+
+/// Per-connection info a handler gets: lets it reset its own connection before the response goes out.
+#[derive(Clone, Debug)]
+struct Conn(Arc<AtomicBool>);
+
+impl Conn {
+    fn reset(&self) {
+        self.0.store(true, SeqCst);
+    }
+}
+
+/// A connection that fails every write once reset, and closes with an RST (`SO_LINGER` 0) instead of a FIN.
+struct FlakyIo {
+    tcp: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl FlakyIo {
+    fn check(&self) -> std::io::Result<()> {
+        if !self.reset.load(SeqCst) {
+            return Ok(());
+        }
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: a valid socket descriptor and a properly sized option value. Zero linger on a non-blocking
+        // socket does not block at close; it only turns the FIN into an RST.
+        unsafe {
+            libc::setsockopt(
+                self.tcp.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        Err(std::io::ErrorKind::ConnectionReset.into())
+    }
+}
+
+impl AsyncRead for FlakyIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for FlakyIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+impl Listener for FlakyListener {
+    type Io = FlakyIo;
+    type Addr = Conn;
+
+    async fn accept(&mut self) -> (FlakyIo, Conn) {
+        loop {
+            match self.0.accept().await {
+                Ok((tcp, _)) => {
+                    let reset = Arc::new(AtomicBool::new(false));
+                    return (FlakyIo { tcp, reset: reset.clone() }, Conn(reset));
+                }
+                // EMFILE and friends: wait a little rather than spin, as axum's own listener does.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Conn> {
+        self.0.local_addr().map(|_| Conn(Arc::default()))
+    }
+}
+
+impl Connected<IncomingStream<'_, FlakyListener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, FlakyListener>) -> Self {
+        stream.remote_addr().clone()
+    }
 }
 
 /// `sha256:<hex>` of `data`.

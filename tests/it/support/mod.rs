@@ -1,6 +1,7 @@
 //! Test harness: real processes (wharf, docker-registry, containerd) and an in-process fake upstream.
 
 pub mod containerd;
+pub mod data_dir;
 pub mod fake_upstream;
 pub mod images;
 pub mod registry;

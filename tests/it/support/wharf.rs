@@ -18,9 +18,18 @@ pub struct Wharf {
 }
 
 impl Wharf {
-    /// Starts wharf with `--listen 127.0.0.1:0 --data-dir DIR` plus `args`, and waits for its start-up line.
+    /// Starts wharf with `--listen 127.0.0.1:0 --data-dir DIR` plus `args` (and no `WHARF_*` variables), and
+    /// waits for its start-up line.
     pub fn start(data_dir: &Path, args: &[String]) -> Wharf {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("WHARF_") {
+                // wharf reads WHARF_* as configuration (and rejects unknown keys such as the tests' own
+                // WHARF_CHAOS_SEED): the caller's environment must not change what a test starts.
+                cmd.env_remove(key);
+            }
+        }
+        let mut child = cmd
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -68,6 +77,14 @@ impl Wharf {
         format!("http://{}", self.addr)
     }
 
+    /// A sample from `/metrics` (`name` exactly as exposed, without labels); 0 when absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let resp = super::fake_upstream::client().get(format!("{}/metrics", self.url())).send().await;
+        let text = resp.expect("GET /metrics").text().await.expect("read /metrics");
+        let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+        line.and_then(|l| l.split_whitespace().nth(1)).map_or(0.0, |v| v.parse().expect("a number"))
+    }
+
     /// Everything wharf logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
@@ -76,6 +93,11 @@ impl Wharf {
     /// The OS process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// Whether the process is still running (false once it exited on its own, or was killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILL, as a crash would.
