@@ -21,9 +21,11 @@ use tokio::time::Instant;
 /// The HTTP settings shared by every connection of a listener.
 pub(super) fn builder(listen: &Listen) -> Builder<TokioExecutor> {
     let mut b = Builder::new(TokioExecutor::new());
+    // hyper's own header timeout also runs while a keep-alive connection waits for its next request, which
+    // would cut idle connections at `header_timeout` and race clients reusing them; `Job` times heads instead.
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(listen.header_timeout)
+        .header_read_timeout(None)
         // Requests carry no body, so the read buffer bounds the request head (hyper answers 431 beyond it).
         .max_buf_size(listen.max_header_bytes.max(8192));
     b.http2()
@@ -49,13 +51,18 @@ pub(super) struct Job {
 impl Job {
     pub async fn serve(self, stream: TcpStream) {
         let activity = Arc::new(Activity::new());
-        let tracked = Tracked { inner: stream, activity: activity.clone() };
+        let tracked = Tracked { inner: stream, activity: activity.clone(), first_read: true };
         match &self.tls {
             None => self.http(tracked, activity).await,
             Some(acceptor) => {
                 // A handshake that never finishes is a slow-loris too.
                 match tokio::time::timeout(self.header_timeout, acceptor.accept(tracked)).await {
-                    Ok(Ok(tls)) => self.http(tls, activity).await,
+                    Ok(Ok(tls)) => {
+                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            activity.h2.store(true, Ordering::Relaxed);
+                        }
+                        self.http(tls, activity).await
+                    }
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out"),
                 }
@@ -84,6 +91,7 @@ impl Job {
         let mut closing = false;
         loop {
             let idle_at = activity.idle_deadline(self.idle_timeout);
+            let head_at = activity.head_deadline(self.header_timeout);
             tokio::select! {
                 res = conn.as_mut() => {
                     if let Err(e) = res {
@@ -103,24 +111,66 @@ impl Job {
                         conn.as_mut().graceful_shutdown();
                     }
                 }
+                () = sleep_until_some(head_at) => {
+                    if activity.head_deadline(self.header_timeout).is_some_and(|at| at <= Instant::now()) {
+                        // A request head that does not arrive in time: close without an answer.
+                        tracing::debug!("request head not received in time; closing the connection");
+                        return;
+                    }
+                }
             }
         }
     }
 }
 
-/// When the connection last moved bytes, and how many requests it is answering.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When the connection last moved bytes, how many requests it is answering, and since when a request head
+/// has been arriving.
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Milliseconds since `start` plus one when the first byte of a request head arrived; 0 while none is.
+    head_since: AtomicU64,
+    /// HTTP/2 multiplexes and pings: there is no "between requests", so heads are not timed.
+    h2: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
     fn new() -> Self {
-        Activity { start: Instant::now(), last_ms: AtomicU64::new(0), in_flight: AtomicUsize::new(0) }
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            head_since: AtomicU64::new(0),
+            h2: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
     }
     fn touch(&self) {
-        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+    /// Bytes arrived: while no request is being answered, they are the start of the next request head.
+    fn read(&self) {
+        self.touch();
+        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.h2.load(Ordering::Relaxed) {
+            let _ = self.head_since.compare_exchange(0, self.now_ms() + 1, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+    fn head_deadline(&self, limit: Duration) -> Option<Instant> {
+        match self.head_since.load(Ordering::Relaxed) {
+            _ if self.h2.load(Ordering::Relaxed) => None,
+            0 => None,
+            since => Some(self.start + Duration::from_millis(since - 1) + limit),
+        }
     }
     fn idle_deadline(&self, idle: Duration) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
@@ -137,6 +187,8 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn new(a: Arc<Activity>) -> Self {
         a.in_flight.fetch_add(1, Ordering::Relaxed);
+        // The head is complete: hyper hands over a request only then.
+        a.head_since.store(0, Ordering::Relaxed);
         InFlight(a)
     }
 }
@@ -152,14 +204,21 @@ impl Drop for InFlight {
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// Plain-text HTTP/2 (prior knowledge) shows itself in the first bytes.
+    first_read: bool,
 }
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            if std::mem::take(&mut self.first_read) && buf.filled()[before..].starts_with(H2_PREFACE) {
+                self.activity.h2.store(true, Ordering::Relaxed);
+            }
+            self.activity.read();
         }
         res
     }

@@ -110,7 +110,7 @@ async fn tls_serves_http2_and_http1_and_reloads_the_certificate() {
 async fn slow_idle_and_oversized_requests_are_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let up = FakeUpstream::start().await;
-    let toml = "[server]\nheader_timeout = 1\nidle_timeout = 2\nmax_header_bytes = 16384\n";
+    let toml = "[server]\nheader_timeout = 1\nidle_timeout = 4\nmax_header_bytes = 16384\n";
     let wharf = start_with(dir.path(), toml, up.wharf_args());
     let bound = Duration::from_secs(20);
 
@@ -126,6 +126,18 @@ async fn slow_idle_and_oversized_requests_are_cut_off() {
     let _ = s.write_all(big.as_bytes()).await;
     let answer = read_to_close(&mut s, bound).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "expected 431, got: {:.80}", answer);
+
+    // Waiting for the next request is not a slow head: a keep-alive connection quiet for longer than
+    // header_timeout (but not idle_timeout) still serves its next request.
+    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    for round in 0..2 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(bound, s.read(&mut buf)).await.expect("an answer").unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "request {round} on a kept-alive connection: {n} bytes");
+        // The feature under test is a timeout: only waiting shows it (longer than header_timeout).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
 
     // A keep-alive connection that goes quiet after its request is closed.
     let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
