@@ -49,6 +49,12 @@ impl Wharf {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                {
+                    // Logged before the address is announced, so the caller sees the line in `log()`.
+                    let mut l = log2.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
                 if let Some(rest) =
                     line.split("listening on http://").nth(1).or(line.split("listening on https://").nth(1))
                 {
@@ -57,9 +63,6 @@ impl Wharf {
                         let _ = tx.send(addr);
                     }
                 }
-                let mut l = log2.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
             }
         });
         let addr = match rx.recv_timeout(Duration::from_secs(30)) {
