@@ -116,7 +116,7 @@ impl Upstreams {
         };
         let mut repo = RepoName::parse(name)?;
         if registry.name == "docker.io" {
-            repo = repo.with_library_prefix();
+            repo = repo.with_library_prefix()?;
         }
         Ok((registry.clone(), repo))
     }
@@ -170,5 +170,14 @@ mod tests {
         // An unknown first component is just part of a Docker Hub name, never a host to contact.
         let (r, n) = u.route(None, "evil.example/x").unwrap();
         assert_eq!((r.name.as_str(), n.as_str()), ("docker.io", "evil.example/x"));
+    }
+
+    #[test]
+    fn refuses_names_too_long_for_docker_hub_library() {
+        // Found by fuzzing: `library/` + a valid 250-character name went upstream as a 258-character name.
+        let u = upstreams();
+        let long = "a".repeat(250);
+        assert!(matches!(u.route(None, &long), Err(RouteError::Name(_))));
+        assert!(u.route(Some("ghcr.io"), &long).is_ok());
     }
 }
