@@ -9,6 +9,12 @@ mod error;
 pub use client::{BlobStream, MAX_MANIFEST_SIZE, ManifestHead, Passthrough, RegistryClient};
 pub use error::Error;
 
+/// Parsers of upstream response headers, exported for the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::client::{parse_content_range, redirect_target};
+}
+
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
