@@ -31,7 +31,8 @@ fuzz_target!(|data: &[u8]| {
         check_references(part);
     }
 
-    let fake = Fake { top: parts[0], children: Mutex::new(parts[1..].iter().copied().collect()), read: Mutex::default() };
+    let fake =
+        Fake { top: parts[0], children: Mutex::new(parts[1..].iter().copied().collect()), read: Mutex::default() };
     let result = ready(resolve(&fake, &Reference::Tag("latest".into()), &platforms));
     let report = Report::new("docker.io/library/fuzz:latest", &result);
     let Ok(plan) = result else { return };
