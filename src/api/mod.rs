@@ -78,9 +78,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let uri = req.uri().clone();
     let headers = req.headers().clone();
     let rest = uri.path().strip_prefix("/v2/").unwrap_or_default();
-    let ns: Option<String> = uri
-        .query()
-        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "ns").map(|(_, v)| v.into_owned()));
+    let ns = uri.query().and_then(ns_param);
     let result = async {
         let endpoint = path::parse(rest);
         if !matches!(method, Method::GET | Method::HEAD) || matches!(endpoint, Ok(Endpoint::Upload)) {
@@ -144,6 +142,11 @@ fn denial(e: Denied, subject: Subject) -> Error {
         Denied::Upstream(u) => Error::upstream(&u, subject),
         Denied::Cache(c) => Error::cache(&c, subject),
     }
+}
+
+/// containerd's `ns` query parameter (the registry a request is for), percent-decoded; the first one wins.
+pub fn ns_param(query: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "ns").map(|(_, v)| v.into_owned())
 }
 
 /// The metrics label for a path: a handful of fixed values, never the raw path.

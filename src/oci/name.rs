@@ -19,9 +19,10 @@ impl RepoName {
         Ok(RepoName(s.to_owned()))
     }
 
-    /// Docker Hub keeps official images under `library/`: `nginx` is `library/nginx` there.
-    pub fn with_library_prefix(self) -> Self {
-        if self.0.contains('/') { self } else { RepoName(format!("library/{}", self.0)) }
+    /// Docker Hub keeps official images under `library/`: `nginx` is `library/nginx` there. Fails when the
+    /// prefix makes the name longer than the spec allows (a 250-character name is valid, `library/` + it is not).
+    pub fn with_library_prefix(self) -> Result<Self, ParseError> {
+        if self.0.contains('/') { Ok(self) } else { RepoName::parse(&format!("library/{}", self.0)) }
     }
 
     /// The name as text.
@@ -87,7 +88,17 @@ mod tests {
 
     #[test]
     fn library_prefix_only_for_single_component() {
-        assert_eq!(RepoName::parse("nginx").unwrap().with_library_prefix().as_str(), "library/nginx");
-        assert_eq!(RepoName::parse("bitnami/redis").unwrap().with_library_prefix().as_str(), "bitnami/redis");
+        assert_eq!(RepoName::parse("nginx").unwrap().with_library_prefix().unwrap().as_str(), "library/nginx");
+        assert_eq!(RepoName::parse("bitnami/redis").unwrap().with_library_prefix().unwrap().as_str(), "bitnami/redis");
+    }
+
+    #[test]
+    fn library_prefix_keeps_the_length_limit() {
+        // Found by fuzzing (`fuzz/fuzz_targets/name.rs`): the prefixed name was longer than any valid name.
+        let long = "a".repeat(MAX_NAME_LEN);
+        let name = RepoName::parse(&long).unwrap();
+        assert_eq!(name.with_library_prefix().unwrap_err().kind, ParseKind::Name);
+        let fits = RepoName::parse(&"a".repeat(MAX_NAME_LEN - "library/".len())).unwrap();
+        assert_eq!(fits.with_library_prefix().unwrap().as_str().len(), MAX_NAME_LEN);
     }
 }

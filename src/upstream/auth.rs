@@ -115,6 +115,9 @@ impl TokenResponse {
     }
 }
 
+/// Longest a cached `Authorization` value is used before it is fetched again.
+const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
+
 /// `Authorization` values per (host, scope), valid until shortly before they expire.
 #[derive(Debug, Default)]
 pub struct TokenCache {
@@ -137,8 +140,10 @@ impl TokenCache {
         }
     }
 
-    /// Stores a header value; refreshed 10 s (or a fifth of the lifetime) before expiry.
+    /// Stores a header value; refreshed 10 s (or a fifth of the lifetime) before expiry, and at least daily.
     pub fn put(&self, host: &str, scope: &str, value: String, lifetime: Duration) {
+        // The lifetime is the token server's claim: `expires_in` near `u64::MAX` overflowed `Instant`.
+        let lifetime = lifetime.min(MAX_LIFETIME);
         let margin = Duration::from_secs(10).min(lifetime / 5);
         let until = Instant::now() + lifetime - margin;
         let mut map = self.entries.lock().unwrap();
@@ -195,6 +200,16 @@ mod tests {
         cache.put("h", "s", "Bearer t".into(), Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(cache.get("h", "s"), None);
+    }
+
+    #[test]
+    fn token_cache_survives_absurd_lifetimes() {
+        // Found by fuzzing (`fuzz/fuzz_targets/token.rs`): `"expires_in": 18446744073709551615` panicked.
+        let t: TokenResponse = serde_json::from_str(r#"{"token":"t","expires_in":18446744073709551615}"#).unwrap();
+        let (token, lifetime) = t.into_parts().unwrap();
+        let cache = TokenCache::default();
+        cache.put("h", "s", token, lifetime);
+        assert_eq!(cache.get("h", "s").as_deref(), Some("t"));
     }
 
     #[test]

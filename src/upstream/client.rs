@@ -409,7 +409,7 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 /// `bytes first-last/complete` (RFC 9110 §14.4); `None` for `*` lengths or malformed values.
-fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
+pub fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
     let (range, complete) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
     let (first, last) = range.split_once('-')?;
     let (first, last, complete) = (first.parse().ok()?, last.parse().ok()?, complete.parse().ok()?);
@@ -420,7 +420,8 @@ fn host_key(url: &Url) -> String {
     format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
 }
 
-fn redirect_target(from: &Url, headers: &HeaderMap) -> Result<Url, Error> {
+/// Where a redirect leads: `Location` resolved against `from`, only to `http`/`https`.
+pub fn redirect_target(from: &Url, headers: &HeaderMap) -> Result<Url, Error> {
     let location = headers
         .get(header::LOCATION)
         .and_then(|v| v.to_str().ok())

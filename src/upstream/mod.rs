@@ -9,6 +9,12 @@ mod error;
 pub use client::{BlobStream, Identity, MAX_MANIFEST_SIZE, ManifestHead, Passthrough, Probe, RegistryClient};
 pub use error::Error;
 
+/// Parsers of upstream response headers, exported for the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::client::{parse_content_range, redirect_target};
+}
+
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
@@ -116,7 +122,7 @@ impl Upstreams {
         };
         let mut repo = RepoName::parse(name)?;
         if registry.name == "docker.io" {
-            repo = repo.with_library_prefix();
+            repo = repo.with_library_prefix()?;
         }
         Ok((registry.clone(), repo))
     }
@@ -170,5 +176,14 @@ mod tests {
         // An unknown first component is just part of a Docker Hub name, never a host to contact.
         let (r, n) = u.route(None, "evil.example/x").unwrap();
         assert_eq!((r.name.as_str(), n.as_str()), ("docker.io", "evil.example/x"));
+    }
+
+    #[test]
+    fn refuses_names_too_long_for_docker_hub_library() {
+        // Found by fuzzing: `library/` + a valid 250-character name went upstream as a 258-character name.
+        let u = upstreams();
+        let long = "a".repeat(250);
+        assert!(matches!(u.route(None, &long), Err(RouteError::Name(_))));
+        assert!(u.route(Some("ghcr.io"), &long).is_ok());
     }
 }

@@ -79,9 +79,11 @@ pub fn split_image(image: &str) -> Result<(&str, Reference), Error> {
         Some(i) => (&rest[..last + i], Some(&rest[last + i + 1..])),
         None => (rest, None),
     };
+    // Validated even when a digest overrides it, as in distribution's reference grammar.
+    let tag = tag.map(|t| Reference::parse(t).map_err(|_| bad())).transpose()?;
     let reference = match (digest, tag) {
         (Some(d), _) => Reference::Digest(d.parse().map_err(|_| bad())?),
-        (None, Some(t)) => Reference::parse(t).map_err(|_| bad())?,
+        (None, Some(t)) => t,
         (None, None) => Reference::Tag("latest".into()),
     };
     if name.is_empty() {
@@ -153,9 +155,9 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Sum of the blob sizes the manifests announce.
+    /// Sum of the blob sizes the manifests announce, saturating: the sizes are the upstream's claims.
     pub fn total_bytes(&self) -> u64 {
-        self.blobs.iter().map(|b| b.size).sum()
+        self.blobs.iter().fold(0, |sum, b| sum.saturating_add(b.size))
     }
 
     /// Every digest the image references: manifests, then blobs (what the warm list pins).
@@ -307,7 +309,9 @@ mod tests {
         let pinned = format!("ghcr.io/org/app:v1@{d}");
         let (name, r) = split_image(&pinned).unwrap();
         assert_eq!((name, r.to_string()), ("ghcr.io/org/app", d.clone()));
-        for bad in ["", ":v1", "x@sha256:zz", "x:-bad", "x@"] {
+        // Found by fuzzing: a malformed tag before a digest was ignored rather than refused.
+        let bad_tag = format!("x:-bad@{d}");
+        for bad in ["", ":v1", "x@sha256:zz", "x:-bad", "x@", &bad_tag] {
             assert!(split_image(bad).is_err(), "{bad}");
         }
     }
@@ -323,6 +327,20 @@ mod tests {
         let t = target(&up, "ghcr.io/org/app:v1").unwrap();
         assert_eq!((t.client.name.as_str(), t.repo.as_str()), ("ghcr.io", "org/app"));
         assert!(matches!(target(&up, "ghcr.io/Org/app"), Err(Error::Route(_))));
+    }
+
+    #[test]
+    fn total_bytes_saturates() {
+        // Found by fuzzing: two layers claiming `u64::MAX` bytes overflowed the sum (a panic in debug builds).
+        let blob = |hex: char, size| Descriptor {
+            digest: format!("sha256:{}", hex.to_string().repeat(64)).parse().unwrap(),
+            size,
+            media_type: String::new(),
+            platform: None,
+        };
+        let d = blob('0', 0).digest;
+        let plan = Plan { digest: d.clone(), manifests: vec![d], blobs: vec![blob('a', u64::MAX), blob('b', 1)] };
+        assert_eq!(plan.total_bytes(), u64::MAX);
     }
 
     #[test]
