@@ -6,6 +6,7 @@
 //! that prefix as it grows. An upstream that ignores ranges is streamed in one piece.
 
 use super::Error;
+use super::reader::map_chunk;
 use super::store::TempFile;
 use crate::oci::{Digest, RepoName, Verifier};
 use crate::upstream::{self, BlobStream, RegistryClient};
@@ -15,6 +16,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::{mpsc, watch};
+
+/// Bytes mapped at a time to hash the file's prefix (resident while mapped, so kept small).
+const HASH_PIECE: u64 = 2 * 1024 * 1024;
 
 /// Where a fill is. Readers watch this to know how far they may read.
 #[derive(Debug, Clone)]
@@ -316,13 +320,12 @@ impl Fill {
             }
             let file = self.file.clone();
             verifier = tokio::task::spawn_blocking(move || -> std::io::Result<Verifier> {
-                let mut buf = vec![0u8; 1 << 20];
+                // Hashed straight from the page cache through a mapping: no copy, no buffer to allocate.
                 let mut pos = hashed;
                 while pos < available {
-                    let n = ((available - pos) as usize).min(buf.len());
-                    file.read_exact_at(&mut buf[..n], pos)?;
-                    verifier.update(&buf[..n]);
-                    pos += n as u64;
+                    let n = (available - pos).min(HASH_PIECE);
+                    verifier.update(&map_chunk(&file, pos, n as usize)?);
+                    pos += n;
                 }
                 Ok(verifier)
             })

@@ -1,17 +1,23 @@
 //! Blob bodies: a byte range of a committed file, or of a growing one that follows its fill.
 //! From a growing file the last byte is held back until the fill is verified, so no client ever completes
 //! a response whose bytes turned out wrong: it sees a broken connection instead.
+//!
+//! Each chunk is a read-only `mmap` of the file's page cache handed to hyper as `Bytes`, so the only copy is
+//! the one into the socket. Blob files are never truncated or rewritten (a fill appends; eviction unlinks),
+//! and every chunk lies below the written prefix, so a mapped page always has data behind it.
 
 use super::fill::{Fill, FillState};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
+use memmap2::{Advice, MmapOptions};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// Large reads keep per-chunk overhead (syscalls, task hand-offs, frames) small: see clients-and-limits.md §5b.
+/// Large chunks keep per-chunk overhead (syscalls, task hand-offs, frames) small: see clients-and-limits.md §5b.
+/// Resident memory is about two chunks per connection (one queued in hyper, one being prepared).
 const CHUNK: u64 = 1024 * 1024;
 
 /// Where a body's bytes come from.
@@ -82,9 +88,8 @@ pub fn body(source: Source, start: u64, end: u64) -> impl Stream<Item = io::Resu
             };
             let want = (limit - st.pos).min(CHUNK) as usize;
             let (file, pos) = (st.file.clone(), st.pos);
-            let chunk = tokio::task::spawn_blocking(move || read_exact_at(&file, pos, want))
-                .await
-                .map_err(io::Error::other)??;
+            let chunk =
+                tokio::task::spawn_blocking(move || map_chunk(&file, pos, want)).await.map_err(io::Error::other)??;
             st.pos += chunk.len() as u64;
             return Ok(Some((chunk, st)));
         }
@@ -136,6 +141,20 @@ async fn readable_limit(rx: &mut watch::Receiver<FillState>, pos: u64, end: u64)
             return Ok(Limit::File(limit));
         }
         rx.changed().await.map_err(|_| io::Error::other("fill vanished"))?;
+    }
+}
+
+/// Maps `len` bytes at `pos` and faults them in here, on the blocking pool: the runtime thread that later
+/// copies them into the socket then neither waits for the disk nor meets an I/O error as a SIGBUS (a failed
+/// populate is an error here). Falls back to a read on kernels without `MADV_POPULATE_READ` (before 5.14).
+pub(super) fn map_chunk(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    // SAFETY: the mapping is read-only and the file is never truncated below `pos + len` (see the module doc),
+    // so the memory stays valid and unchanged for as long as the `Bytes` lives.
+    let map = unsafe { MmapOptions::new().offset(pos).len(len).map(file)? };
+    match map.advise(Advice::PopulateRead) {
+        Ok(()) => Ok(Bytes::from_owner(map)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => read_exact_at(file, pos, len),
+        Err(e) => Err(e),
     }
 }
 
