@@ -239,9 +239,9 @@ fn hash(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
-/// The secret in `Bearer <token>` (containerd's `header` setting) or the password of Basic credentials
-/// (Docker and podman send their configured credentials for the mirror).
-fn presented_token(auth: &str) -> Option<String> {
+/// The secret in a client's `Authorization`: `Bearer <token>` (containerd's `header` setting) or the
+/// password of Basic credentials (Docker and podman send their configured credentials for the mirror).
+pub fn presented_token(auth: &str) -> Option<String> {
     let (scheme, rest) = auth.trim().split_once(' ')?;
     if scheme.eq_ignore_ascii_case("bearer") {
         return Some(rest.trim().to_owned());
