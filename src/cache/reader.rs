@@ -3,17 +3,20 @@
 //! a response whose bytes turned out wrong: it sees a broken connection instead.
 //!
 //! Each chunk is a read-only `mmap` of the file's page cache handed to hyper as `Bytes`, so the only copy is
-//! the one into the socket. Blob files are never truncated or rewritten (a fill appends; eviction unlinks),
-//! and every chunk lies below the written prefix, so a mapped page always has data behind it.
+//! the one into the socket, and chunks are registered by address so that the listener can skip even that
+//! copy with `sendfile(2)` on plain TCP ([`file_region`]). Blob files are never truncated or rewritten (a
+//! fill appends; eviction unlinks), and every chunk lies below the written prefix, so a mapped page always
+//! has data behind it, and the file holds the same bytes at the same offsets.
 
 use super::fill::{Fill, FillState};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use memmap2::{Advice, MmapOptions};
+use memmap2::{Advice, Mmap, MmapOptions};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 /// Large chunks keep per-chunk overhead (syscalls, task hand-offs, frames) small: see clients-and-limits.md §5b.
@@ -88,8 +91,9 @@ pub fn body(source: Source, start: u64, end: u64) -> impl Stream<Item = io::Resu
             };
             let want = (limit - st.pos).min(CHUNK) as usize;
             let (file, pos) = (st.file.clone(), st.pos);
-            let chunk =
-                tokio::task::spawn_blocking(move || map_chunk(&file, pos, want)).await.map_err(io::Error::other)??;
+            let chunk = tokio::task::spawn_blocking(move || map_to_send(&file, pos, want))
+                .await
+                .map_err(io::Error::other)??;
             st.pos += chunk.len() as u64;
             return Ok(Some((chunk, st)));
         }
@@ -148,14 +152,74 @@ async fn readable_limit(rx: &mut watch::Receiver<FillState>, pos: u64, end: u64)
 /// copies them into the socket then neither waits for the disk nor meets an I/O error as a SIGBUS (a failed
 /// populate is an error here). Falls back to a read on kernels without `MADV_POPULATE_READ` (before 5.14).
 pub(super) fn map_chunk(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
+    match map(file, pos, len)? {
+        Some(map) => Ok(Bytes::from_owner(map)),
+        None => read_exact_at(file, pos, len),
+    }
+}
+
+/// [`map_chunk`] for a response body: the mapping is registered, so [`file_region`] finds its file.
+fn map_to_send(file: &Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
+    match map(file, pos, len)? {
+        Some(map) => {
+            let start = map.as_ptr() as usize;
+            REGIONS.lock().unwrap().insert(start, Region { len, file: file.clone(), pos });
+            Ok(Bytes::from_owner(Registered(map)))
+        }
+        None => read_exact_at(file, pos, len),
+    }
+}
+
+/// A populated read-only mapping, or `None` where the kernel cannot populate one.
+fn map(file: &File, pos: u64, len: usize) -> io::Result<Option<Mmap>> {
     // SAFETY: the mapping is read-only and the file is never truncated below `pos + len` (see the module doc),
     // so the memory stays valid and unchanged for as long as the `Bytes` lives.
     let map = unsafe { MmapOptions::new().offset(pos).len(len).map(file)? };
     match map.advise(Advice::PopulateRead) {
-        Ok(()) => Ok(Bytes::from_owner(map)),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => read_exact_at(file, pos, len),
+        Ok(()) => Ok(Some(map)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// A mapped body chunk: where its bytes live in which file.
+struct Region {
+    len: usize,
+    file: Arc<File>,
+    pos: u64,
+}
+
+/// Live body mappings by start address. An entry lives exactly as long as its mapping (removed before the
+/// unmap), so an address found here is never a stale or reused one.
+static REGIONS: Mutex<BTreeMap<usize, Region>> = Mutex::new(BTreeMap::new());
+
+struct Registered(Mmap);
+
+impl AsRef<[u8]> for Registered {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        REGIONS.lock().unwrap().remove(&(self.0.as_ptr() as usize));
+    }
+}
+
+/// When `bytes` (by address) lie inside a live body chunk: the file and the offset they were mapped from,
+/// where the same bytes can be read again (with `sendfile(2)`). `None` for any other memory.
+pub fn file_region(bytes: &[u8]) -> Option<(Arc<File>, u64)> {
+    region_at(bytes.as_ptr() as usize, bytes.len())
+}
+
+fn region_at(addr: usize, len: usize) -> Option<(Arc<File>, u64)> {
+    if len == 0 {
+        return None;
+    }
+    let regions = REGIONS.lock().unwrap();
+    let (&start, r) = regions.range(..=addr).next_back()?;
+    (addr + len <= start + r.len).then(|| (r.file.clone(), r.pos + (addr - start) as u64))
 }
 
 fn read_exact_at(file: &File, pos: u64, len: usize) -> io::Result<Bytes> {
@@ -217,6 +281,28 @@ mod tests {
         assert_eq!(s.next().await.unwrap().unwrap().len(), 9);
         fill.fail(Error::SizeMismatch { announced: 10, received: 11 });
         assert!(s.next().await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn body_chunks_know_their_file_region() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3 * CHUNK as usize).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("f"), &data).unwrap();
+        let f = Arc::new(File::open(dir.path().join("f")).unwrap());
+        let chunks: Vec<Bytes> = body(Source::Committed(f), 5, 3 * CHUNK).map(Result::unwrap).collect().await;
+        let mut pos = 5u64;
+        for c in &chunks {
+            let (file, at) = file_region(&c[10..20]).expect("a body chunk is a registered mapping");
+            assert_eq!(at, pos + 10);
+            let mut back = [0u8; 10];
+            file.read_exact_at(&mut back, at).unwrap();
+            assert_eq!(&back[..], &c[10..20], "the region names the bytes' own place in the file");
+            pos += c.len() as u64;
+        }
+        let addr = chunks[0].as_ptr() as usize;
+        drop(chunks);
+        assert!(region_at(addr, 1).is_none(), "a dropped chunk stays registered");
+        assert!(file_region(b"not a mapping").is_none());
     }
 
     #[tokio::test]

@@ -3,17 +3,20 @@
 
 use super::Listen;
 use super::tls::Acceptor;
+use crate::cache::reader::file_region;
 use axum::body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -50,8 +53,10 @@ pub(super) struct Job {
 
 impl Job {
     pub async fn serve(self, stream: TcpStream) {
+        // Only plain TCP can take sendfile(2); under TLS the same stream carries ciphertext.
+        let zero_copy = self.tls.is_none();
         let activity = Arc::new(Activity::new());
-        let tracked = Tracked { inner: stream, activity: activity.clone(), first_read: true };
+        let tracked = Tracked { inner: stream, activity: activity.clone(), first_read: true, zero_copy };
         match &self.tls {
             None => self.http(tracked, activity).await,
             Some(acceptor) => {
@@ -200,17 +205,19 @@ impl Drop for InFlight {
     }
 }
 
-/// A stream that records activity whenever bytes move.
-struct Tracked<S> {
-    inner: S,
+/// The client's TCP stream: records activity whenever bytes move, and sends blob body chunks (mapped blob
+/// files, see [`file_region`]) with `sendfile(2)`, so their bytes never pass through a userspace copy.
+struct Tracked {
+    inner: TcpStream,
     activity: Arc<Activity>,
     /// Plain-text HTTP/2 (prior knowledge) shows itself in the first bytes.
     first_read: bool,
+    zero_copy: bool,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
-impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+impl AsyncRead for Tracked {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -224,24 +231,76 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.inner).poll_write(cx, data);
+impl Tracked {
+    fn wrote(&self, res: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
         }
         res
     }
+
+    /// Sends `len` bytes of `file` from `offset` when the socket takes them.
+    fn poll_sendfile(&self, cx: &mut Context<'_>, file: &File, offset: u64, len: usize) -> Poll<io::Result<usize>> {
+        let (socket, source) = (self.inner.as_raw_fd(), file.as_raw_fd());
+        loop {
+            std::task::ready!(self.inner.poll_write_ready(cx))?;
+            let sent = self.inner.try_io(Interest::WRITABLE, || {
+                let mut off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+                // SAFETY: both descriptors are open for the call (the stream and an Arc'd file); the kernel
+                // reads the file at `off` and writes to the socket, touching no memory of ours but `off`.
+                let n = unsafe { libc::sendfile(socket, source, &mut off, len) };
+                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+}
+
+/// A file system or socket that cannot take `sendfile(2)`: the connection falls back to plain writes (nothing
+/// was sent, so the same bytes go out that way).
+fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP))
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.zero_copy
+            && let Some((file, offset)) = file_region(data)
+        {
+            match this.poll_sendfile(cx, &file, offset, data.len()) {
+                Poll::Ready(Err(e)) if unsupported(&e) => this.zero_copy = false,
+                res => return this.wrote(res),
+            }
+        }
+        let res = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.wrote(res)
+    }
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        let this = self.get_mut();
+        let mut bufs = bufs;
+        if this.zero_copy {
+            // hyper queues the response head and body chunks as separate buffers: a leading mapped chunk goes
+            // out with sendfile; otherwise only the buffers before the first mapped chunk are written, so the
+            // next call starts with it.
+            if let Some((file, offset)) = bufs.first().and_then(|b| file_region(b)) {
+                match this.poll_sendfile(cx, &file, offset, bufs[0].len()) {
+                    Poll::Ready(Err(e)) if unsupported(&e) => this.zero_copy = false,
+                    res => return this.wrote(res),
+                }
+            } else if let Some(k) = bufs.iter().position(|b| file_region(b).is_some()) {
+                bufs = &bufs[..k];
+            }
         }
-        res
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(res)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
