@@ -11,7 +11,13 @@ use futures_util::TryStreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 /// `GET /v2/<name>/blobs/<digest>`.
-pub async fn get(routed: Routed, digest: Digest, headers: &HeaderMap) -> Result<Response, Error> {
+/// `delivery`: how the connection sends the body (see [`reader::Delivery`]).
+pub async fn get(
+    routed: Routed,
+    digest: Digest,
+    headers: &HeaderMap,
+    delivery: reader::Delivery,
+) -> Result<Response, Error> {
     let Routed { state, client, repo } = routed;
     let (handle, outcome) =
         state.cache.blob(&client, &repo, &digest).await.map_err(|e| Error::cache(&e, Subject::Blob))?;
@@ -25,7 +31,7 @@ pub async fn get(routed: Routed, digest: Digest, headers: &HeaderMap) -> Result<
     let metrics = state.metrics.clone();
     // The guard rides along with the body, so the blob is not evicted while it streams.
     let body = move |start, end| {
-        reader::body(source, start, end).inspect_ok(move |chunk| {
+        reader::body(source, start, end, delivery).inspect_ok(move |chunk| {
             let _ = &guard;
             metrics.served_bytes.inc_by(chunk.len() as u64);
         })

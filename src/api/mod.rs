@@ -11,6 +11,7 @@ pub mod range;
 
 use crate::access::{Denied, Target};
 use crate::cache::Outcome;
+use crate::cache::reader::Delivery;
 use crate::config::PrivateAnswer;
 use crate::metrics::RequestLabels;
 use crate::oci::RepoName;
@@ -77,6 +78,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let method = req.method().clone();
     let uri = req.uri().clone();
     let headers = req.headers().clone();
+    let delivery = req.extensions().get::<Delivery>().copied().unwrap_or_default();
     let rest = uri.path().strip_prefix("/v2/").unwrap_or_default();
     let ns = uri.query().and_then(ns_param);
     let result = async {
@@ -102,7 +104,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         let head = method == Method::HEAD;
         match endpoint {
             Endpoint::Blob(_, digest) if head => blobs::head(routed, digest).await,
-            Endpoint::Blob(_, digest) => blobs::get(routed, digest, &headers).await,
+            Endpoint::Blob(_, digest) => blobs::get(routed, digest, &headers, delivery).await,
             Endpoint::Manifest(_, reference) => manifests::get_or_head(routed, reference, &headers, !head).await,
             Endpoint::TagsList(_) => passthrough::forward(routed, "tags/list", uri.query()).await,
             Endpoint::Referrers(_, digest) => {

@@ -3,7 +3,7 @@
 
 use super::Listen;
 use super::tls::Acceptor;
-use crate::cache::reader::file_region;
+use crate::cache::reader::{Delivery, file_region};
 use axum::body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -79,11 +79,16 @@ impl Job {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let zero_copy = self.tls.is_none();
         let app = self.app;
         let busy = activity.clone();
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let in_flight = InFlight::new(busy.clone());
-            let call = tower::ServiceExt::oneshot(app.clone(), req.map(Body::new));
+            let mut req = req.map(Body::new);
+            if zero_copy {
+                req.extensions_mut().insert(Delivery::SendFile);
+            }
+            let call = tower::ServiceExt::oneshot(app.clone(), req);
             async move {
                 let resp = call.await;
                 drop(in_flight);

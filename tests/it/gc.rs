@@ -111,7 +111,7 @@ async fn a_blob_being_streamed_is_not_evicted_mid_response() {
     assert!(!s.cached(&b), "with `a` in use, `b` is the one to go");
     // The response still delivers every byte.
     use futures_util::TryStreamExt;
-    let body: Vec<u8> = wharf::cache::reader::body(handle.source, 0, data_a.len() as u64)
+    let body: Vec<u8> = wharf::cache::reader::body(handle.source, 0, data_a.len() as u64, Default::default())
         .try_fold(Vec::new(), |mut v, c| async move {
             v.extend_from_slice(&c);
             Ok(v)
