@@ -49,7 +49,8 @@ cargo bench --bench pull -- [FLAGS]
   --ab-concurrency N    ab -c (default: 16)
   --repeat N            runs per warm figure (scenarios 2, 6), the median reported (default: 3; --quick: 1)
   --ab-runs N           ab runs per figure, the best one reported (default: 2; --quick: 1)
-  --request-log         keep wharf's per-request log lines on (default: off, like the peers)
+  --request-log         keep wharf's per-request log lines on and print wharf's last 200 log lines when
+                        it stops (default: off, like the peers)
   --keep                keep the run directory (target/tmp/bench-pull/run-PID) for inspection
 ";
 
@@ -209,7 +210,11 @@ fn main() {
         eprintln!("bench: missing tools; install them with:\n  apt-get install {}", missing.join(" "));
         std::process::exit(1);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    // The clients' task polls are long (a poll reads and hashes up to a budget's worth of chunks, about a
+    // millisecond), so tokio's default of checking for I/O events every 61 polls left a late joiner's
+    // connect and response unnoticed for 50-300 ms while three other clients streamed: the client, not the
+    // server, was slow. Checking every 2 polls costs one epoll_wait per two polls.
+    let rt = tokio::runtime::Builder::new_multi_thread().event_interval(2).enable_all().build().expect("runtime");
     rt.block_on(run(opts));
     procs::kill_all();
 }

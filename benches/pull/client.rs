@@ -144,6 +144,15 @@ pub async fn fetch_blob(
     Ok(stats)
 }
 
+/// Spends one unit of tokio's cooperative budget after hashing a chunk. A client hashing a body that
+/// arrives faster than it hashes would otherwise never yield (hyper's body channel is outside tokio's
+/// budget), and on this 2-core runtime two such clients starve every other client task, such as a late
+/// joiner waiting for its first byte, for 100 ms and more. containerd's Go scheduler preempts; this is the
+/// tokio equivalent.
+async fn cooperate() {
+    tokio::task::consume_budget().await;
+}
+
 fn add(progress: Option<&AtomicU64>, n: usize) {
     if let Some(p) = progress {
         p.fetch_add(n as u64, Ordering::Relaxed);
@@ -176,6 +185,7 @@ async fn whole(node: &Node, url: &str, hasher: &mut Sha256, progress: Option<&At
             first = false;
         }
         hasher.update(&chunk);
+        cooperate().await;
         stats.bytes += chunk.len() as u64;
         add(progress, chunk.len());
     }
@@ -241,6 +251,7 @@ async fn chunked(
                 got_first = true;
             }
             hasher.update(&c);
+            cooperate().await;
             stats.bytes += c.len() as u64;
             add(progress, c.len());
         }
@@ -270,6 +281,7 @@ async fn chunked(
     while let Some(data) = chunks.next().await {
         let data = data?;
         hasher.update(&data);
+        cooperate().await;
         stats.bytes += data.len() as u64;
         stats.requests += 1;
         add(progress, data.len());
@@ -322,6 +334,7 @@ async fn ranges(
     while let Some(data) = chunks.next().await {
         let data = data?;
         hasher.update(&data);
+        cooperate().await;
         stats.bytes += data.len() as u64;
         stats.requests += 1;
         add(progress, data.len());
@@ -369,10 +382,12 @@ async fn multi(node: &Node, url: &str, size: u64, parts: usize, hasher: &mut Sha
         match &mut parser {
             None => {
                 hasher.update(&c);
+                cooperate().await;
                 stats.bytes += c.len() as u64;
             }
             Some(p) => stats.bytes += p.feed(&c, hasher).map_err(|e| format!("GET {url} multi-range: {e}"))?,
         }
+        cooperate().await;
     }
     if let Some(p) = parser
         && !p.finished

@@ -192,6 +192,9 @@ impl Peers {
 
     fn stop_wharf(&mut self) {
         if let Some(mut w) = self.wharf.take() {
+            if self.request_log {
+                eprintln!("bench: wharf's last log lines:\n{}", w.proc.log_tail(200));
+            }
             w.proc.stop(libc::SIGKILL, Duration::from_secs(5));
             self.wharf_hwm_kib = self.wharf_hwm_kib.max(w.proc.final_hwm_kib);
             let _ = std::fs::remove_dir_all(&w.dir);
