@@ -212,11 +212,16 @@ impl Cache {
 
     async fn read_manifest(&self, digest: &Digest) -> Result<Option<(ManifestInfo, Bytes)>, Error> {
         let store = self.shared.store.clone();
-        let d = digest.clone();
-        let found = tokio::task::spawn_blocking(move || store.read_manifest(&d)).await??;
+        let found = match store.memo_manifest(digest) {
+            Some(found) => Some(found),
+            None => {
+                let d = digest.clone();
+                tokio::task::spawn_blocking(move || store.read_manifest(&d)).await??
+            }
+        };
         Ok(found.map(|(media_type, bytes)| {
             let info = ManifestInfo { digest: digest.clone(), media_type, size: bytes.len() as u64 };
-            (info, Bytes::from(bytes))
+            (info, bytes)
         }))
     }
 }

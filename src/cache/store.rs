@@ -1,17 +1,48 @@
 //! The content-addressed file tree: `blobs/<algo>/<2 hex>/<hex>`, `manifests/<algo>/<2 hex>/<hex>`, `tmp/`.
 //! The files are the truth. Everything lands through a temporary file, fsync and an atomic rename, so a crash
-//! at any moment leaves either nothing or a complete, verified file. All calls here block: use `spawn_blocking`.
+//! at any moment leaves either nothing or a complete, verified file. All calls here block (use `spawn_blocking`)
+//! except [`BlobStore::memo_manifest`].
 
 use crate::oci::{Algorithm, Digest};
+use bytes::Bytes;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// Bytes of verified manifests kept in memory. Manifests are a few KiB, so this holds thousands; a
+/// by-digest GET or HEAD of one of them then needs neither the blocking pool nor a disk read.
+const MANIFEST_MEMO_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Handle to the on-disk tree. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BlobStore {
     root: Arc<PathBuf>,
+    manifests: Arc<ManifestMemo>,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore").field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+/// Cached manifest files in memory, kept coherent with the files by this module alone.
+struct ManifestMemo {
+    entries: quick_cache::sync::Cache<Digest, (Arc<str>, Bytes), ManifestWeight>,
+    /// Held while a file is read into the memo and while one is removed, so a removal cannot be undone
+    /// by a read that started before it.
+    files: Mutex<()>,
+}
+
+#[derive(Clone)]
+struct ManifestWeight;
+
+impl quick_cache::Weighter<Digest, (Arc<str>, Bytes)> for ManifestWeight {
+    fn weight(&self, _: &Digest, (media_type, bytes): &(Arc<str>, Bytes)) -> u64 {
+        // Plus the key and the entry's bookkeeping, roughly.
+        (media_type.len() + bytes.len() + 128) as u64
+    }
 }
 
 /// A file being written in `tmp/`; removed on drop unless [`BlobStore::commit`] consumed it.
@@ -41,7 +72,11 @@ impl BlobStore {
             let entry = entry?;
             let _ = fs::remove_file(entry.path());
         }
-        Ok(BlobStore { root: Arc::new(root.to_path_buf()) })
+        let manifests = ManifestMemo {
+            entries: quick_cache::sync::Cache::with_weighter(4096, MANIFEST_MEMO_BYTES, ManifestWeight),
+            files: Mutex::new(()),
+        };
+        Ok(BlobStore { root: Arc::new(root.to_path_buf()), manifests: Arc::new(manifests) })
     }
 
     /// The data directory.
@@ -107,8 +142,17 @@ impl BlobStore {
         }
     }
 
-    /// Reads a cached manifest: its media type and exact bytes.
-    pub fn read_manifest(&self, digest: &Digest) -> io::Result<Option<(String, Vec<u8>)>> {
+    /// A cached manifest if it is in memory: never touches the disk, so it may run on the async runtime.
+    pub fn memo_manifest(&self, digest: &Digest) -> Option<(String, Bytes)> {
+        self.manifests.entries.get(digest).map(|(media_type, bytes)| (media_type.to_string(), bytes))
+    }
+
+    /// Reads a cached manifest: its media type and exact bytes (from memory when there).
+    pub fn read_manifest(&self, digest: &Digest) -> io::Result<Option<(String, Bytes)>> {
+        if let Some(found) = self.memo_manifest(digest) {
+            return Ok(Some(found));
+        }
+        let _files = self.manifests.files.lock().unwrap_or_else(|e| e.into_inner());
         let data = match fs::read(self.path("manifests", digest)) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -118,16 +162,17 @@ impl BlobStore {
         let Some(nl) = data.iter().position(|b| *b == b'\n') else {
             return Ok(None);
         };
-        let media_type = String::from_utf8_lossy(&data[..nl]).into_owned();
-        let bytes = data[nl + 1..].to_vec();
+        let media_type: Arc<str> = String::from_utf8_lossy(&data[..nl]).into();
+        let bytes = Bytes::copy_from_slice(&data[nl + 1..]);
         if !digest.matches(&bytes) {
             return Ok(None);
         }
-        Ok(Some((media_type, bytes)))
+        self.manifests.entries.insert(digest.clone(), (media_type.clone(), bytes.clone()));
+        Ok(Some((media_type.to_string(), bytes)))
     }
 
     /// Stores a manifest whose bytes the caller verified against `digest`.
-    pub fn write_manifest(&self, digest: &Digest, media_type: &str, bytes: &[u8]) -> io::Result<()> {
+    pub fn write_manifest(&self, digest: &Digest, media_type: &str, bytes: &Bytes) -> io::Result<()> {
         let mut temp = self.temp()?;
         {
             let mut f: &File = &temp.file;
@@ -136,13 +181,17 @@ impl BlobStore {
             f.write_all(bytes)?;
             f.sync_all()?;
         }
+        let _files = self.manifests.files.lock().unwrap_or_else(|e| e.into_inner());
         self.rename_into(&temp.path, &self.path("manifests", digest))?;
         temp.armed = false;
+        self.manifests.entries.insert(digest.clone(), (media_type.into(), bytes.clone()));
         Ok(())
     }
 
     /// Removes a cached manifest.
     pub fn remove_manifest(&self, digest: &Digest) -> io::Result<()> {
+        let _files = self.manifests.files.lock().unwrap_or_else(|e| e.into_inner());
+        self.manifests.entries.remove(digest);
         match fs::remove_file(self.path("manifests", digest)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -243,12 +292,38 @@ mod tests {
     fn manifests_round_trip_and_tampering_is_a_miss() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let body = br#"{"schemaVersion":2}"#;
-        let d = Digest::sha256_of(body);
-        store.write_manifest(&d, "application/vnd.oci.image.manifest.v1+json", body).unwrap();
+        let body = Bytes::from_static(br#"{"schemaVersion":2}"#);
+        let d = Digest::sha256_of(&body);
+        store.write_manifest(&d, "application/vnd.oci.image.manifest.v1+json", &body).unwrap();
         let (mt, bytes) = store.read_manifest(&d).unwrap().unwrap();
-        assert_eq!((mt.as_str(), bytes.as_slice()), ("application/vnd.oci.image.manifest.v1+json", &body[..]));
+        assert_eq!((mt.as_str(), &bytes), ("application/vnd.oci.image.manifest.v1+json", &body));
         fs::write(store.path("manifests", &d), b"x\n{}").unwrap();
+        // A fresh handle (as after a restart) has only the file to go by.
+        let reopened = BlobStore::open(dir.path()).unwrap();
+        assert!(reopened.read_manifest(&d).unwrap().is_none());
+    }
+
+    #[test]
+    fn manifest_memo_follows_writes_reads_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let body = Bytes::from_static(br#"{"schemaVersion":2,"layers":[]}"#);
+        let d = Digest::sha256_of(&body);
+        assert!(store.memo_manifest(&d).is_none());
+        store.write_manifest(&d, "application/vnd.oci.image.manifest.v1+json", &body).unwrap();
+        assert_eq!(store.memo_manifest(&d).map(|(_, b)| b), Some(body.clone()));
+
+        // Read from disk by a fresh handle, then answered from memory even with the file gone.
+        let other = BlobStore::open(dir.path()).unwrap();
+        assert!(other.memo_manifest(&d).is_none());
+        assert!(other.read_manifest(&d).unwrap().is_some());
+        fs::remove_file(other.path("manifests", &d)).unwrap();
+        assert_eq!(other.read_manifest(&d).unwrap().map(|(_, b)| b), Some(body.clone()));
+
+        // Removal forgets it in memory too.
+        store.write_manifest(&d, "application/vnd.oci.image.manifest.v1+json", &body).unwrap();
+        store.remove_manifest(&d).unwrap();
+        assert!(store.memo_manifest(&d).is_none());
         assert!(store.read_manifest(&d).unwrap().is_none());
     }
 }
