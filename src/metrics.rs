@@ -52,6 +52,13 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// A kind label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// What kind of thing.
+    pub kind: &'static str,
+}
+
 /// A warm-list image label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ImageLabel {
@@ -104,6 +111,8 @@ pub struct Metrics {
     pub warm_last_success: Family<ImageLabel, Gauge>,
     /// Docker Hub's `ratelimit-remaining`, as last reported.
     pub ratelimit_remaining: Family<RegistryLabel, Gauge>,
+    /// Requests that waited for another request's identical upstream request instead of sending their own.
+    pub upstream_joined: Family<KindLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -145,6 +154,7 @@ impl Metrics {
             warm_ready: Family::default(),
             warm_last_success: Family::default(),
             ratelimit_remaining: Family::default(),
+            upstream_joined: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -209,6 +219,11 @@ impl Metrics {
             "upstream_ratelimit_remaining",
             "Pull rate limit remaining as reported by the upstream (Docker Hub ratelimit-remaining)",
             m.ratelimit_remaining.clone(),
+        );
+        r.register(
+            "upstream_requests_joined",
+            "Requests answered by another request's identical upstream request (manifest, token) instead of their own",
+            m.upstream_joined.clone(),
         );
         Metrics { registry, ..m }
     }

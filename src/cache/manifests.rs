@@ -3,9 +3,12 @@
 
 use super::meta::{TagEntry, now_secs};
 use super::{Cache, Error, Outcome};
+use crate::metrics::{KindLabel, Metrics};
 use crate::oci::{AcceptSet, Digest, Reference, RepoName};
-use crate::upstream::{self, RegistryClient};
+use crate::upstream::{self, RegistryClient, flight};
 use bytes::Bytes;
+use std::future::Future;
+use std::sync::Arc;
 
 /// A manifest's identity, enough for a HEAD answer.
 #[derive(Debug, Clone)]
@@ -49,23 +52,115 @@ fn sniff_media_type(bytes: &[u8]) -> String {
         .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into())
 }
 
+/// Upstream work on manifests under way, by request: concurrent requests for the same manifest or tag
+/// share one upstream request (Docker Hub counts every manifest GET against the pull rate limit).
+pub(super) type Flights = flight::Flights<Result<ManifestAnswer, Arc<Error>>>;
+
+/// The flights of one cache, counted in `wharf_upstream_requests_joined_total{kind="manifest"}`.
+pub(super) fn flights(metrics: &Metrics) -> Flights {
+    Flights::new(metrics.upstream_joined.get_or_create(&KindLabel { kind: "manifest" }).clone())
+}
+
+/// What one upstream request for a manifest depends on: method, registry, repository, reference, `Accept`.
+fn flight_key(want_body: bool, registry: &str, repo: &RepoName, reference: &str, accept: &AcceptSet) -> String {
+    let method = if want_body { "GET" } else { "HEAD" };
+    format!("{method} {registry}/{repo}:{reference} {}", accept.header_value())
+}
+
+/// A shared answer's error for one of its waiters.
+fn unshare(e: Arc<Error>) -> Error {
+    let e = match Arc::try_unwrap(e) {
+        Ok(e) => return e,
+        Err(shared) => shared,
+    };
+    match &*e {
+        Error::Upstream(u) => Error::Upstream(u.copy()),
+        Error::DigestMismatch { expected, actual } => {
+            Error::DigestMismatch { expected: expected.clone(), actual: actual.clone() }
+        }
+        Error::SizeMismatch { announced, received } => {
+            Error::SizeMismatch { announced: *announced, received: *received }
+        }
+        other => Error::Io(std::io::Error::other(other.to_string())),
+    }
+}
+
 impl Cache {
-    /// GET (`want_body`) or HEAD a manifest by tag or digest.
+    /// GET (`want_body`) or HEAD a manifest by tag or digest. Whatever needs the upstream is shared with
+    /// concurrent requests for the same thing and runs to its end even if this request is dropped.
     pub async fn manifest(
         &self,
-        client: &RegistryClient,
+        client: &Arc<RegistryClient>,
         repo: &RepoName,
         reference: &Reference,
         accept: &AcceptSet,
         want_body: bool,
     ) -> Result<ManifestAnswer, Error> {
         match reference {
-            Reference::Digest(d) => self.manifest_by_digest(client, repo, d, accept, want_body).await,
-            Reference::Tag(t) => self.manifest_by_tag(client, repo, t, accept, want_body).await,
+            Reference::Digest(d) => {
+                if let Some((info, bytes)) = self.read_manifest(d).await? {
+                    let bytes = Some(bytes).filter(|_| want_body);
+                    return Ok(ManifestAnswer { info, bytes, outcome: Outcome::Hit });
+                }
+                self.digest_miss(client, repo, d, accept, want_body).await
+            }
+            Reference::Tag(t) => {
+                let key = tag_key(&client.name, repo, t, accept);
+                if let Some(entry) = self.fresh_tag(&key)? {
+                    return self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Hit).await;
+                }
+                let flight = flight_key(want_body, &client.name, repo, t, accept);
+                let (this, client, repo, tag, accept) =
+                    (self.clone(), client.clone(), repo.clone(), t.clone(), accept.clone());
+                self.share(&flight, move || async move {
+                    this.tag_upstream(&client, &repo, &tag, &key, &accept, want_body).await
+                })
+                .await
+            }
         }
     }
 
-    async fn manifest_by_digest(
+    /// Runs `work` once for every concurrent caller with the same `key`; a caller that joined reports a miss
+    /// as coalesced.
+    async fn share<F>(&self, key: &str, work: impl FnOnce() -> F) -> Result<ManifestAnswer, Error>
+    where
+        F: Future<Output = Result<ManifestAnswer, Error>> + Send + 'static,
+    {
+        let shared = || {
+            let work = work();
+            async move { work.await.map_err(Arc::new) }
+        };
+        let (answer, joined) = self.shared.manifest_flights.run(key, shared).await.map_err(std::io::Error::other)?;
+        let mut answer = answer.map_err(unshare)?;
+        if joined && answer.outcome == Outcome::Miss {
+            answer.outcome = Outcome::Coalesced;
+        }
+        Ok(answer)
+    }
+
+    /// The tag's entry, if within the freshness window.
+    fn fresh_tag(&self, key: &str) -> Result<Option<TagEntry>, Error> {
+        let now = now_secs();
+        Ok(self.shared.meta.tag(key)?.filter(|e| now < e.checked_at.saturating_add(self.shared.tag_ttl)))
+    }
+
+    /// A manifest by digest that is not cached: asks the upstream, shared with concurrent requests.
+    async fn digest_miss(
+        &self,
+        client: &Arc<RegistryClient>,
+        repo: &RepoName,
+        digest: &Digest,
+        accept: &AcceptSet,
+        want_body: bool,
+    ) -> Result<ManifestAnswer, Error> {
+        let flight = flight_key(want_body, &client.name, repo, &digest.to_string(), accept);
+        let (this, client, repo, digest, accept) =
+            (self.clone(), client.clone(), repo.clone(), digest.clone(), accept.clone());
+        self.share(&flight, move || async move { this.digest_upstream(&client, &repo, &digest, &accept, want_body).await })
+            .await
+    }
+
+    async fn digest_upstream(
         &self,
         client: &RegistryClient,
         repo: &RepoName,
@@ -73,6 +168,7 @@ impl Cache {
         accept: &AcceptSet,
         want_body: bool,
     ) -> Result<ManifestAnswer, Error> {
+        // A flight that ended just before this one started may have stored it.
         if let Some((info, bytes)) = self.read_manifest(digest).await? {
             return Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Hit });
         }
@@ -87,17 +183,19 @@ impl Cache {
         Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Miss })
     }
 
-    async fn manifest_by_tag(
+    /// A tag outside its freshness window (or unknown): learnt, revalidated with a HEAD, or served stale.
+    async fn tag_upstream(
         &self,
-        client: &RegistryClient,
+        client: &Arc<RegistryClient>,
         repo: &RepoName,
         tag: &str,
+        key: &str,
         accept: &AcceptSet,
         want_body: bool,
     ) -> Result<ManifestAnswer, Error> {
-        let key = tag_key(&client.name, repo, tag, accept);
-        let known = self.shared.meta.tag(&key)?;
+        let known = self.shared.meta.tag(key)?;
         let now = now_secs();
+        // A flight that ended just before this one started may have refreshed it.
         if let Some(entry) = known.as_ref().filter(|e| now < e.checked_at.saturating_add(self.shared.tag_ttl)) {
             return self.answer_from_entry(client, repo, entry, accept, want_body, Outcome::Hit).await;
         }
@@ -158,7 +256,7 @@ impl Cache {
 
     async fn answer_from_entry(
         &self,
-        client: &RegistryClient,
+        client: &Arc<RegistryClient>,
         repo: &RepoName,
         entry: &TagEntry,
         accept: &AcceptSet,
@@ -175,7 +273,10 @@ impl Cache {
         let (info, bytes) = match cached {
             Some(found) => found,
             None if outcome == Outcome::Stale => return Err(Error::Io(std::io::ErrorKind::NotFound.into())),
-            None => self.fetch_manifest(client, repo, &entry.digest.to_string(), accept, Some(&entry.digest)).await?,
+            None => {
+                let answer = self.digest_miss(client, repo, &entry.digest, accept, true).await?;
+                (answer.info, answer.bytes.unwrap_or_default())
+            }
         };
         Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome })
     }

@@ -118,6 +118,8 @@ struct Shared {
     gc_lock: Mutex<()>,
     /// Fills allowed to talk to upstreams at once (`server.max_fills`); the rest queue here.
     fill_slots: tokio::sync::Semaphore,
+    /// Upstream manifest requests under way, shared by the requests that need the same answer.
+    manifest_flights: manifests::Flights,
 }
 
 impl Cache {
@@ -154,13 +156,14 @@ impl Cache {
             tasks,
             tag_ttl,
             plan,
-            metrics,
             settings: config.cache.clone(),
             bytes: AtomicU64::new(bytes),
             serving: Mutex::default(),
             accessed: Mutex::default(),
             gc_lock: Mutex::default(),
             fill_slots: tokio::sync::Semaphore::new(config.server.max_fills.max(1)),
+            manifest_flights: manifests::flights(&metrics),
+            metrics,
         };
         Ok(Cache { shared: Arc::new(shared) })
     }

@@ -154,9 +154,13 @@ impl TokenCache {
         map.insert((host.to_owned(), scope.to_owned()), (value, until));
     }
 
-    /// Forgets a value the upstream refused.
-    pub fn remove(&self, host: &str, scope: &str) {
-        self.entries.lock().unwrap().remove(&(host.to_owned(), scope.to_owned()));
+    /// Forgets a value the upstream refused, unless a newer one replaced it meanwhile.
+    pub fn remove(&self, host: &str, scope: &str, refused: &str) {
+        let mut map = self.entries.lock().unwrap();
+        let key = (host.to_owned(), scope.to_owned());
+        if map.get(&key).is_some_and(|(value, _)| value == refused) {
+            map.remove(&key);
+        }
     }
 }
 

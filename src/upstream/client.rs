@@ -4,7 +4,8 @@
 use super::Error;
 use super::auth::{TokenCache, TokenResponse, parse_challenges};
 use super::creds::Credentials;
-use crate::metrics::{Metrics, RegistryLabel, UpstreamLabels};
+use super::flight::Flights;
+use crate::metrics::{KindLabel, Metrics, RegistryLabel, UpstreamLabels};
 use crate::oci::{AcceptSet, Digest, RepoName};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -25,6 +26,8 @@ pub struct RegistryClient {
     http: reqwest::Client,
     creds: Option<Credentials>,
     tokens: Arc<TokenCache>,
+    /// Token requests under way, by (cache key, scope): a burst of requests refused together asks once.
+    token_flights: Flights<Result<Option<String>, Arc<Error>>>,
     max_redirects: usize,
     metrics: Arc<Metrics>,
 }
@@ -94,7 +97,8 @@ impl RegistryClient {
         metrics: Arc<Metrics>,
     ) -> Self {
         let tokens = Arc::new(TokenCache::default());
-        RegistryClient { name, base, http, creds, tokens, max_redirects, metrics }
+        let token_flights = Flights::new(metrics.upstream_joined.get_or_create(&KindLabel { kind: "token" }).clone());
+        RegistryClient { name, base, http, creds, tokens, token_flights, max_redirects, metrics }
     }
 
     fn url(&self, repo: &RepoName, tail: &str) -> Url {
@@ -267,8 +271,8 @@ impl RegistryClient {
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !auth_tried {
                 auth_tried = true;
-                if let (true, Some(key)) = (cached.is_some(), &cache_key) {
-                    self.tokens.remove(key, &scope);
+                if let (Some(refused), Some(key)) = (&cached, &cache_key) {
+                    self.tokens.remove(key, &scope, refused);
                 }
                 let challenge = resp.headers().get_all(header::WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok());
                 let challenges: Vec<_> = challenge.flat_map(parse_challenges).collect();
@@ -282,14 +286,19 @@ impl RegistryClient {
                         None => return Err(Error::Unauthorized),
                     },
                 };
-                if let Some(value) = self.authorize(&scope, creds.as_ref(), &challenges).await? {
-                    match &cache_key {
-                        Some(key) => self.tokens.put(key, &scope, value.0, value.1),
-                        None => client_token = Some(value.0),
+                let value = match &cache_key {
+                    Some(key) => self.shared_authorization(key, &scope, cached, creds, challenges).await?,
+                    None => authorization(&self.http, &scope, creds.as_ref(), &challenges).await?.map(|(v, _)| v),
+                };
+                match (value, &cache_key) {
+                    // Cached by `shared_authorization`.
+                    (Some(_), Some(_)) => continue,
+                    (Some(value), None) => {
+                        client_token = Some(value);
+                        continue;
                     }
-                    continue;
+                    (None, _) => return Err(Error::Unauthorized),
                 }
-                return Err(Error::Unauthorized);
             }
             if status.is_redirection() {
                 redirects += 1;
@@ -334,55 +343,85 @@ impl RegistryClient {
         self.metrics.upstream_bytes.get_or_create(&RegistryLabel { registry: self.name.clone() }).inc_by(bytes);
     }
 
-    /// Obtains an `Authorization` value (and how long it lasts) from a host's challenges, offering `creds`.
-    /// The caller passes credentials only for the registry's own host (the token realm it names gets them
-    /// too, as every registry client does), never for a redirect target.
-    async fn authorize(
+    /// An `Authorization` value for `scope` from a host's challenges, cached under `key`; concurrent callers
+    /// with the same key and scope share one token request. `refused` is the value the upstream just refused.
+    async fn shared_authorization(
         &self,
+        key: &str,
         scope: &str,
-        creds: Option<&Credentials>,
-        challenges: &[super::auth::Challenge],
-    ) -> Result<Option<(String, std::time::Duration)>, Error> {
-        if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
-            let realm =
-                c.params.get("realm").ok_or_else(|| Error::Protocol("bearer challenge without realm".into()))?;
-            let mut realm = Url::parse(realm).map_err(|_| Error::Protocol("bad token realm".into()))?;
-            if !matches!(realm.scheme(), "http" | "https") {
-                return Err(Error::Protocol("bad token realm scheme".into()));
+        refused: Option<String>,
+        creds: Option<Credentials>,
+        challenges: Vec<super::auth::Challenge>,
+    ) -> Result<Option<String>, Error> {
+        let (tokens, http) = (self.tokens.clone(), self.http.clone());
+        let (key, scope) = (key.to_owned(), scope.to_owned());
+        let flight = format!("{key} {scope}");
+        let work = move || async move {
+            // A token request that ended just before this one started may have cached what we need.
+            if let Some(value) = tokens.get(&key, &scope).filter(|v| refused.as_ref() != Some(v)) {
+                return Ok(Some(value));
             }
-            {
-                let mut q = realm.query_pairs_mut();
-                if let Some(service) = c.params.get("service") {
-                    q.append_pair("service", service);
-                }
-                q.append_pair("scope", c.params.get("scope").map(String::as_str).unwrap_or(scope));
-            }
-            let mut req = self.http.get(realm);
-            if let Some(basic) = creds.and_then(Credentials::basic_header) {
-                req = req.header(header::AUTHORIZATION, basic);
-            }
-            let resp = req.send().await?;
-            if !resp.status().is_success() {
-                return Err(match resp.status() {
-                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Unauthorized,
-                    s => Error::from_status(s),
-                });
-            }
-            let bytes = resp.bytes().await?;
-            let token: TokenResponse =
-                serde_json::from_slice(&bytes).map_err(|_| Error::Protocol("token response is not JSON".into()))?;
-            let (token, lifetime) =
-                token.into_parts().ok_or_else(|| Error::Protocol("token response without token".into()))?;
-            return Ok(Some((format!("Bearer {token}"), lifetime)));
-        }
-        if challenges.iter().any(|c| c.scheme == "basic")
-            && let Some(basic) = creds.and_then(Credentials::basic_header)
-        {
-            // Basic credentials do not expire; a day bounds how long a changed password goes unnoticed.
-            return Ok(Some((basic, std::time::Duration::from_secs(86_400))));
-        }
-        Ok(None)
+            let got = authorization(&http, &scope, creds.as_ref(), &challenges).await.map_err(Arc::new)?;
+            Ok(got.map(|(value, lifetime)| {
+                // Cached before the flight ends, so a request refused after it finds the token.
+                tokens.put(&key, &scope, value.clone(), lifetime);
+                value
+            }))
+        };
+        let (answer, _) =
+            self.token_flights.run(&flight, work).await.map_err(|lost| Error::Protocol(lost.to_string()))?;
+        answer.map_err(|e| e.copy())
     }
+}
+
+/// Obtains an `Authorization` value (and how long it lasts) from a host's challenges, offering `creds`.
+/// The caller passes credentials only for the registry's own host (the token realm it names gets them
+/// too, as every registry client does), never for a redirect target.
+async fn authorization(
+    http: &reqwest::Client,
+    scope: &str,
+    creds: Option<&Credentials>,
+    challenges: &[super::auth::Challenge],
+) -> Result<Option<(String, std::time::Duration)>, Error> {
+    if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
+        let realm =
+            c.params.get("realm").ok_or_else(|| Error::Protocol("bearer challenge without realm".into()))?;
+        let mut realm = Url::parse(realm).map_err(|_| Error::Protocol("bad token realm".into()))?;
+        if !matches!(realm.scheme(), "http" | "https") {
+            return Err(Error::Protocol("bad token realm scheme".into()));
+        }
+        {
+            let mut q = realm.query_pairs_mut();
+            if let Some(service) = c.params.get("service") {
+                q.append_pair("service", service);
+            }
+            q.append_pair("scope", c.params.get("scope").map(String::as_str).unwrap_or(scope));
+        }
+        let mut req = http.get(realm);
+        if let Some(basic) = creds.and_then(Credentials::basic_header) {
+            req = req.header(header::AUTHORIZATION, basic);
+        }
+        let resp = req.send().await?;
+        if !resp.status().is_success() {
+            return Err(match resp.status() {
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Unauthorized,
+                s => Error::from_status(s),
+            });
+        }
+        let bytes = resp.bytes().await?;
+        let token: TokenResponse =
+            serde_json::from_slice(&bytes).map_err(|_| Error::Protocol("token response is not JSON".into()))?;
+        let (token, lifetime) =
+            token.into_parts().ok_or_else(|| Error::Protocol("token response without token".into()))?;
+        return Ok(Some((format!("Bearer {token}"), lifetime)));
+    }
+    if challenges.iter().any(|c| c.scheme == "basic")
+        && let Some(basic) = creds.and_then(Credentials::basic_header)
+    {
+        // Basic credentials do not expire; a day bounds how long a changed password goes unnoticed.
+        return Ok(Some((basic, std::time::Duration::from_secs(86_400))));
+    }
+    Ok(None)
 }
 
 fn accept_headers(accept: &AcceptSet) -> HeaderMap {

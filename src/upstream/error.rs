@@ -36,6 +36,29 @@ impl Error {
         }
     }
 
+    /// This error for another caller that waited on the same shared request: the same variant, except that a
+    /// transport error (whose cause cannot be copied) becomes a protocol error carrying its causes as text.
+    pub fn copy(&self) -> Error {
+        match self {
+            Error::NotFound => Error::NotFound,
+            Error::Unauthorized => Error::Unauthorized,
+            Error::Denied => Error::Denied,
+            Error::RateLimited => Error::RateLimited,
+            Error::Status(s) => Error::Status(*s),
+            Error::Protocol(m) => Error::Protocol(m.clone()),
+            Error::Transport(e) => {
+                let mut text = self.to_string();
+                let mut cause: Option<&dyn std::error::Error> = Some(e);
+                while let Some(c) = cause {
+                    text.push_str(": ");
+                    text.push_str(&c.to_string());
+                    cause = c.source();
+                }
+                Error::Protocol(text)
+            }
+        }
+    }
+
     /// Classifies a non-success status.
     pub fn from_status(status: http::StatusCode) -> Error {
         match status.as_u16() {

@@ -4,6 +4,7 @@
 pub mod auth;
 mod client;
 pub mod creds;
+pub mod flight;
 mod error;
 
 pub use client::{BlobStream, Identity, MAX_MANIFEST_SIZE, ManifestHead, Passthrough, Probe, RegistryClient};
