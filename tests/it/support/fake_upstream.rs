@@ -108,6 +108,12 @@ struct Faults {
     flapping: Option<Flapping>,
     /// How many requests each flap was applied to (kept after the flapping stops).
     flaps: HashMap<Flap, usize>,
+    /// Holds every token response until released.
+    token_gate: Option<Arc<Gate>>,
+    /// Holds every manifest GET body after `after` bytes until released.
+    manifest_gate: Option<Arc<Gate>>,
+    /// Manifest GETs without `Content-Length` (a chunked body), as some registries and proxies send them.
+    chunked_manifests: bool,
 }
 
 /// One request's fate while the upstream flaps.
@@ -381,6 +387,25 @@ impl FakeUpstream {
         gate
     }
 
+    /// Holds every token response until [`Gate::release`]; [`Gate::wait_reached`] waits for the first one.
+    pub fn gate_tokens(&self) -> Arc<Gate> {
+        let gate = Arc::new(Gate { after: 0, reached: watch::channel(false).0, released: watch::channel(false).0 });
+        self.faults().token_gate = Some(gate.clone());
+        gate
+    }
+
+    /// Holds every manifest GET body after `after` bytes (the headers are sent) until [`Gate::release`].
+    pub fn gate_manifests(&self, after: usize) -> Arc<Gate> {
+        let gate = Arc::new(Gate { after, reached: watch::channel(false).0, released: watch::channel(false).0 });
+        self.faults().manifest_gate = Some(gate.clone());
+        gate
+    }
+
+    /// Serve manifest GETs without `Content-Length` (`true`), or with it (`false`, the default).
+    pub fn chunked_manifests(&self, on: bool) {
+        self.faults().chunked_manifests = on;
+    }
+
     /// Closes both listeners: new connections are refused (in-flight ones may finish).
     pub async fn stop(&mut self) {
         for tx in self.stop.drain(..) {
@@ -399,6 +424,11 @@ impl Drop for FakeUpstream {
         for g in self.faults().gates.values() {
             g.release();
         }
+        let held = {
+            let mut f = self.faults();
+            [f.token_gate.take(), f.manifest_gate.take()]
+        };
+        held.iter().flatten().for_each(|g| g.release());
         self.stop_flapping();
     }
 }
@@ -416,6 +446,11 @@ fn oci_error(status: StatusCode, code: &str) -> Response {
 
 async fn token(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
     s.token_requests.fetch_add(1, SeqCst);
+    let gate = s.faults.lock().unwrap().token_gate.clone();
+    if let Some(g) = gate {
+        g.reached.send_replace(true);
+        let _ = g.released.subscribe().wait_for(|r| *r).await;
+    }
     let want = match s.faults.lock().unwrap().auth.clone() {
         Auth::Bearer(creds) => creds,
         _ => None,
@@ -578,6 +613,19 @@ fn respond(
             let Some((ct, body)) = found else {
                 return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
             };
+            let (gate, chunked) = {
+                let f = s.faults.lock().unwrap();
+                (f.manifest_gate.clone(), f.chunked_manifests)
+            };
+            if !head && (gate.is_some() || chunked) {
+                let mut r = ([(header::CONTENT_TYPE, ct), (DIGEST_HEADER, sha256_digest(&body))], Body::empty())
+                    .into_response();
+                if !chunked {
+                    r.headers_mut().insert(header::CONTENT_LENGTH, body.len().into());
+                }
+                *r.body_mut() = held_manifest(body, gate);
+                return r;
+            }
             let hdrs = [
                 (header::CONTENT_TYPE, ct),
                 (header::CONTENT_LENGTH, body.len().to_string()),
@@ -694,6 +742,22 @@ fn blob_response(s: &Shared, digest: &str, head: bool, flap: BodyFlap) -> Respon
         })
         .filter_map(futures_util::future::ready);
     (hdrs, Body::from_stream(body)).into_response()
+}
+
+/// A manifest body, streamed, held at the gate's offset until the gate is released.
+fn held_manifest(body: Bytes, gate: Option<Arc<Gate>>) -> Body {
+    let at = gate.as_ref().map_or(body.len(), |g| g.after.min(body.len()));
+    let (first, rest) = (body.slice(..at), body.slice(at..));
+    let held = async move {
+        if let Some(g) = gate {
+            g.reached.send_replace(true);
+            let _ = g.released.subscribe().wait_for(|r| *r).await;
+        }
+        Ok::<_, std::io::Error>(rest)
+    };
+    // Empty chunks are left out: they could end a chunked body early.
+    let parts = stream::iter([Ok(first)]).chain(stream::once(held));
+    Body::from_stream(parts.filter(|r| futures_util::future::ready(r.as_ref().map_or(true, |b| !b.is_empty()))))
 }
 
 /// `bytes=a-b` or `bytes=a-` → (a, Some(b) | None).
