@@ -154,6 +154,12 @@ impl TokenCache {
         map.insert((host.to_owned(), scope.to_owned()), (value, until));
     }
 
+    /// When the cached value for `host` and `scope` stops being used.
+    #[cfg(test)]
+    fn valid_until(&self, host: &str, scope: &str) -> Option<Instant> {
+        self.entries.lock().unwrap().get(&(host.to_owned(), scope.to_owned())).map(|(_, until)| *until)
+    }
+
     /// Forgets a value the upstream refused, unless a newer one replaced it meanwhile.
     pub fn remove(&self, host: &str, scope: &str, refused: &str) {
         let mut map = self.entries.lock().unwrap();
@@ -214,6 +220,34 @@ mod tests {
         let cache = TokenCache::default();
         cache.put("h", "s", token, lifetime);
         assert_eq!(cache.get("h", "s").as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn token_lifetimes_are_capped_at_a_day() {
+        // A token server may claim any lifetime; wharf asks again after a day at most.
+        let t: TokenResponse = serde_json::from_str(r#"{"token":"t","expires_in":864000}"#).unwrap();
+        let (token, lifetime) = t.into_parts().unwrap();
+        assert_eq!(lifetime, Duration::from_secs(864_000));
+        let cache = TokenCache::default();
+        let before = Instant::now();
+        cache.put("h", "s", token, lifetime);
+        let until = cache.valid_until("h", "s").unwrap();
+        assert!(until <= Instant::now() + MAX_LIFETIME, "a ten-day token is kept {:?}", until - before);
+        assert!(until >= before + MAX_LIFETIME - Duration::from_secs(11), "capped too short: {:?}", until - before);
+        // A shorter lifetime is kept as given (less the refresh margin).
+        cache.put("h", "s", "u".into(), Duration::from_secs(3600));
+        let until = cache.valid_until("h", "s").unwrap();
+        assert!(until <= Instant::now() + Duration::from_secs(3590) && until >= before + Duration::from_secs(3589));
+    }
+
+    #[test]
+    fn refused_values_are_forgotten_only_while_still_cached() {
+        let cache = TokenCache::default();
+        cache.put("h", "s", "Bearer new".into(), Duration::from_secs(60));
+        cache.remove("h", "s", "Bearer old");
+        assert_eq!(cache.get("h", "s").as_deref(), Some("Bearer new"), "a newer token was forgotten");
+        cache.remove("h", "s", "Bearer new");
+        assert_eq!(cache.get("h", "s"), None);
     }
 
     #[test]

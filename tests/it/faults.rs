@@ -7,7 +7,7 @@ use crate::support::fake_upstream::{
 };
 use crate::support::wharf::Wharf;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -308,4 +308,138 @@ async fn slow_upstream_first_bytes_reach_the_client_before_the_upstream_finishes
         body.extend_from_slice(&c);
     }
     assert!(body == data, "streamed body differs from the blob");
+}
+
+/// Writes `toml` as wharf's config file in `dir`; returns the `--config` arguments.
+fn config(dir: &Path, toml: &str) -> [String; 2] {
+    let path = dir.join("limits.toml");
+    std::fs::write(&path, toml).unwrap();
+    ["--config".into(), path.to_str().unwrap().into()]
+}
+
+/// GETs `url` and expects `503 UNAVAILABLE`; returns the error detail and how long the answer took.
+async fn unavailable(url: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let resp = client().get(url).header("accept", OCI_MANIFEST).send().await.expect("an answer from wharf");
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 503, "{url}");
+    let v: serde_json::Value = resp.json().await.expect("a JSON error body");
+    assert_eq!(v["errors"][0]["code"], "UNAVAILABLE", "{url}: {v}");
+    (v["errors"][0]["detail"].as_str().unwrap_or_default().to_string(), took)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_timeout_ends_a_connect_nobody_answers() {
+    // A listener whose accept queue is full and never drained: the kernel drops further SYNs, so a connect
+    // gets no answer at all, as behind a firewall that drops packets.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let hole = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(hole)).await {
+            Ok(Ok(s)) => queued.push(s),
+            Ok(Err(e)) => panic!("a connect to the full listener was refused instead of left unanswered: {e}"),
+            Err(_) => break,
+        }
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    // Only the connect timeout is short: the request deadline and the read timeout are a minute away.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "[server]\nrequest_timeout = 60\n[upstream]\nconnect_timeout = 1\nread_timeout = 60\n";
+    let mut args = vec!["--upstream".into(), format!("hole.test=http://{hole}"), "--default-registry".into()];
+    args.extend(["hole.test".into()].into_iter().chain(config(dir.path(), toml)));
+    let wharf = Wharf::start(&dir.path().join("data"), &args);
+
+    let (detail, took) = unavailable(&format!("{}/v2/team/app/manifests/latest", wharf.url())).await;
+    println!("unanswered connect: 503 after {took:.2?} ({detail})");
+    assert!(took >= Duration::from_millis(900), "answered before the connect timeout: {took:?} ({detail})");
+    assert!(took < Duration::from_secs(10), "the connect timeout (1 s) did not end the connect: {took:?}");
+    drop((queued, listener));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_timeout_ends_an_upstream_that_stalls_mid_body() {
+    let up = FakeUpstream::start().await;
+    let manifest = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","layers":[]}}"#);
+    up.put_manifest(REPO, "v1", OCI_MANIFEST, manifest);
+    let (digest, data) = up.add_random_blob(1024 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    // Only the read timeout is short: the request deadline is a minute away (and does not apply to a body
+    // that has started), the connect timeout is 10 s.
+    let toml = "[server]\nrequest_timeout = 60\n[upstream]\nconnect_timeout = 10\nread_timeout = 1\n";
+    let wharf = wharf_with(&up, &dir.path().join("data"), &config(dir.path(), toml).each_ref().map(String::as_str));
+
+    // A manifest whose body stops after 10 bytes: the request fails, within seconds.
+    let manifest_gate = up.gate_manifests(10);
+    let (detail, took) = unavailable(&format!("{}/v2/{REPO}/manifests/v1", wharf.url())).await;
+    println!("manifest stalled mid-body: 503 after {took:.2?} ({detail})");
+    assert!(!manifest_gate.is_released());
+    assert!(took >= Duration::from_millis(900), "answered before the read timeout: {took:?} ({detail})");
+    assert!(took < Duration::from_secs(10), "the read timeout (1 s) did not end the stalled manifest: {took:?}");
+
+    // A blob whose body stops after 64 KiB: the client's body breaks, within seconds of the stall.
+    let gate = up.gate(&digest, 64 * 1024);
+    let resp = client().get(format!("{}/v2/{REPO}/blobs/{digest}", wharf.url())).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    gate.wait_reached().await;
+    let stalled = Instant::now();
+    let body = tokio::time::timeout(Duration::from_secs(30), resp.bytes())
+        .await
+        .expect("the body was still open 30 s after the upstream stalled: no read timeout");
+    let took = stalled.elapsed();
+    assert!(body.is_err(), "a stalled fill ended in a clean body of {} bytes", body.map_or(0, |b| b.len()));
+    println!("blob stalled mid-body: client body broken {took:.2?} after the stall");
+    assert!(took < Duration::from_secs(10), "the read timeout (1 s) did not end the stalled blob: {took:?}");
+    assert!(!gate.is_released() && !blob_path(&dir.path().join("data"), &digest).exists());
+    drop(data);
+}
+
+/// A manifest of exactly `len` bytes (`pad` repeated in an annotation).
+fn manifest_of(len: usize, pad: char) -> String {
+    let head = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","layers":[],"annotations":{{"pad":""#);
+    let tail = r#""}}"#;
+    format!("{head}{}{tail}", pad.to_string().repeat(len - head.len() - tail.len()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manifests_up_to_4_mib_are_served_and_larger_ones_refused_before_the_rest_arrives() {
+    const MAX: usize = 4 * 1024 * 1024;
+    let up = FakeUpstream::start().await;
+    let (max, over) = (manifest_of(MAX, 'a'), manifest_of(MAX + 1, 'b'));
+    up.put_manifest(REPO, "max", OCI_MANIFEST, max.clone());
+    up.put_manifest(REPO, "over", OCI_MANIFEST, over);
+    let (max_chunked, over_chunked) = (manifest_of(MAX, 'c'), manifest_of(MAX + 64 * 1024, 'd'));
+    up.put_manifest(REPO, "max-chunked", OCI_MANIFEST, max_chunked.clone());
+    up.put_manifest(REPO, "over-chunked", OCI_MANIFEST, over_chunked);
+    let dir = tempfile::tempdir().unwrap();
+    // The other limits are far away: a minute for the request, a minute per stalled read.
+    let toml = "[server]\nrequest_timeout = 60\n[upstream]\nread_timeout = 60\n";
+    let wharf = wharf_with(&up, &dir.path().join("data"), &config(dir.path(), toml).each_ref().map(String::as_str));
+    let url = |tag: &str| format!("{}/v2/{REPO}/manifests/{tag}", wharf.url());
+    let served = async |tag: &str, want: &str| {
+        let resp = client().get(url(tag)).header("accept", OCI_MANIFEST).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{tag}");
+        assert!(resp.bytes().await.unwrap() == want.as_bytes(), "{tag}: body differs");
+    };
+
+    // With Content-Length: 4 MiB is served; one byte more is refused from the headers alone, while the body
+    // is still held upstream.
+    served("max", &max).await;
+    let gate = up.gate_manifests(0);
+    let (detail, took) = unavailable(&url("over")).await;
+    println!("4 MiB + 1 with Content-Length: 503 after {took:.2?} ({detail})");
+    assert!(detail.contains("larger than 4 MiB"), "refused for another reason: {detail}");
+    assert!(took < Duration::from_secs(10) && !gate.is_released(), "not refused before the body: {took:?}");
+
+    // Without Content-Length (chunked): 4 MiB is served; a larger body is refused once 4 MiB + 1 bytes have
+    // arrived, while the rest is still held upstream.
+    up.chunked_manifests(true);
+    let gate = up.gate_manifests(MAX + 1);
+    served("max-chunked", &max_chunked).await;
+    let (detail, took) = unavailable(&url("over-chunked")).await;
+    println!("4 MiB + 64 KiB chunked: 503 after {took:.2?} ({detail})");
+    assert!(detail.contains("larger than 4 MiB"), "refused for another reason: {detail}");
+    assert!(took < Duration::from_secs(10) && !gate.is_released(), "not refused at 4 MiB + 1: {took:?}");
 }

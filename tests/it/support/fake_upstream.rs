@@ -394,7 +394,8 @@ impl FakeUpstream {
         gate
     }
 
-    /// Holds every manifest GET body after `after` bytes (the headers are sent) until [`Gate::release`].
+    /// Holds every manifest GET body longer than `after` bytes after `after` bytes (the headers are sent)
+    /// until [`Gate::release`].
     pub fn gate_manifests(&self, after: usize) -> Arc<Gate> {
         let gate = Arc::new(Gate { after, reached: watch::channel(false).0, released: watch::channel(false).0 });
         self.faults().manifest_gate = Some(gate.clone());
@@ -746,7 +747,9 @@ fn blob_response(s: &Shared, digest: &str, head: bool, flap: BodyFlap) -> Respon
 
 /// A manifest body, streamed, held at the gate's offset until the gate is released.
 fn held_manifest(body: Bytes, gate: Option<Arc<Gate>>) -> Body {
-    let at = gate.as_ref().map_or(body.len(), |g| g.after.min(body.len()));
+    // A gate past the end holds nothing: the body is complete before it.
+    let gate = gate.filter(|g| g.after < body.len());
+    let at = gate.as_ref().map_or(body.len(), |g| g.after);
     let (first, rest) = (body.slice(..at), body.slice(at..));
     let held = async move {
         if let Some(g) = gate {
