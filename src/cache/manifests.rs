@@ -156,8 +156,11 @@ impl Cache {
         let flight = flight_key(want_body, &client.name, repo, &digest.to_string(), accept);
         let (this, client, repo, digest, accept) =
             (self.clone(), client.clone(), repo.clone(), digest.clone(), accept.clone());
-        self.share(&flight, move || async move { this.digest_upstream(&client, &repo, &digest, &accept, want_body).await })
-            .await
+        self.share(
+            &flight,
+            move || async move { this.digest_upstream(&client, &repo, &digest, &accept, want_body).await },
+        )
+        .await
     }
 
     async fn digest_upstream(
@@ -205,19 +208,19 @@ impl Cache {
                 let head = client.head_manifest(repo, tag, accept).await?;
                 if let (Some(digest), Some(size), false) = (head.digest, head.size, head.media_type.is_empty()) {
                     let entry = TagEntry { digest, media_type: head.media_type, size, checked_at: now };
-                    self.shared.meta.put_tag(&key, &entry)?;
+                    self.shared.meta.put_tag(key, &entry)?;
                     return self.answer_from_entry(client, repo, &entry, accept, false, Outcome::Miss).await;
                 }
             }
-            return self.fetch_tag(client, repo, tag, &key, accept, want_body).await;
+            return self.fetch_tag(client, repo, tag, key, accept, want_body).await;
         };
         match client.head_manifest(repo, tag, accept).await {
             Ok(head) if head.digest.as_ref() == Some(&entry.digest) => {
                 let entry = TagEntry { checked_at: now, ..entry };
-                self.shared.meta.put_tag(&key, &entry)?;
+                self.shared.meta.put_tag(key, &entry)?;
                 self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Revalidated).await
             }
-            Ok(_) => self.fetch_tag(client, repo, tag, &key, accept, want_body).await,
+            Ok(_) => self.fetch_tag(client, repo, tag, key, accept, want_body).await,
             Err(e) if e.is_unavailable() => {
                 tracing::warn!(registry = %client.name, %repo, tag, error = %e, "upstream failed; serving last known manifest");
                 match self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Stale).await {
@@ -226,7 +229,7 @@ impl Cache {
                 }
             }
             Err(upstream::Error::NotFound) => {
-                self.shared.meta.remove_tag(&key)?;
+                self.shared.meta.remove_tag(key)?;
                 Err(upstream::Error::NotFound.into())
             }
             Err(e) => Err(e.into()),

@@ -384,8 +384,7 @@ async fn authorization(
     challenges: &[super::auth::Challenge],
 ) -> Result<Option<(String, std::time::Duration)>, Error> {
     if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
-        let realm =
-            c.params.get("realm").ok_or_else(|| Error::Protocol("bearer challenge without realm".into()))?;
+        let realm = c.params.get("realm").ok_or_else(|| Error::Protocol("bearer challenge without realm".into()))?;
         let mut realm = Url::parse(realm).map_err(|_| Error::Protocol("bad token realm".into()))?;
         if !matches!(realm.scheme(), "http" | "https") {
             return Err(Error::Protocol("bad token realm scheme".into()));

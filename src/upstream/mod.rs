@@ -4,8 +4,8 @@
 pub mod auth;
 mod client;
 pub mod creds;
-pub mod flight;
 mod error;
+pub mod flight;
 
 pub use client::{BlobStream, Identity, MAX_MANIFEST_SIZE, ManifestHead, Passthrough, Probe, RegistryClient};
 pub use error::Error;

@@ -144,7 +144,12 @@ async fn wait_for_joiners(wharf: &Wharf, kind: &str, before: usize, sent_alone: 
         if joined(wharf, kind).await >= before + BURST - 1 || sent_alone() {
             return;
         }
-        assert!(Instant::now() < deadline, "the burst never met: {} of {} joined", joined(wharf, kind).await - before, BURST - 1);
+        assert!(
+            Instant::now() < deadline,
+            "the burst never met: {} of {} joined",
+            joined(wharf, kind).await - before,
+            BURST - 1
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -185,7 +190,8 @@ async fn a_burst_for_one_manifest_makes_one_upstream_request() {
     let args = ["--upstream", &up, "--tag-ttl", "0"].map(String::from);
     let wharf = Wharf::start(dir.path(), &args);
     let base = format!("{}/v2/library/small/manifests", wharf.url());
-    let count = |method: &str, reference: &str| registry.count(method, &format!("/v2/library/small/manifests/{reference}"));
+    let count =
+        |method: &str, reference: &str| registry.count(method, &format!("/v2/library/small/manifests/{reference}"));
     let check = |what: &str, answers: &[(u16, HeaderMap, Bytes)], want: &Bytes, body: bool| {
         for (status, headers, got) in answers {
             assert_eq!(*status, 200, "{what}");

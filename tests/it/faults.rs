@@ -359,27 +359,39 @@ async fn connect_timeout_ends_a_connect_nobody_answers() {
     drop((queued, listener));
 }
 
+/// wharf with only the read timeout short (1 s): the request deadline is a minute away (and does not apply to
+/// a body that has started), the connect timeout 10 s.
+fn short_read_timeout(up: &FakeUpstream, dir: &Path) -> Wharf {
+    let toml = "[server]\nrequest_timeout = 60\n[upstream]\nconnect_timeout = 10\nread_timeout = 1\n";
+    wharf_with(up, &dir.join("data"), &config(dir, toml).each_ref().map(String::as_str))
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn read_timeout_ends_an_upstream_that_stalls_mid_body() {
+async fn read_timeout_ends_a_manifest_that_stalls_mid_body() {
     let up = FakeUpstream::start().await;
     let manifest = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","layers":[]}}"#);
     up.put_manifest(REPO, "v1", OCI_MANIFEST, manifest);
-    let (digest, data) = up.add_random_blob(1024 * 1024);
     let dir = tempfile::tempdir().unwrap();
-    // Only the read timeout is short: the request deadline is a minute away (and does not apply to a body
-    // that has started), the connect timeout is 10 s.
-    let toml = "[server]\nrequest_timeout = 60\n[upstream]\nconnect_timeout = 10\nread_timeout = 1\n";
-    let wharf = wharf_with(&up, &dir.path().join("data"), &config(dir.path(), toml).each_ref().map(String::as_str));
+    let wharf = short_read_timeout(&up, dir.path());
 
-    // A manifest whose body stops after 10 bytes: the request fails, within seconds.
-    let manifest_gate = up.gate_manifests(10);
+    // The body stops after 10 bytes: the request fails within seconds, not at its deadline.
+    let gate = up.gate_manifests(10);
     let (detail, took) = unavailable(&format!("{}/v2/{REPO}/manifests/v1", wharf.url())).await;
     println!("manifest stalled mid-body: 503 after {took:.2?} ({detail})");
-    assert!(!manifest_gate.is_released());
+    assert!(!gate.is_released());
     assert!(took >= Duration::from_millis(900), "answered before the read timeout: {took:?} ({detail})");
     assert!(took < Duration::from_secs(10), "the read timeout (1 s) did not end the stalled manifest: {took:?}");
+}
 
-    // A blob whose body stops after 64 KiB: the client's body breaks, within seconds of the stall.
+#[tokio::test(flavor = "multi_thread")]
+async fn read_timeout_ends_a_blob_that_stalls_mid_body() {
+    let up = FakeUpstream::start().await;
+    let (digest, _) = up.add_random_blob(1024 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = short_read_timeout(&up, dir.path());
+
+    // The body stops after 64 KiB: the client's body breaks within seconds of the stall. Nothing else ends
+    // it: the request deadline covers only the wait for the first byte.
     let gate = up.gate(&digest, 64 * 1024);
     let resp = client().get(format!("{}/v2/{REPO}/blobs/{digest}", wharf.url())).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -393,7 +405,6 @@ async fn read_timeout_ends_an_upstream_that_stalls_mid_body() {
     println!("blob stalled mid-body: client body broken {took:.2?} after the stall");
     assert!(took < Duration::from_secs(10), "the read timeout (1 s) did not end the stalled blob: {took:?}");
     assert!(!gate.is_released() && !blob_path(&dir.path().join("data"), &digest).exists());
-    drop(data);
 }
 
 /// A manifest of exactly `len` bytes (`pad` repeated in an annotation).
