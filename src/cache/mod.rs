@@ -23,7 +23,7 @@ use crate::config::{CacheSettings, Config};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::RegistryClient;
-use inflight::{Inflight, Lookup};
+use inflight::{Claim, Inflight, Lookup};
 use meta::Meta;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,7 +101,7 @@ pub struct Cache {
 struct Shared {
     store: BlobStore,
     meta: Meta,
-    inflight: Inflight,
+    inflight: Arc<Inflight>,
     /// Fills run here, not on the request's task, and shutdown waits for them.
     tasks: TaskTracker,
     tag_ttl: u64,
@@ -150,7 +150,7 @@ impl Cache {
         let shared = Shared {
             store,
             meta,
-            inflight: Inflight::default(),
+            inflight: Arc::default(),
             tasks,
             tag_ttl,
             plan,
@@ -193,11 +193,13 @@ impl Cache {
                 return Ok((BlobHandle { source, size: Some(size), guard }, Outcome::Hit));
             }
             Lookup::Joined(fill) => (fill, Outcome::Coalesced),
-            Lookup::Owner(fill, temp) => {
+            Lookup::Owner(claim) => {
                 let this = self.clone();
-                let (client, repo, f) = (client.clone(), repo.clone(), fill.clone());
+                let fill = claim.fill.clone();
+                let (client, repo) = (client.clone(), repo.clone());
                 fill.set_origin(client.clone(), repo.clone());
-                self.shared.tasks.spawn(async move { this.run_fill(f, temp, &client, &repo).await });
+                // The claim moves into the task: if the task panics, unwinding drops it and fails the fill.
+                self.shared.tasks.spawn(async move { this.run_fill(claim, &client, &repo).await });
                 (fill, Outcome::Miss)
             }
         };
@@ -265,10 +267,17 @@ impl Cache {
         Ok(out)
     }
 
-    async fn run_fill(&self, fill: Arc<Fill>, temp: store::TempFile, client: &RegistryClient, repo: &RepoName) {
+    /// Runs a claimed fill to its end; dropping `claim` at the end (or on a panic) frees the digest.
+    async fn run_fill(&self, mut claim: Claim, client: &RegistryClient, repo: &RepoName) {
         // Queued, not failed: waiting clients see the fill start when a slot frees (or their deadline passes).
         let _slot = self.shared.fill_slots.acquire().await.expect("the fill semaphore is never closed");
+        let fill = claim.fill.clone();
         let digest = fill.digest.clone();
+        #[cfg(test)]
+        tests::maybe_panic(&digest);
+        let Some(temp) = claim.temp.take() else {
+            return fill.fail(Error::Abandoned);
+        };
         let metrics = &self.shared.metrics;
         let started = std::time::Instant::now();
         // Evict for the new blob as soon as its size is known, while the bytes arrive.
@@ -316,10 +325,8 @@ impl Cache {
                 tracing::error!(%digest, error = %e, "disk full during a fill; streaming without caching");
                 metrics.uncached.get_or_create(&ReasonLabel { reason: "disk_full" }).inc();
                 metrics.fill_failures.get_or_create(&ReasonLabel { reason: "disk_full" }).inc();
-                self.shared.inflight.remove(&digest);
                 drop(temp.take());
                 fill.uncache();
-                return;
             }
             Err(e) => {
                 let reason = match &e {
@@ -340,7 +347,6 @@ impl Cache {
                 fill.fail(e);
             }
         }
-        self.shared.inflight.remove(&digest);
     }
 
     /// Once the size is known, evicts what the new blob needs; false when it cannot fit even then.
@@ -414,6 +420,7 @@ fn unshare(e: Arc<Error>) -> Error {
                 crate::upstream::Error::Status(s) => crate::upstream::Error::Status(*s),
                 other => crate::upstream::Error::Protocol(other.to_string()),
             }),
+            Error::Abandoned => Error::Abandoned,
             other => Error::Io(std::io::Error::other(other.to_string())),
         },
     }
@@ -433,5 +440,93 @@ impl Cache {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+    use crate::upstream::Upstreams;
+    use std::time::Duration;
+
+    /// Digests whose fill task panics as it starts (the panic path of a claimed fill).
+    static PANIC_ON: Mutex<Vec<Digest>> = Mutex::new(Vec::new());
+
+    pub(super) fn maybe_panic(digest: &Digest) {
+        let panics = PANIC_ON.lock().unwrap().contains(digest);
+        assert!(!panics, "test: the fill task panics");
+    }
+
+    /// A cache in `dir` whose only registry refuses connections, so every fill fails at once.
+    fn setup(dir: &std::path::Path) -> (Cache, Arc<RegistryClient>, RepoName) {
+        let o = Overrides {
+            data_dir: Some(dir.to_owned()),
+            upstreams: vec![("refusing.test".into(), "http://127.0.0.1:1".into())],
+            default_registry: Some("refusing.test".into()),
+            ..Default::default()
+        };
+        let config = Config::load(None, &o).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let upstreams = Upstreams::from_config(&config, metrics.clone()).unwrap();
+        let cache = Cache::open(&config, metrics, TaskTracker::new()).unwrap();
+        (cache, upstreams.get("refusing.test").unwrap(), RepoName::parse("team/app").unwrap())
+    }
+
+    /// Bounds a request that, with a stuck fill, would wait forever.
+    async fn answered<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), f).await.unwrap_or_else(|_| panic!("{what} was left waiting"))
+    }
+
+    #[test]
+    fn a_request_cancelled_during_its_claim_leaves_no_stuck_fill() {
+        // One blocking thread: the claim can be held in its queue while the request is cancelled.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (cache, client, repo) = setup(dir.path());
+            let digest = Digest::sha256_of(b"cancelled during the claim");
+            let (release, blocked) = std::sync::mpsc::channel::<()>();
+            let blocker = tokio::task::spawn_blocking(move || blocked.recv());
+            let request = tokio::spawn({
+                let (cache, client, repo, digest) = (cache.clone(), client.clone(), repo.clone(), digest.clone());
+                async move { cache.blob(&client, &repo, &digest).await.map(|_| ()) }
+            });
+            // The request registers its serve guard just before it queues the claim.
+            answered("the request's start", async {
+                while !cache.shared.serving.lock().unwrap().contains_key(&digest) {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+            request.abort();
+            assert!(request.await.unwrap_err().is_cancelled());
+            release.send(()).unwrap();
+            blocker.await.unwrap().unwrap();
+            // Queued behind the orphaned claim on the one blocking thread: once this ran, so did the claim.
+            tokio::task::spawn_blocking(|| ()).await.unwrap();
+            assert_eq!(cache.fills_in_flight(), 0, "the orphaned claim is still in flight");
+            let later = answered("a later request", cache.blob(&client, &repo, &digest)).await;
+            assert!(matches!(later, Err(Error::Upstream(_))), "expected the upstream's refusal");
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_fill_task_that_panics_fails_its_readers_and_frees_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, client, repo) = setup(dir.path());
+        let digest = Digest::sha256_of(b"a fill that panics");
+        PANIC_ON.lock().unwrap().push(digest.clone());
+        let first = answered("the request whose fill panicked", cache.blob(&client, &repo, &digest)).await;
+        assert!(matches!(first, Err(Error::Abandoned)), "expected an abandoned fill");
+        assert_eq!(cache.fills_in_flight(), 0, "the panicked fill is still in flight");
+        PANIC_ON.lock().unwrap().retain(|d| d != &digest);
+        let later = answered("a later request", cache.blob(&client, &repo, &digest)).await;
+        assert!(matches!(later, Err(Error::Upstream(_))), "expected a new fill and the upstream's refusal");
     }
 }
