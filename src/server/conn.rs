@@ -1,5 +1,5 @@
-//! One client connection: optional TLS handshake, HTTP/1.1 or HTTP/2 (detected), the idle timeout, and the
-//! graceful drain at shutdown.
+//! One client connection: optional TLS handshake, HTTP/1.1 or HTTP/2 (detected), the request-head and idle
+//! timeouts, and the graceful drain at shutdown.
 
 use super::Listen;
 use super::tls::Acceptor;

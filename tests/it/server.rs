@@ -220,12 +220,16 @@ async fn hundreds_of_slow_heads_are_each_cut_while_others_are_served() {
         slowest_probe = slowest_probe.max(t.elapsed());
         probes += 1;
         while let Some(done) = slow.try_join_next() {
-            closes.push(done.unwrap().unwrap_or_else(|e| panic!("{e}")).0);
+            let (after, answer) = done.unwrap().unwrap_or_else(|e| panic!("{e}"));
+            assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "unexpected answer: {answer}");
+            closes.push(after);
         }
     }
-    let latest = closes.iter().max().copied().unwrap();
-    eprintln!("{SLOW} slow heads closed after at most {latest:?}; {probes} probes, slowest {slowest_probe:?}");
+    let (earliest, latest) = (closes.iter().min().copied().unwrap(), closes.iter().max().copied().unwrap());
+    eprintln!("{SLOW} slow heads closed after {earliest:?} to {latest:?}; {probes} probes, slowest {slowest_probe:?}");
     assert_eq!(closes.len(), SLOW);
+    // Not closed for some other reason (a refused or reset connection would end sooner).
+    assert!(earliest >= Duration::from_millis(950), "a slow head was closed after {earliest:?}, before header_timeout");
     assert!(latest < Duration::from_secs(8), "a slow head was closed only after {latest:?} (header_timeout 1 s)");
     assert!(slowest_probe < Duration::from_secs(3), "GET /v2/ took {slowest_probe:?} among the slow heads");
 }
@@ -304,8 +308,12 @@ async fn an_oversized_http1_head_gets_431() {
     let s = TcpStream::connect(addr(&wharf)).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
     let big = format!("GET /v2/ HTTP/1.1\r\nHost: wharf\r\nX-Big: {}\r\n\r\n", "a".repeat(100_000));
-    // Written alongside the read: the server answers before it has read everything.
-    let writer = tokio::spawn(async move { wr.write_all(big.as_bytes()).await });
+    // Written alongside the read: the server answers before it has read everything. The write half is kept
+    // (dropping it would end the request stream early).
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(big.as_bytes()).await;
+        wr
+    });
     let start = Instant::now();
     let head = read_head(&mut rd, limit).await;
     assert!(head.starts_with("HTTP/1.1 431"), "expected 431, got: {head}");
@@ -368,7 +376,8 @@ async fn waiting_between_requests_or_for_a_response_is_not_a_slow_head() {
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     gate.release();
-    tokio::time::timeout(limit, s.read_exact(&mut body[1..])).await.expect("the blob body").unwrap();
+    let rest = tokio::time::timeout(limit, s.read_exact(&mut body[1..])).await.expect("the blob body");
+    rest.unwrap_or_else(|e| panic!("the connection ended during the blob body: {e}"));
     assert!(body == data, "wrong blob bytes");
     let head = read_head(&mut s, limit).await;
     assert!(head.starts_with("HTTP/1.1 200"), "the pipelined request: {head}");
