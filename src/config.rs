@@ -218,7 +218,8 @@ impl fmt::Debug for ClientToken {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
-    /// Seconds a client has to send a request's headers (slow-loris).
+    /// Seconds from a request head's first byte to its end (slow-loris); a new connection's first head (and its
+    /// TLS handshake) is timed from the accept.
     pub header_timeout: u64,
     /// Seconds an idle keep-alive connection stays open.
     pub idle_timeout: u64,

@@ -172,7 +172,9 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             exchanges: AtomicUsize::new(0),
             early_bytes: AtomicBool::new(false),
-            head_since: AtomicU64::new(0),
+            // The first request's head is timed from the accept: a connection that never sends a byte would
+            // otherwise hold its slot for the whole idle timeout.
+            head_since: AtomicU64::new(1),
             head_started: Notify::new(),
             h2: AtomicBool::new(false),
         }

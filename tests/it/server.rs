@@ -418,6 +418,23 @@ async fn a_quiet_connection_is_closed_at_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_sends_nothing_is_cut_at_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    // idle_timeout far away: a silent new connection is waiting for its first request head, not idle.
+    let toml = "[server]\nheader_timeout = 1\nidle_timeout = 60\n";
+    let wharf = start_with(dir.path(), toml, up.wharf_args());
+    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    let opened = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
+    let after = opened.elapsed();
+    assert!(closed.is_ok(), "a silent connection was still open after {after:?}");
+    assert!(after >= Duration::from_millis(950), "closed after {after:?}, before header_timeout");
+    assert!(after < Duration::from_secs(8), "closed after {after:?}: not by header_timeout (1 s)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn connections_past_the_limit_wait_their_turn() {
     let dir = tempfile::tempdir().unwrap();
     let up = FakeUpstream::start().await;
