@@ -35,6 +35,16 @@ pub enum Error {
     /// A manifest's bytes are not a manifest or an index.
     #[error("manifest {0} is neither an image manifest nor an index")]
     BadManifest(Digest),
+    /// Indexes nest deeper than [`MAX_INDEX_DEPTH`] below the image's top manifest.
+    #[error("index {digest} (under {top}) nests indexes deeper than the limit of {limit} levels")]
+    TooDeep {
+        /// The image's top manifest.
+        top: Digest,
+        /// The index found past the limit.
+        digest: Digest,
+        /// [`MAX_INDEX_DEPTH`].
+        limit: usize,
+    },
     /// The index has no manifest for a wanted platform.
     #[error("no manifest for platform {wanted} (the index has: {available})")]
     NoPlatform {
@@ -174,8 +184,24 @@ impl Plan {
     }
 }
 
-/// Resolves `reference` and walks index → manifests of the wanted `platforms` (empty: the node's) → blobs.
-/// Fetches manifests only; [`fetch`] gets the blobs.
+/// Indexes on the way from the top manifest to an image manifest, the top one included. An image nested deeper
+/// is refused (an error for that image), which also bounds a walk that could otherwise never end: content
+/// addressing rules out cycles, so only depth is left to limit.
+pub const MAX_INDEX_DEPTH: usize = 4;
+
+/// What a walk reports while it runs, for progress displays and the admin API's prefetch jobs.
+pub trait Progress: Sync {
+    /// The image is resolved: `plan` is what will be fetched.
+    fn resolved(&self, _plan: &Plan) {}
+    /// `n` more bytes of the image's blobs are cached (or were found cached).
+    fn advance(&self, _n: u64) {}
+}
+
+/// No progress reporting.
+impl Progress for () {}
+
+/// Resolves `reference` and walks index → manifests of the wanted `platforms` (empty: the node's) → blobs,
+/// following nested indexes up to [`MAX_INDEX_DEPTH`]. Fetches manifests only; [`fetch`] gets the blobs.
 pub async fn resolve<F: Fetch>(f: &F, reference: &Reference, platforms: &[String]) -> Result<Plan, Error> {
     let (top, bytes) = f.manifest(reference).await?;
     let refs = References::parse(&bytes).ok_or_else(|| Error::BadManifest(top.clone()))?;
@@ -185,39 +211,91 @@ pub async fn resolve<F: Fetch>(f: &F, reference: &Reference, platforms: &[String
         return Ok(plan);
     }
     for wanted in platforms_or_node(platforms) {
-        let matches = |m: &&Descriptor| m.platform.as_ref().is_some_and(|p| p.matches(&wanted));
-        let Some(child) = refs.manifests.iter().find(matches) else {
-            let available: Vec<String> = (refs.manifests.iter().filter_map(|m| m.platform.as_ref()))
-                .map(|p| [Some(p.os.as_str()), Some(&p.architecture), p.variant.as_deref()].into_iter().flatten())
-                .map(|parts| parts.collect::<Vec<_>>().join("/"))
-                .collect();
-            return Err(Error::NoPlatform { wanted, available: available.join(", ") });
-        };
-        if plan.manifests.contains(&child.digest) {
-            continue;
+        for (digest, child) in choose(f, &top, &refs, &wanted).await? {
+            if !plan.manifests.contains(&digest) {
+                plan.manifests.push(digest);
+                plan.add_blobs(&child);
+            }
         }
-        let (digest, bytes) = f.manifest(&Reference::Digest(child.digest.clone())).await?;
-        let child_refs = References::parse(&bytes).ok_or_else(|| Error::BadManifest(digest.clone()))?;
-        plan.manifests.push(digest);
-        plan.add_blobs(&child_refs);
     }
     Ok(plan)
 }
 
-/// Fetches every blob of `plan` (a few at a time), stopping at the first failure. Returns the bytes.
-pub async fn fetch<F: Fetch>(f: &F, plan: &Plan, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error> {
+/// `os/arch[/variant]` of an index entry.
+fn platform_name(p: &crate::oci::manifest::Platform) -> String {
+    let parts = [Some(p.os.as_str()), Some(p.architecture.as_str()), p.variant.as_deref()];
+    parts.into_iter().flatten().collect::<Vec<_>>().join("/")
+}
+
+/// Finds the `wanted` platform below the index `top` (digest `top_digest`), depth first and in entry order:
+/// entries whose platform matches are read, and so are nested indexes that name no platform (a platform on an
+/// index entry narrows what it holds). The first image manifest reached through a matching entry wins.
+/// Returns the manifests read on the way to it below the top, the image manifest last.
+async fn choose<F: Fetch>(
+    f: &F,
+    top_digest: &Digest,
+    top: &References,
+    wanted: &str,
+) -> Result<Vec<(Digest, References)>, Error> {
+    // One iterator of untried entries per open index (the top first), and the open nested indexes.
+    let mut levels = vec![top.manifests.clone().into_iter()];
+    let mut path: Vec<(Digest, References)> = Vec::new();
+    let mut available: Vec<String> = Vec::new();
+    while let Some(level) = levels.last_mut() {
+        let Some(entry) = level.next() else {
+            levels.pop();
+            path.pop();
+            continue;
+        };
+        match &entry.platform {
+            Some(p) => {
+                let name = platform_name(p);
+                if !available.contains(&name) {
+                    available.push(name);
+                }
+                if !p.matches(wanted) {
+                    continue;
+                }
+            }
+            None if !crate::oci::is_index_type(&entry.media_type) => continue,
+            None => {}
+        }
+        let (digest, bytes) = f.manifest(&Reference::Digest(entry.digest.clone())).await?;
+        let refs = References::parse(&bytes).ok_or_else(|| Error::BadManifest(digest.clone()))?;
+        if !refs.manifests.is_empty() {
+            if levels.len() >= MAX_INDEX_DEPTH {
+                let top = top_digest.clone();
+                return Err(Error::TooDeep { top, digest, limit: MAX_INDEX_DEPTH });
+            }
+            levels.push(refs.manifests.clone().into_iter());
+            path.push((digest, refs));
+            continue;
+        }
+        if entry.platform.is_none() {
+            continue; // announced as an index but holds an image manifest of no stated platform
+        }
+        path.push((digest, refs));
+        return Ok(path);
+    }
+    Err(Error::NoPlatform { wanted: wanted.to_owned(), available: available.join(", ") })
+}
+
+/// Fetches every blob of `plan` (a few at a time), stopping at the first failure; new bytes go to
+/// `progress`. Returns the bytes.
+pub async fn fetch<F: Fetch>(f: &F, plan: &Plan, progress: &dyn Progress) -> Result<u64, Error> {
+    let advance = |n| progress.advance(n);
     // A hand-rolled window rather than stream combinators: their closures make the future's `Send` bound
     // fail to prove for callers that spawn it.
     let mut blobs = plan.blobs.iter();
     let mut running = FuturesUnordered::new();
     for blob in blobs.by_ref().take(BLOB_CONCURRENCY) {
-        running.push(f.blob(blob, progress));
+        running.push(f.blob(blob, &advance));
     }
     let mut total = 0;
     while let Some(size) = running.next().await {
         total += size?;
         if let Some(blob) = blobs.next() {
-            running.push(f.blob(blob, progress));
+            running.push(f.blob(blob, &advance));
         }
     }
     Ok(total)
