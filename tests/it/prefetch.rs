@@ -197,7 +197,9 @@ async fn post_and_hang_up(api: &str, body: &Value) -> (u16, String) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = conn.read(&mut buf).await.unwrap();
+        // Far shorter than the pull, which the test holds at a gate: the answer must not wait for it.
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await;
+        let n = read.expect("no answer to POST /prefetch within 10 s").unwrap();
         assert!(n > 0, "connection closed before the answer's head: {:?}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
     }
