@@ -8,7 +8,9 @@ use crate::admin::{
 };
 use crate::support::fake_upstream::{FakeUpstream, REPO, blob_path, client, get_ok};
 use crate::support::wharf::Wharf;
+use crate::warm::wait_for_pins;
 use serde_json::{Value, json};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -381,4 +383,26 @@ async fn prefetch_walks_nested_indexes_up_to_the_depth_limit() {
     assert!(error.contains("deeper than the limit") && error.contains(&too_deep[0]), "{job}");
     assert_eq!(ok["state"], "done", "{job}");
     assert_eq!(ok["manifests"].as_u64(), Some(MAX_INDEX_DEPTH as u64 + 1), "{job}");
+
+    // The same walk serves `wharf prefetch` (into its own data directory) ...
+    let cli = tmp.path().join("cli");
+    let (dir, upstream) = (cli.display().to_string(), format!("fake.test={}", fake.url()));
+    let out = prefetch(&["--data-dir", &dir, "--upstream", &upstream, "--platform", "linux/amd64", &name("two")]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(blob_path(&cli, &config.0).exists() && blob_path(&cli, &layer.0).exists(), "{}", stderr(&out));
+    let deep = name("too-deep");
+    let out = prefetch(&["--data-dir", &dir, "--upstream", &upstream, "--platform", "linux/amd64", &deep]).await;
+    assert!(!out.status.success() && stderr(&out).contains("deeper than the limit"), "{}", stderr(&out));
+
+    // ... and the warm list, which pins every level of index along with the image.
+    let warm = tmp.path().join("warm");
+    std::fs::create_dir_all(&warm).unwrap();
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[warm]\ninterval = 3600\n\
+         [[warm.images]]\nimage = \"{}\"\nplatforms = [\"linux/amd64\"]\n",
+        name("two")
+    );
+    let warmed = Wharf::start(&warm.join("data"), &with_config(&warm, &toml, &fake.wharf_args()));
+    let want: BTreeSet<String> = [&two[1], &two[0], &image, &config.0, &layer.0].map(String::clone).into();
+    wait_for_pins(&admin_url(&warmed), &name("two"), "the nested image is pinned", |p| *p == want).await;
 }
