@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// What pulling one image did, for logs, the admin API and `wharf prefetch`.
+/// What pulling one warm-list image did (each pass returns one per image).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     /// The image as given.

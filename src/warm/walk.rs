@@ -421,6 +421,62 @@ mod tests {
         assert_eq!(plan.total_bytes(), u64::MAX);
     }
 
+    /// Manifests by digest (the top one also under the tag `top`).
+    struct Manifests(std::collections::HashMap<String, Bytes>);
+
+    impl Manifests {
+        fn put(&mut self, body: serde_json::Value) -> Digest {
+            let bytes = Bytes::from(body.to_string());
+            let digest = Digest::sha256_of(&bytes);
+            self.0.insert(digest.to_string(), bytes);
+            digest
+        }
+    }
+
+    impl Fetch for Manifests {
+        async fn manifest(&self, reference: &Reference) -> Result<(Digest, Bytes), Error> {
+            let bytes = self.0.get(&reference.to_string()).cloned();
+            let bytes = bytes.ok_or_else(|| Error::Cache(format!("{reference}: not found")))?;
+            Ok((Digest::sha256_of(&bytes), bytes))
+        }
+
+        async fn blob(&self, blob: &Descriptor, _: &(dyn Fn(u64) + Sync)) -> Result<u64, Error> {
+            Ok(blob.size)
+        }
+    }
+
+    #[tokio::test]
+    async fn nested_indexes_are_searched_in_order_and_backtracked() {
+        use serde_json::json;
+        let index_type = "application/vnd.oci.image.index.v1+json";
+        let entry = |d: &Digest, mt: &str, arch: Option<&str>| match arch {
+            Some(a) => json!({"mediaType": mt, "digest": d, "platform": {"os": "linux", "architecture": a}}),
+            None => json!({"mediaType": mt, "digest": d}),
+        };
+        let mut m = Manifests(Default::default());
+        let blob = |hex: char| json!({"digest": format!("sha256:{}", hex.to_string().repeat(64)), "size": 10});
+        let amd = m.put(json!({"config": blob('1'), "layers": [blob('2')]}));
+        let arm = m.put(json!({"config": blob('3'), "layers": [blob('4')]}));
+        // The first nested index (no platform) has only arm64: searched, then left for the second.
+        let only_arm = m.put(json!({"manifests": [entry(&arm, "", Some("arm64"))]}));
+        let only_amd = m.put(json!({"manifests": [entry(&amd, "", Some("amd64"))]}));
+        let top = json!({"manifests": [entry(&only_arm, index_type, None), entry(&only_amd, index_type, None)]});
+        let top = m.put(top);
+        m.0.insert("top".into(), m.0[&top.to_string()].clone());
+        let tag = Reference::Tag("top".into());
+
+        let plan = resolve(&m, &tag, &["linux/amd64".into()]).await.unwrap();
+        assert_eq!(plan.manifests, vec![top.clone(), only_amd.clone(), amd.clone()]);
+        assert_eq!(plan.blobs.len(), 2);
+        let plan = resolve(&m, &tag, &["linux/arm64".into(), "linux/amd64".into()]).await.unwrap();
+        assert_eq!(plan.manifests, vec![top, only_arm, arm, only_amd, amd]);
+        assert_eq!(plan.blobs.len(), 4);
+        match resolve(&m, &tag, &["linux/s390x".into()]).await {
+            Err(Error::NoPlatform { available, .. }) => assert_eq!(available, "linux/arm64, linux/amd64"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn node_platform_is_a_linux_go_arch() {
         let p = node_platform();
