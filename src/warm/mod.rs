@@ -9,8 +9,8 @@ mod walk;
 
 pub(crate) use walk::chain;
 pub use walk::{
-    Error, Fetch, Local, MAX_INDEX_DEPTH, Plan, Progress, Target, fetch, node_platform, platforms_or_node, resolve,
-    split_image, target,
+    Error, Fetch, Local, MAX_INDEX_DEPTH, MAX_SEARCH_READS, Plan, Progress, Target, fetch, node_platform,
+    platforms_or_node, resolve, split_image, target,
 };
 
 use crate::config::WarmImage;

@@ -45,6 +45,14 @@ pub enum Error {
         /// [`MAX_INDEX_DEPTH`].
         limit: usize,
     },
+    /// Searching nested indexes for a platform read more than [`MAX_SEARCH_READS`] manifests.
+    #[error("index {top}: more than {limit} nested manifests read while searching for a platform")]
+    TooWide {
+        /// The image's top manifest.
+        top: Digest,
+        /// [`MAX_SEARCH_READS`].
+        limit: usize,
+    },
     /// The index has no manifest for a wanted platform.
     #[error("no manifest for platform {wanted} (the index has: {available})")]
     NoPlatform {
@@ -189,6 +197,10 @@ impl Plan {
 /// addressing rules out cycles, so only depth is left to limit.
 pub const MAX_INDEX_DEPTH: usize = 4;
 
+/// Manifests one platform's search may read below the top index. Depth alone does not bound a search: wide
+/// nested indexes multiply, and an upstream could serve an index of thousands of nested indexes.
+pub const MAX_SEARCH_READS: usize = 256;
+
 /// What a walk reports while it runs, for progress displays and the admin API's prefetch jobs.
 pub trait Progress: Sync {
     /// The image is resolved: `plan` is what will be fetched.
@@ -241,6 +253,9 @@ async fn choose<F: Fetch>(
     let mut levels = vec![top.manifests.clone().into_iter()];
     let mut path: Vec<(Digest, References)> = Vec::new();
     let mut available: Vec<String> = Vec::new();
+    // Indexes already searched: the same digest holds the same entries, so it cannot hold the platform now.
+    let mut searched: Vec<Digest> = Vec::new();
+    let mut reads = 0;
     while let Some(level) = levels.last_mut() {
         let Some(entry) = level.next() else {
             levels.pop();
@@ -260,6 +275,13 @@ async fn choose<F: Fetch>(
             None if !crate::oci::is_index_type(&entry.media_type) => continue,
             None => {}
         }
+        if searched.contains(&entry.digest) {
+            continue;
+        }
+        reads += 1;
+        if reads > MAX_SEARCH_READS {
+            return Err(Error::TooWide { top: top_digest.clone(), limit: MAX_SEARCH_READS });
+        }
         let (digest, bytes) = f.manifest(&Reference::Digest(entry.digest.clone())).await?;
         let refs = References::parse(&bytes).ok_or_else(|| Error::BadManifest(digest.clone()))?;
         if !refs.manifests.is_empty() {
@@ -267,6 +289,7 @@ async fn choose<F: Fetch>(
                 let top = top_digest.clone();
                 return Err(Error::TooDeep { top, digest, limit: MAX_INDEX_DEPTH });
             }
+            searched.push(digest.clone());
             levels.push(refs.manifests.clone().into_iter());
             path.push((digest, refs));
             continue;
@@ -469,12 +492,25 @@ mod tests {
         assert_eq!(plan.manifests, vec![top.clone(), only_amd.clone(), amd.clone()]);
         assert_eq!(plan.blobs.len(), 2);
         let plan = resolve(&m, &tag, &["linux/arm64".into(), "linux/amd64".into()]).await.unwrap();
-        assert_eq!(plan.manifests, vec![top, only_arm, arm, only_amd, amd]);
+        assert_eq!(plan.manifests, vec![top, only_arm.clone(), arm, only_amd, amd]);
         assert_eq!(plan.blobs.len(), 4);
         match resolve(&m, &tag, &["linux/s390x".into()]).await {
             Err(Error::NoPlatform { available, .. }) => assert_eq!(available, "linux/arm64, linux/amd64"),
             other => panic!("{other:?}"),
         }
+
+        // Wide: the same nested index listed many times is searched once; many distinct ones hit the bound.
+        let same: Vec<_> = (0..10 * MAX_SEARCH_READS).map(|_| entry(&only_arm, index_type, None)).collect();
+        let wide = m.put(json!({"manifests": same}));
+        let found = resolve(&m, &Reference::Digest(wide), &["linux/amd64".into()]).await;
+        assert!(matches!(found, Err(Error::NoPlatform { .. })), "{found:?}");
+        let distinct: Vec<_> = (0..=MAX_SEARCH_READS)
+            .map(|n| m.put(json!({"manifests": [], "n": n})))
+            .map(|d| entry(&d, index_type, None))
+            .collect();
+        let wide = m.put(json!({"manifests": distinct}));
+        let found = resolve(&m, &Reference::Digest(wide), &["linux/amd64".into()]).await;
+        assert!(matches!(found, Err(Error::TooWide { .. })), "{found:?}");
     }
 
     #[test]
