@@ -118,14 +118,26 @@ impl Jobs {
         let status = self.insert(&images, &platforms, Instant::now())?;
         let (jobs, id) = (self.clone(), status.id.clone());
         tracing::info!(job = %id, images = images.len(), "admin: prefetch job started");
-        let stop = self.stop.clone();
+        self.spawn(id.clone(), async move { jobs.run(&state, &id, &images, &platforms).await });
+        Ok(status)
+    }
+
+    /// Runs job `id`'s `work` on the tracker. However the work ends, the job ends: cut at shutdown, and failed
+    /// if it panics (else it would hold one of the [`MAX_RUNNING`] slots until a restart).
+    fn spawn(self: &Arc<Self>, id: String, work: impl Future<Output = ()> + Send + 'static) {
+        use futures_util::FutureExt;
+        let (jobs, stop) = (self.clone(), self.stop.clone());
         self.tasks.spawn(async move {
             tokio::select! {
-                _ = jobs.run(&state, &id, &images, &platforms) => {}
-                _ = stop.cancelled() => jobs.cut(&id),
+                ended = std::panic::AssertUnwindSafe(work).catch_unwind() => {
+                    if ended.is_err() {
+                        tracing::error!(job = %id, "admin: prefetch job panicked");
+                        jobs.cut(&id, "the job failed unexpectedly (see the log)");
+                    }
+                }
+                _ = stop.cancelled() => jobs.cut(&id, "stopped by shutdown"),
             }
         });
-        Ok(status)
     }
 
     /// Adds a running job (all images queued) after dropping expired ones; refused at [`MAX_RUNNING`].
@@ -219,12 +231,12 @@ impl Jobs {
         self.finish(id, Instant::now());
     }
 
-    /// Shutdown stopped the job: whatever had not finished is failed, saying why.
-    fn cut(&self, id: &str) {
+    /// The job stopped before its end (`why`): whatever had not finished is failed, saying why.
+    fn cut(&self, id: &str, why: &str) {
         if let Some(e) = self.lock().get_mut(id) {
             for image in e.status.images.iter_mut().filter(|i| matches!(i.state, State::Queued | State::Running)) {
                 image.state = State::Failed;
-                image.error = Some("stopped by shutdown".into());
+                image.error = Some(why.into());
             }
         }
         self.finish(id, Instant::now());
@@ -282,6 +294,36 @@ mod tests {
         assert!(jobs.insert(&["a".into()], &[], now).is_err(), "a job past MAX_RUNNING was accepted");
         jobs.finish(&ids[0], now);
         assert!(jobs.insert(&["a".into()], &[], now).is_ok(), "a finished job still counted as running");
+    }
+
+    #[tokio::test]
+    async fn a_job_that_panics_or_is_stopped_ends_failed_and_frees_its_slot() {
+        let jobs = jobs();
+        let now = Instant::now();
+        let ids: Vec<String> =
+            (0..MAX_RUNNING).map(|_| jobs.insert(&["a".into(), "b".into()], &[], now).unwrap().id).collect();
+        let (j, id) = (jobs.clone(), ids[0].clone());
+        jobs.spawn(ids[0].clone(), async move {
+            j.update(&id, 0, |i| i.state = State::Done);
+            j.update(&id, 1, |i| i.state = State::Running);
+            panic!("injected");
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while jobs.get(&ids[0]).unwrap().state == State::Running {
+            assert!(Instant::now() < deadline, "the panicked job is still running");
+            tokio::time::sleep(Duration::from_millis(10)).await; // poll interval: a panic sends no signal
+        }
+        jobs.spawn(ids[1].clone(), std::future::pending());
+        jobs.stop.cancel();
+        jobs.tasks.close();
+        tokio::time::timeout(Duration::from_secs(10), jobs.tasks.wait()).await.expect("jobs never ended");
+        let panicked = jobs.get(&ids[0]).unwrap();
+        assert_eq!(panicked.state, State::Failed);
+        assert_eq!((panicked.images[0].state, panicked.images[1].state), (State::Done, State::Failed));
+        assert!(panicked.images[1].error.as_deref().is_some_and(|e| e.contains("unexpectedly")), "{panicked:?}");
+        let stopped = jobs.get(&ids[1]).unwrap();
+        assert_eq!(stopped.images[0].error.as_deref(), Some("stopped by shutdown"));
+        assert!(jobs.insert(&["a".into()], &[], now).is_ok(), "an ended job still holds its slot");
     }
 
     #[test]
