@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Handle to the metadata database. Cheap to clone.
@@ -24,6 +24,49 @@ pub struct Meta {
     pins: sled::Tree,
     /// The last access stamp handed out (see [`Meta::stamp`]).
     last_stamp: Arc<AtomicU64>,
+    /// Told about every database error.
+    health: Arc<Health>,
+}
+
+/// Whether the database failed, shared by every handle opened on one data directory. sled turns its first
+/// write error (a full disk, an I/O error) into an error for every later write of that handle, so a failure
+/// is reported once, to whoever repairs the database (a new handle), which then clears it.
+#[derive(Debug, Default)]
+pub struct Health {
+    failed: AtomicBool,
+    first_error: Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Health {
+    /// Records a database error; the first one since the last [`Health::clear`] wakes [`Health::failed`].
+    pub fn report(&self, error: &sled::Error) {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            *self.first_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+            self.notify.notify_one();
+        }
+    }
+
+    /// Whether an error was reported since the last clear.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until an error is reported (returns at once if one was reported and not yet waited for).
+    pub async fn failed(&self) {
+        self.notify.notified().await;
+    }
+
+    /// The first error reported since the last clear.
+    pub fn first_error(&self) -> Option<String> {
+        self.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The database works again (a new handle replaced the failed one).
+    pub fn clear(&self) {
+        *self.first_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.failed.store(false, Ordering::SeqCst);
+    }
 }
 
 /// What a tag pointed to when it was last checked upstream.
@@ -75,6 +118,11 @@ impl Meta {
     /// Opens the database at `path`. A corrupt database is moved aside and a new one created.
     /// Returns whether the database is new (and so must be rebuilt from the blob tree).
     pub fn open(path: &Path) -> io::Result<(Meta, bool)> {
+        Meta::open_with(path, Arc::default())
+    }
+
+    /// [`Meta::open`], reporting this handle's errors to `health`.
+    pub fn open_with(path: &Path, health: Arc<Health>) -> io::Result<(Meta, bool)> {
         let existed = path.join("db").exists();
         let db = match sled::open(path) {
             Ok(db) => db,
@@ -103,9 +151,18 @@ impl Meta {
             pins: tree("pins")?,
             db,
             last_stamp: Arc::default(),
+            health,
         };
         let fresh = !existed || meta.db.get("initialized").map_err(io::Error::other)?.is_none();
         Ok((meta, fresh))
+    }
+
+    /// Passes `result` on, telling the health about an error.
+    fn seen<T>(&self, result: Result<T, sled::Error>) -> Result<T, sled::Error> {
+        if let Err(e) = &result {
+            self.health.report(e);
+        }
+        result
     }
 
     /// An access time: wall-clock milliseconds, but strictly increasing within the process, so LRU order is
@@ -119,8 +176,10 @@ impl Meta {
 
     /// Marks a rebuild complete, so the next start-up trusts the database.
     pub fn mark_initialized(&self) -> Result<(), sled::Error> {
-        self.db.insert("initialized", &b"1"[..])?;
-        Ok(())
+        self.seen((|| -> Result<(), sled::Error> {
+            self.db.insert("initialized", &b"1"[..])?;
+            Ok(())
+        })())
     }
 
     /// Makes the blob records match `files` (every committed blob and its size): sled writes its log in the
@@ -128,118 +187,140 @@ impl Meta {
     /// counted against the budget. Records missing or wrong are rewritten (accessed now), records without a
     /// file dropped. Returns how many were (rewritten, dropped).
     pub fn reconcile_blobs(&self, files: &[(Digest, u64)]) -> Result<(usize, usize), sled::Error> {
-        let on_disk: HashMap<String, u64> = files.iter().map(|(d, size)| (d.to_string(), *size)).collect();
-        let mut gone = Vec::new();
-        for key in self.blobs.iter().keys() {
-            let key = key?;
-            let name = String::from_utf8_lossy(&key);
-            if !on_disk.contains_key(name.as_ref())
-                && let Ok(digest) = name.parse::<Digest>()
-            {
-                gone.push(digest);
+        self.seen((|| -> Result<(usize, usize), sled::Error> {
+            let on_disk: HashMap<String, u64> = files.iter().map(|(d, size)| (d.to_string(), *size)).collect();
+            let mut gone = Vec::new();
+            for key in self.blobs.iter().keys() {
+                let key = key?;
+                let name = String::from_utf8_lossy(&key);
+                if !on_disk.contains_key(name.as_ref())
+                    && let Ok(digest) = name.parse::<Digest>()
+                {
+                    gone.push(digest);
+                }
             }
-        }
-        for digest in &gone {
-            self.remove_blob(digest)?;
-        }
-        let mut rewritten = 0;
-        for (digest, size) in files {
-            if self.blob(digest)?.is_none_or(|e| e.size != *size) {
-                self.record_blob(digest, *size, None)?;
-                rewritten += 1;
+            for digest in &gone {
+                self.remove_blob(digest)?;
             }
-        }
-        Ok((rewritten, gone.len()))
+            let mut rewritten = 0;
+            for (digest, size) in files {
+                if self.blob(digest)?.is_none_or(|e| e.size != *size) {
+                    self.record_blob(digest, *size, None)?;
+                    rewritten += 1;
+                }
+            }
+            Ok((rewritten, gone.len()))
+        })())
     }
 
     /// The entry for a tag key (see `cache::manifests` for the key format).
     pub fn tag(&self, key: &str) -> Result<Option<TagEntry>, sled::Error> {
-        Ok(self.tags.get(key)?.and_then(|v| decode(&v)))
+        self.seen((|| -> Result<Option<TagEntry>, sled::Error> {
+            Ok(self.tags.get(key)?.and_then(|v| decode(&v)))
+        })())
     }
 
     /// Stores a tag entry.
     pub fn put_tag(&self, key: &str, entry: &TagEntry) -> Result<(), sled::Error> {
-        self.tags.insert(key, serde_json::to_vec(entry).expect("tag entries serialize"))?;
-        Ok(())
+        self.seen((|| -> Result<(), sled::Error> {
+            self.tags.insert(key, serde_json::to_vec(entry).expect("tag entries serialize"))?;
+            Ok(())
+        })())
     }
 
     /// Forgets a tag the upstream no longer has.
     pub fn remove_tag(&self, key: &str) -> Result<(), sled::Error> {
-        self.tags.remove(key)?;
-        Ok(())
+        self.seen((|| -> Result<(), sled::Error> {
+            self.tags.remove(key)?;
+            Ok(())
+        })())
     }
 
     /// Every tag entry with its key.
     pub fn tags(&self) -> Result<Vec<(String, TagEntry)>, sled::Error> {
-        let mut out = Vec::new();
-        for item in self.tags.iter() {
-            let (k, v) = item?;
-            if let Some(e) = decode(&v) {
-                out.push((String::from_utf8_lossy(&k).into_owned(), e));
+        self.seen((|| -> Result<Vec<(String, TagEntry)>, sled::Error> {
+            let mut out = Vec::new();
+            for item in self.tags.iter() {
+                let (k, v) = item?;
+                if let Some(e) = decode(&v) {
+                    out.push((String::from_utf8_lossy(&k).into_owned(), e));
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })())
     }
 
     /// Records a committed blob (accessed now) and, when known, a repository that references it.
     pub fn record_blob(&self, digest: &Digest, size: u64, repo: Option<&str>) -> Result<(), sled::Error> {
-        let now = self.stamp();
-        if let Some(old) = self.blob(digest)? {
-            self.atime.remove(atime_key(old.last_access, digest))?;
-        }
-        let entry = BlobEntry { size, stored_at: now / 1000, last_access: now };
-        self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
-        self.atime.insert(atime_key(now, digest), &[][..])?;
-        if let Some(repo) = repo {
-            self.refs.insert(format!("{repo}\0{digest}"), &[][..])?;
-        }
-        Ok(())
+        self.seen((|| -> Result<(), sled::Error> {
+            let now = self.stamp();
+            if let Some(old) = self.blob(digest)? {
+                self.atime.remove(atime_key(old.last_access, digest))?;
+            }
+            let entry = BlobEntry { size, stored_at: now / 1000, last_access: now };
+            self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
+            self.atime.insert(atime_key(now, digest), &[][..])?;
+            if let Some(repo) = repo {
+                self.refs.insert(format!("{repo}\0{digest}"), &[][..])?;
+            }
+            Ok(())
+        })())
     }
 
     /// Records that `repo` (`<registry>/<repo>`) references `digest` (a blob or a manifest).
     pub fn add_ref(&self, repo: &str, digest: &Digest) -> Result<(), sled::Error> {
-        self.refs.insert(format!("{repo}\0{digest}"), &[][..]).map(drop)
+        self.seen((|| -> Result<(), sled::Error> {
+            self.refs.insert(format!("{repo}\0{digest}"), &[][..]).map(drop)
+        })())
     }
 
     /// Whether `repo` is known to reference `digest`.
     pub fn has_ref(&self, repo: &str, digest: &Digest) -> Result<bool, sled::Error> {
-        self.refs.contains_key(format!("{repo}\0{digest}"))
+        self.seen((|| -> Result<bool, sled::Error> {
+            self.refs.contains_key(format!("{repo}\0{digest}"))
+        })())
     }
 
     /// The recorded entry for a blob.
     pub fn blob(&self, digest: &Digest) -> Result<Option<BlobEntry>, sled::Error> {
-        Ok(self.blobs.get(digest.to_string())?.and_then(|v| decode(&v)))
+        self.seen((|| -> Result<Option<BlobEntry>, sled::Error> {
+            Ok(self.blobs.get(digest.to_string())?.and_then(|v| decode(&v)))
+        })())
     }
 
     /// Moves blobs to their new last-access times (a batch collected in memory).
     pub fn touch(&self, accessed: &[(Digest, u64)]) -> Result<(), sled::Error> {
-        for (digest, at) in accessed {
-            let Some(mut entry) = self.blob(digest)? else { continue };
-            if entry.last_access >= *at {
-                continue;
+        self.seen((|| -> Result<(), sled::Error> {
+            for (digest, at) in accessed {
+                let Some(mut entry) = self.blob(digest)? else { continue };
+                if entry.last_access >= *at {
+                    continue;
+                }
+                self.atime.remove(atime_key(entry.last_access, digest))?;
+                entry.last_access = *at;
+                self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
+                self.atime.insert(atime_key(*at, digest), &[][..])?;
             }
-            self.atime.remove(atime_key(entry.last_access, digest))?;
-            entry.last_access = *at;
-            self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
-            self.atime.insert(atime_key(*at, digest), &[][..])?;
-        }
-        Ok(())
+            Ok(())
+        })())
     }
 
     /// Forgets a blob (after its file was removed).
     pub fn remove_blob(&self, digest: &Digest) -> Result<(), sled::Error> {
-        if let Some(old) = self.blob(digest)? {
-            self.atime.remove(atime_key(old.last_access, digest))?;
-        }
-        self.blobs.remove(digest.to_string())?;
-        let suffix = format!("\0{digest}");
-        for item in self.refs.iter().keys() {
-            let k = item?;
-            if k.ends_with(suffix.as_bytes()) {
-                self.refs.remove(k)?;
+        self.seen((|| -> Result<(), sled::Error> {
+            if let Some(old) = self.blob(digest)? {
+                self.atime.remove(atime_key(old.last_access, digest))?;
             }
-        }
-        Ok(())
+            self.blobs.remove(digest.to_string())?;
+            let suffix = format!("\0{digest}");
+            for item in self.refs.iter().keys() {
+                let k = item?;
+                if k.ends_with(suffix.as_bytes()) {
+                    self.refs.remove(k)?;
+                }
+            }
+            Ok(())
+        })())
     }
 
     /// Blobs from least to most recently used: `(last access, digest, size)`.
@@ -258,63 +339,220 @@ impl Meta {
             };
             Some(Ok((at, digest, size)))
         })
+        .inspect(|item| {
+            if let Err(e) = item {
+                self.health.report(e);
+            }
+        })
     }
 
     /// Sum of recorded blob sizes and their count.
     pub fn blob_totals(&self) -> Result<(u64, u64), sled::Error> {
-        let (mut bytes, mut count) = (0, 0);
-        for item in self.blobs.iter().values() {
-            if let Some(e) = decode::<BlobEntry>(&item?) {
-                bytes += e.size;
-                count += 1;
+        self.seen((|| -> Result<(u64, u64), sled::Error> {
+            let (mut bytes, mut count) = (0, 0);
+            for item in self.blobs.iter().values() {
+                if let Some(e) = decode::<BlobEntry>(&item?) {
+                    bytes += e.size;
+                    count += 1;
+                }
             }
-        }
-        Ok((bytes, count))
+            Ok((bytes, count))
+        })())
     }
 
     /// Replaces the digests pinned under `name`.
     pub fn set_pins(&self, name: &str, digests: &[Digest]) -> Result<(), sled::Error> {
-        let prefix = format!("{name}\0");
-        for k in self.pins.scan_prefix(prefix.as_bytes()).keys() {
-            self.pins.remove(k?)?;
-        }
-        for d in digests {
-            self.pins.insert(format!("{prefix}{d}"), &[][..])?;
-        }
-        Ok(())
+        self.seen((|| -> Result<(), sled::Error> {
+            let prefix = format!("{name}\0");
+            for k in self.pins.scan_prefix(prefix.as_bytes()).keys() {
+                self.pins.remove(k?)?;
+            }
+            for d in digests {
+                self.pins.insert(format!("{prefix}{d}"), &[][..])?;
+            }
+            Ok(())
+        })())
     }
 
     /// Every pin: name → digests.
     pub fn pins(&self) -> Result<BTreeMap<String, Vec<Digest>>, sled::Error> {
-        let mut out: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
-        for k in self.pins.iter().keys() {
-            let k = k?;
-            let text = String::from_utf8_lossy(&k);
-            if let Some((name, d)) = text.split_once('\0')
-                && let Ok(d) = d.parse()
-            {
-                out.entry(name.to_owned()).or_default().push(d);
+        self.seen((|| -> Result<BTreeMap<String, Vec<Digest>>, sled::Error> {
+            let mut out: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
+            for k in self.pins.iter().keys() {
+                let k = k?;
+                let text = String::from_utf8_lossy(&k);
+                if let Some((name, d)) = text.split_once('\0')
+                    && let Ok(d) = d.parse()
+                {
+                    out.entry(name.to_owned()).or_default().push(d);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })())
     }
 
     /// Repositories that blobs were fetched for: `<registry>/<repo>`.
     pub fn repositories(&self) -> Result<BTreeSet<String>, sled::Error> {
-        let mut out = BTreeSet::new();
-        for k in self.refs.iter().keys() {
-            let k = k?;
-            if let Some(repo) = String::from_utf8_lossy(&k).split('\0').next() {
-                out.insert(repo.to_owned());
+        self.seen((|| -> Result<BTreeSet<String>, sled::Error> {
+            let mut out = BTreeSet::new();
+            for k in self.refs.iter().keys() {
+                let k = k?;
+                if let Some(repo) = String::from_utf8_lossy(&k).split('\0').next() {
+                    out.insert(repo.to_owned());
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })())
     }
 
     /// Writes pending changes to disk (sled also does this in the background).
     pub fn flush(&self) -> Result<(), sled::Error> {
-        self.db.flush()?;
+        self.seen((|| -> Result<(), sled::Error> {
+            self.db.flush()?;
+            Ok(())
+        })())
+    }
+}
+
+/// The cache's handle to its metadata, which survives a failed database. sled turns its first failed write
+/// into an error for every later one, so a failed handle is replaced with a new one ([`MetaCell::reopen`]);
+/// meanwhile writes are dropped (the blob tree is the truth, and a reopen reconciles with it) and reads
+/// answer from the failed handle where sled still can.
+#[derive(Debug)]
+pub struct MetaCell {
+    current: std::sync::RwLock<Option<Meta>>,
+    health: Arc<Health>,
+    path: std::path::PathBuf,
+}
+
+/// What callers get while no handle is open (between dropping a failed one and opening its replacement).
+fn unavailable() -> sled::Error {
+    sled::Error::Io(io::Error::other("metadata database is being reopened"))
+}
+
+impl MetaCell {
+    /// Wraps `meta`, which was opened at `path` reporting to `health`.
+    pub fn new(meta: Meta, path: &Path, health: Arc<Health>) -> MetaCell {
+        MetaCell { current: std::sync::RwLock::new(Some(meta)), health, path: path.to_path_buf() }
+    }
+
+    /// The open handle.
+    pub fn handle(&self) -> Result<Meta, sled::Error> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(unavailable)
+    }
+
+    /// Shared failure state.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Whether the database works: no failure reported, and a handle open.
+    pub fn is_healthy(&self) -> bool {
+        !self.health.is_failed() && self.current.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// A write that the files can stand in for: done if possible, else dropped (the failure is reported to
+    /// the health, which logs and repairs it once, rather than failing each request).
+    fn best_effort(&self, write: impl FnOnce(&Meta) -> Result<(), sled::Error>) -> Result<(), sled::Error> {
+        if let Ok(meta) = self.handle()
+            && let Err(e) = write(&meta)
+        {
+            tracing::debug!(error = %e, "metadata write dropped");
+        }
         Ok(())
+    }
+
+    /// See [`Meta::stamp`]; wall-clock milliseconds while no handle is open.
+    pub fn stamp(&self) -> u64 {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).as_ref().map_or_else(now_millis, Meta::stamp)
+    }
+
+    /// See [`Meta::tag`]; unknown when the database cannot answer (the upstream is asked instead).
+    pub fn tag(&self, key: &str) -> Result<Option<TagEntry>, sled::Error> {
+        Ok(self.handle().and_then(|m| m.tag(key)).unwrap_or(None))
+    }
+
+    /// See [`Meta::put_tag`] (best effort).
+    pub fn put_tag(&self, key: &str, entry: &TagEntry) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.put_tag(key, entry))
+    }
+
+    /// See [`Meta::remove_tag`] (best effort).
+    pub fn remove_tag(&self, key: &str) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.remove_tag(key))
+    }
+
+    /// See [`Meta::tags`].
+    pub fn tags(&self) -> Result<Vec<(String, TagEntry)>, sled::Error> {
+        self.handle()?.tags()
+    }
+
+    /// See [`Meta::record_blob`] (best effort: a reopen records every blob file).
+    pub fn record_blob(&self, digest: &Digest, size: u64, repo: Option<&str>) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.record_blob(digest, size, repo))
+    }
+
+    /// See [`Meta::add_ref`] (best effort: an unrecorded reference is asked of the upstream again).
+    pub fn add_ref(&self, repo: &str, digest: &Digest) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.add_ref(repo, digest))
+    }
+
+    /// See [`Meta::has_ref`]; not known when the database cannot answer (the upstream is asked instead).
+    pub fn has_ref(&self, repo: &str, digest: &Digest) -> Result<bool, sled::Error> {
+        Ok(self.handle().and_then(|m| m.has_ref(repo, digest)).unwrap_or(false))
+    }
+
+    /// See [`Meta::touch`] (best effort: access times only order eviction).
+    pub fn touch(&self, accessed: &[(Digest, u64)]) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.touch(accessed))
+    }
+
+    /// See [`Meta::remove_blob`] (best effort, after the file is gone: a reopen drops records without files).
+    pub fn remove_blob(&self, digest: &Digest) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.remove_blob(digest))
+    }
+
+    /// See [`Meta::set_pins`]. Not best effort: lost pins would let eviction take what the warm list keeps.
+    pub fn set_pins(&self, name: &str, digests: &[Digest]) -> Result<(), sled::Error> {
+        self.handle()?.set_pins(name, digests)
+    }
+
+    /// See [`Meta::pins`].
+    pub fn pins(&self) -> Result<BTreeMap<String, Vec<Digest>>, sled::Error> {
+        self.handle()?.pins()
+    }
+
+    /// See [`Meta::repositories`].
+    pub fn repositories(&self) -> Result<BTreeSet<String>, sled::Error> {
+        self.handle()?.repositories()
+    }
+
+    /// See [`Meta::flush`]: sled writes in the background and reports a failed write only to later calls, so
+    /// this is how a failure is noticed when nothing else writes.
+    pub fn flush(&self) -> Result<(), sled::Error> {
+        self.handle()?.flush()
+    }
+
+    /// Replaces the handle with a new one on the same directory (rebuilt when unreadable), caught up with
+    /// `files` (every committed blob), and clears the failure once a flush proves writes land again.
+    /// Returns the new handle's (bytes, count) of recorded blobs. Blocking.
+    pub fn reopen(&self, files: &[(Digest, u64)]) -> io::Result<(u64, u64)> {
+        // sled locks its files until every handle is dropped: ours goes first, and a caller still holding a
+        // clone makes the open below fail with `WouldBlock` (retried later).
+        drop(self.current.write().unwrap_or_else(|e| e.into_inner()).take());
+        let (meta, fresh) = Meta::open_with(&self.path, self.health.clone())?;
+        let attempt = || -> Result<(u64, u64), sled::Error> {
+            meta.reconcile_blobs(files)?;
+            if fresh {
+                meta.mark_initialized()?;
+            }
+            meta.db.flush()?;
+            meta.blob_totals()
+        };
+        let totals = attempt().map_err(io::Error::other)?;
+        self.health.clear();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(meta);
+        Ok(totals)
     }
 }
 
