@@ -70,8 +70,8 @@ impl Reserve {
         Reserve { store, min_free }
     }
 
-    /// `StorageFull` when free space is below the reserve; else how many bytes may be written before the
-    /// next check. Blocking.
+    /// `StorageFull` when writing until the next check could reach into the reserve; else how many bytes may
+    /// be written before that check. Blocking.
     fn check(&self) -> std::io::Result<u64> {
         if self.min_free == 0 {
             return Ok(u64::MAX);
@@ -138,7 +138,13 @@ impl Progress {
 impl Fill {
     /// A fill in the `Starting` state.
     pub fn new(digest: Digest, file: Arc<File>) -> Self {
-        Fill { digest, file, state: watch::Sender::new(FillState::Starting), origin: OnceLock::new(), refused: AtomicBool::new(false) }
+        Fill {
+            digest,
+            file,
+            state: watch::Sender::new(FillState::Starting),
+            origin: OnceLock::new(),
+            refused: AtomicBool::new(false),
+        }
     }
 
     /// Records where the blob comes from (before the fill starts).
@@ -250,7 +256,7 @@ impl Fill {
         }
         let size = match first.partial {
             Some((_, _, total)) if total > plan.chunk_size => {
-                self.download_ranges(temp, client, repo, first, total, plan, reserve).await?
+                self.download_ranges(temp, (client, repo), first, total, plan, reserve).await?
             }
             // The first range holds the whole blob, or the upstream ignored the range: one stream.
             _ => self.download_stream(temp, first, total, reserve).await?,
@@ -284,8 +290,7 @@ impl Fill {
     async fn download_ranges(
         self: &Arc<Self>,
         temp: &TempFile,
-        client: &RegistryClient,
-        repo: &RepoName,
+        (client, repo): (&RegistryClient, &RepoName),
         first: BlobStream,
         total: u64,
         plan: FillPlan,

@@ -215,9 +215,7 @@ impl Meta {
 
     /// The entry for a tag key (see `cache::manifests` for the key format).
     pub fn tag(&self, key: &str) -> Result<Option<TagEntry>, sled::Error> {
-        self.seen((|| -> Result<Option<TagEntry>, sled::Error> {
-            Ok(self.tags.get(key)?.and_then(|v| decode(&v)))
-        })())
+        self.seen((|| -> Result<Option<TagEntry>, sled::Error> { Ok(self.tags.get(key)?.and_then(|v| decode(&v))) })())
     }
 
     /// Stores a tag entry.
@@ -269,16 +267,12 @@ impl Meta {
 
     /// Records that `repo` (`<registry>/<repo>`) references `digest` (a blob or a manifest).
     pub fn add_ref(&self, repo: &str, digest: &Digest) -> Result<(), sled::Error> {
-        self.seen((|| -> Result<(), sled::Error> {
-            self.refs.insert(format!("{repo}\0{digest}"), &[][..]).map(drop)
-        })())
+        self.seen(self.refs.insert(format!("{repo}\0{digest}"), &[][..]).map(drop))
     }
 
     /// Whether `repo` is known to reference `digest`.
     pub fn has_ref(&self, repo: &str, digest: &Digest) -> Result<bool, sled::Error> {
-        self.seen((|| -> Result<bool, sled::Error> {
-            self.refs.contains_key(format!("{repo}\0{digest}"))
-        })())
+        self.seen(self.refs.contains_key(format!("{repo}\0{digest}")))
     }
 
     /// The recorded entry for a blob.
@@ -325,25 +319,28 @@ impl Meta {
 
     /// Blobs from least to most recently used: `(last access, digest, size)`.
     pub fn lru(&self) -> impl Iterator<Item = Result<(u64, Digest, u64), sled::Error>> + '_ {
-        self.atime.iter().keys().filter_map(move |k| {
-            let k = match k {
-                Ok(k) => k,
-                Err(e) => return Some(Err(e)),
-            };
-            let at = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
-            let digest: Digest = std::str::from_utf8(&k[8..]).ok()?.parse().ok()?;
-            let size = match self.blob(&digest) {
-                Ok(Some(e)) => e.size,
-                Ok(None) => return None,
-                Err(e) => return Some(Err(e)),
-            };
-            Some(Ok((at, digest, size)))
-        })
-        .inspect(|item| {
-            if let Err(e) = item {
-                self.health.report(e);
-            }
-        })
+        self.atime
+            .iter()
+            .keys()
+            .filter_map(move |k| {
+                let k = match k {
+                    Ok(k) => k,
+                    Err(e) => return Some(Err(e)),
+                };
+                let at = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+                let digest: Digest = std::str::from_utf8(&k[8..]).ok()?.parse().ok()?;
+                let size = match self.blob(&digest) {
+                    Ok(Some(e)) => e.size,
+                    Ok(None) => return None,
+                    Err(e) => return Some(Err(e)),
+                };
+                Some(Ok((at, digest, size)))
+            })
+            .inspect(|item| {
+                if let Err(e) = item {
+                    self.health.report(e);
+                }
+            })
     }
 
     /// Sum of recorded blob sizes and their count.
@@ -630,5 +627,46 @@ mod tests {
         });
         let (_, fresh) = reopened.expect("the lock is released").unwrap();
         assert!(!fresh);
+    }
+
+    #[test]
+    fn a_cell_drops_writes_while_closed_and_reopens_caught_up_with_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let health = Arc::new(Health::default());
+        let (meta, _) = Meta::open_with(&path, health.clone()).unwrap();
+        let cell = MetaCell::new(meta, &path, health.clone());
+        let (a, b) = (Digest::sha256_of(b"a"), Digest::sha256_of(b"b"));
+        cell.record_blob(&a, 1, Some("reg/x")).unwrap();
+        let entry = TagEntry { digest: a.clone(), media_type: "m".into(), size: 1, checked_at: 0 };
+        cell.put_tag("reg/x:t#index", &entry).unwrap();
+        assert_eq!(cell.tag("reg/x:t#index").unwrap(), Some(entry.clone()));
+
+        health.report(&sled::Error::Unsupported("a write failed".into()));
+        assert!(!cell.is_healthy());
+        assert_eq!(health.first_error().as_deref(), Some("Unsupported: a write failed"));
+        // With no handle open: writes are dropped without failing the request, reads that can be asked of
+        // the upstream say "unknown", the others fail.
+        drop(cell.current.write().unwrap().take());
+        assert!(cell.put_tag("reg/x:u#index", &entry).is_ok());
+        assert!(cell.record_blob(&b, 2, None).is_ok());
+        assert_eq!(cell.tag("reg/x:t#index").unwrap(), None);
+        assert!(!cell.has_ref("reg/x", &a).unwrap());
+        assert!(cell.tags().is_err());
+
+        // sled releases its lock from a background thread after the drop: retried, as the watch task does.
+        let files = [(a.clone(), 1), (b.clone(), 2)];
+        let reopened = (0..200).find_map(|_| match cell.reopen(&files) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                None
+            }
+            other => Some(other),
+        });
+        assert_eq!(reopened.expect("the lock is released").unwrap(), (3, 2), "caught up with the files");
+        assert!(cell.is_healthy());
+        assert_eq!(health.first_error(), None);
+        assert_eq!(cell.tag("reg/x:t#index").unwrap(), Some(entry), "what was written before the failure stays");
+        assert_eq!(cell.handle().unwrap().blob(&b).unwrap().map(|e| e.size), Some(2));
     }
 }

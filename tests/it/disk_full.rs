@@ -119,8 +119,7 @@ async fn readyz_becomes(c: &reqwest::Client, wharf: &Wharf, want: u16, within: D
 
 /// GET of a manifest through wharf: the body, or what went wrong.
 async fn manifest(c: &reqwest::Client, wharf: &Wharf, reference: &str) -> Result<String, String> {
-    match fetch(c, &format!("{}/v2/{REPO}/manifests/{reference}", wharf.url()), &[("Accept", OCI_MANIFEST)]).await
-    {
+    match fetch(c, &format!("{}/v2/{REPO}/manifests/{reference}", wharf.url()), &[("Accept", OCI_MANIFEST)]).await {
         Outcome::Complete(200, _, body) => Ok(String::from_utf8_lossy(&body).into_owned()),
         other => Err(format!("manifest {reference}: {other:?}")),
     }
