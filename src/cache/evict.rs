@@ -120,7 +120,7 @@ impl Cache {
         let keep = self.protected()?;
         let meta = s.meta.handle()?;
         for item in meta.lru() {
-            let (last_access, digest, size) = item?;
+            let (last_access, digest, size) = s.meta.seen(item)?;
             let idle = idle_before.is_some_and(|t| last_access < t);
             if report.evicted_bytes >= report.needed_bytes && !idle {
                 break;

@@ -24,11 +24,9 @@ pub struct Meta {
     pins: sled::Tree,
     /// The last access stamp handed out (see [`Meta::stamp`]).
     last_stamp: Arc<AtomicU64>,
-    /// Told about every database error.
-    health: Arc<Health>,
 }
 
-/// Whether the database failed, shared by every handle opened on one data directory. sled turns its first
+/// Whether the database failed, shared by the cell and the watch that repairs it. sled turns its first
 /// write error (a full disk, an I/O error) into an error for every later write of that handle, so a failure
 /// is reported once, to whoever repairs the database (a new handle), which then clears it.
 #[derive(Debug, Default)]
@@ -118,11 +116,6 @@ impl Meta {
     /// Opens the database at `path`. A corrupt database is moved aside and a new one created.
     /// Returns whether the database is new (and so must be rebuilt from the blob tree).
     pub fn open(path: &Path) -> io::Result<(Meta, bool)> {
-        Meta::open_with(path, Arc::default())
-    }
-
-    /// [`Meta::open`], reporting this handle's errors to `health`.
-    pub fn open_with(path: &Path, health: Arc<Health>) -> io::Result<(Meta, bool)> {
         let existed = path.join("db").exists();
         let db = match sled::open(path) {
             Ok(db) => db,
@@ -151,18 +144,9 @@ impl Meta {
             pins: tree("pins")?,
             db,
             last_stamp: Arc::default(),
-            health,
         };
         let fresh = !existed || meta.db.get("initialized").map_err(io::Error::other)?.is_none();
         Ok((meta, fresh))
-    }
-
-    /// Passes `result` on, telling the health about an error.
-    fn seen<T>(&self, result: Result<T, sled::Error>) -> Result<T, sled::Error> {
-        if let Err(e) = &result {
-            self.health.report(e);
-        }
-        result
     }
 
     /// An access time: wall-clock milliseconds, but strictly increasing within the process, so LRU order is
@@ -176,10 +160,8 @@ impl Meta {
 
     /// Marks a rebuild complete, so the next start-up trusts the database.
     pub fn mark_initialized(&self) -> Result<(), sled::Error> {
-        self.seen((|| -> Result<(), sled::Error> {
-            self.db.insert("initialized", &b"1"[..])?;
-            Ok(())
-        })())
+        self.db.insert("initialized", &b"1"[..])?;
+        Ok(())
     }
 
     /// Makes the blob records match `files` (every committed blob and its size): sled writes its log in the
@@ -187,234 +169,201 @@ impl Meta {
     /// counted against the budget. Records missing or wrong are rewritten (accessed now), records without a
     /// file dropped. Returns how many were (rewritten, dropped).
     pub fn reconcile_blobs(&self, files: &[(Digest, u64)]) -> Result<(usize, usize), sled::Error> {
-        self.seen((|| -> Result<(usize, usize), sled::Error> {
-            let on_disk: HashMap<String, u64> = files.iter().map(|(d, size)| (d.to_string(), *size)).collect();
-            let mut gone = Vec::new();
-            for key in self.blobs.iter().keys() {
-                let key = key?;
-                let name = String::from_utf8_lossy(&key);
-                if !on_disk.contains_key(name.as_ref())
-                    && let Ok(digest) = name.parse::<Digest>()
-                {
-                    gone.push(digest);
-                }
+        let on_disk: HashMap<String, u64> = files.iter().map(|(d, size)| (d.to_string(), *size)).collect();
+        let mut gone = Vec::new();
+        for key in self.blobs.iter().keys() {
+            let key = key?;
+            let name = String::from_utf8_lossy(&key);
+            if !on_disk.contains_key(name.as_ref())
+                && let Ok(digest) = name.parse::<Digest>()
+            {
+                gone.push(digest);
             }
-            for digest in &gone {
-                self.remove_blob(digest)?;
+        }
+        for digest in &gone {
+            self.remove_blob(digest)?;
+        }
+        let mut rewritten = 0;
+        for (digest, size) in files {
+            if self.blob(digest)?.is_none_or(|e| e.size != *size) {
+                self.record_blob(digest, *size, None)?;
+                rewritten += 1;
             }
-            let mut rewritten = 0;
-            for (digest, size) in files {
-                if self.blob(digest)?.is_none_or(|e| e.size != *size) {
-                    self.record_blob(digest, *size, None)?;
-                    rewritten += 1;
-                }
-            }
-            Ok((rewritten, gone.len()))
-        })())
+        }
+        Ok((rewritten, gone.len()))
     }
 
     /// The entry for a tag key (see `cache::manifests` for the key format).
     pub fn tag(&self, key: &str) -> Result<Option<TagEntry>, sled::Error> {
-        self.seen((|| -> Result<Option<TagEntry>, sled::Error> { Ok(self.tags.get(key)?.and_then(|v| decode(&v))) })())
+        Ok(self.tags.get(key)?.and_then(|v| decode(&v)))
     }
 
     /// Stores a tag entry.
     pub fn put_tag(&self, key: &str, entry: &TagEntry) -> Result<(), sled::Error> {
-        self.seen((|| -> Result<(), sled::Error> {
-            self.tags.insert(key, serde_json::to_vec(entry).expect("tag entries serialize"))?;
-            Ok(())
-        })())
+        self.tags.insert(key, serde_json::to_vec(entry).expect("tag entries serialize"))?;
+        Ok(())
     }
 
     /// Forgets a tag the upstream no longer has.
     pub fn remove_tag(&self, key: &str) -> Result<(), sled::Error> {
-        self.seen((|| -> Result<(), sled::Error> {
-            self.tags.remove(key)?;
-            Ok(())
-        })())
+        self.tags.remove(key)?;
+        Ok(())
     }
 
     /// Every tag entry with its key.
     pub fn tags(&self) -> Result<Vec<(String, TagEntry)>, sled::Error> {
-        self.seen((|| -> Result<Vec<(String, TagEntry)>, sled::Error> {
-            let mut out = Vec::new();
-            for item in self.tags.iter() {
-                let (k, v) = item?;
-                if let Some(e) = decode(&v) {
-                    out.push((String::from_utf8_lossy(&k).into_owned(), e));
-                }
+        let mut out = Vec::new();
+        for item in self.tags.iter() {
+            let (k, v) = item?;
+            if let Some(e) = decode(&v) {
+                out.push((String::from_utf8_lossy(&k).into_owned(), e));
             }
-            Ok(out)
-        })())
+        }
+        Ok(out)
     }
 
     /// Records a committed blob (accessed now) and, when known, a repository that references it.
     pub fn record_blob(&self, digest: &Digest, size: u64, repo: Option<&str>) -> Result<(), sled::Error> {
-        self.seen((|| -> Result<(), sled::Error> {
-            let now = self.stamp();
-            if let Some(old) = self.blob(digest)? {
-                self.atime.remove(atime_key(old.last_access, digest))?;
-            }
-            let entry = BlobEntry { size, stored_at: now / 1000, last_access: now };
-            self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
-            self.atime.insert(atime_key(now, digest), &[][..])?;
-            if let Some(repo) = repo {
-                self.refs.insert(format!("{repo}\0{digest}"), &[][..])?;
-            }
-            Ok(())
-        })())
+        let now = self.stamp();
+        if let Some(old) = self.blob(digest)? {
+            self.atime.remove(atime_key(old.last_access, digest))?;
+        }
+        let entry = BlobEntry { size, stored_at: now / 1000, last_access: now };
+        self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
+        self.atime.insert(atime_key(now, digest), &[][..])?;
+        if let Some(repo) = repo {
+            self.refs.insert(format!("{repo}\0{digest}"), &[][..])?;
+        }
+        Ok(())
     }
 
     /// Records that `repo` (`<registry>/<repo>`) references `digest` (a blob or a manifest).
     pub fn add_ref(&self, repo: &str, digest: &Digest) -> Result<(), sled::Error> {
-        self.seen(self.refs.insert(format!("{repo}\0{digest}"), &[][..]).map(drop))
+        self.refs.insert(format!("{repo}\0{digest}"), &[][..]).map(drop)
     }
 
     /// Whether `repo` is known to reference `digest`.
     pub fn has_ref(&self, repo: &str, digest: &Digest) -> Result<bool, sled::Error> {
-        self.seen(self.refs.contains_key(format!("{repo}\0{digest}")))
+        self.refs.contains_key(format!("{repo}\0{digest}"))
     }
 
     /// The recorded entry for a blob.
     pub fn blob(&self, digest: &Digest) -> Result<Option<BlobEntry>, sled::Error> {
-        self.seen((|| -> Result<Option<BlobEntry>, sled::Error> {
-            Ok(self.blobs.get(digest.to_string())?.and_then(|v| decode(&v)))
-        })())
+        Ok(self.blobs.get(digest.to_string())?.and_then(|v| decode(&v)))
     }
 
     /// Moves blobs to their new last-access times (a batch collected in memory).
     pub fn touch(&self, accessed: &[(Digest, u64)]) -> Result<(), sled::Error> {
-        self.seen((|| -> Result<(), sled::Error> {
-            for (digest, at) in accessed {
-                let Some(mut entry) = self.blob(digest)? else { continue };
-                if entry.last_access >= *at {
-                    continue;
-                }
-                self.atime.remove(atime_key(entry.last_access, digest))?;
-                entry.last_access = *at;
-                self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
-                self.atime.insert(atime_key(*at, digest), &[][..])?;
+        for (digest, at) in accessed {
+            let Some(mut entry) = self.blob(digest)? else { continue };
+            if entry.last_access >= *at {
+                continue;
             }
-            Ok(())
-        })())
+            self.atime.remove(atime_key(entry.last_access, digest))?;
+            entry.last_access = *at;
+            self.blobs.insert(digest.to_string(), serde_json::to_vec(&entry).expect("blob entries serialize"))?;
+            self.atime.insert(atime_key(*at, digest), &[][..])?;
+        }
+        Ok(())
     }
 
     /// Forgets a blob (after its file was removed).
     pub fn remove_blob(&self, digest: &Digest) -> Result<(), sled::Error> {
-        self.seen((|| -> Result<(), sled::Error> {
-            if let Some(old) = self.blob(digest)? {
-                self.atime.remove(atime_key(old.last_access, digest))?;
+        if let Some(old) = self.blob(digest)? {
+            self.atime.remove(atime_key(old.last_access, digest))?;
+        }
+        self.blobs.remove(digest.to_string())?;
+        let suffix = format!("\0{digest}");
+        for item in self.refs.iter().keys() {
+            let k = item?;
+            if k.ends_with(suffix.as_bytes()) {
+                self.refs.remove(k)?;
             }
-            self.blobs.remove(digest.to_string())?;
-            let suffix = format!("\0{digest}");
-            for item in self.refs.iter().keys() {
-                let k = item?;
-                if k.ends_with(suffix.as_bytes()) {
-                    self.refs.remove(k)?;
-                }
-            }
-            Ok(())
-        })())
+        }
+        Ok(())
     }
 
     /// Blobs from least to most recently used: `(last access, digest, size)`.
     pub fn lru(&self) -> impl Iterator<Item = Result<(u64, Digest, u64), sled::Error>> + '_ {
-        self.atime
-            .iter()
-            .keys()
-            .filter_map(move |k| {
-                let k = match k {
-                    Ok(k) => k,
-                    Err(e) => return Some(Err(e)),
-                };
-                let at = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
-                let digest: Digest = std::str::from_utf8(&k[8..]).ok()?.parse().ok()?;
-                let size = match self.blob(&digest) {
-                    Ok(Some(e)) => e.size,
-                    Ok(None) => return None,
-                    Err(e) => return Some(Err(e)),
-                };
-                Some(Ok((at, digest, size)))
-            })
-            .inspect(|item| {
-                if let Err(e) = item {
-                    self.health.report(e);
-                }
-            })
+        self.atime.iter().keys().filter_map(move |k| {
+            let k = match k {
+                Ok(k) => k,
+                Err(e) => return Some(Err(e)),
+            };
+            let at = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+            let digest: Digest = std::str::from_utf8(&k[8..]).ok()?.parse().ok()?;
+            let size = match self.blob(&digest) {
+                Ok(Some(e)) => e.size,
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            };
+            Some(Ok((at, digest, size)))
+        })
     }
 
     /// Sum of recorded blob sizes and their count.
     pub fn blob_totals(&self) -> Result<(u64, u64), sled::Error> {
-        self.seen((|| -> Result<(u64, u64), sled::Error> {
-            let (mut bytes, mut count) = (0, 0);
-            for item in self.blobs.iter().values() {
-                if let Some(e) = decode::<BlobEntry>(&item?) {
-                    bytes += e.size;
-                    count += 1;
-                }
+        let (mut bytes, mut count) = (0, 0);
+        for item in self.blobs.iter().values() {
+            if let Some(e) = decode::<BlobEntry>(&item?) {
+                bytes += e.size;
+                count += 1;
             }
-            Ok((bytes, count))
-        })())
+        }
+        Ok((bytes, count))
     }
 
     /// Replaces the digests pinned under `name`.
     pub fn set_pins(&self, name: &str, digests: &[Digest]) -> Result<(), sled::Error> {
-        self.seen((|| -> Result<(), sled::Error> {
-            let prefix = format!("{name}\0");
-            for k in self.pins.scan_prefix(prefix.as_bytes()).keys() {
-                self.pins.remove(k?)?;
-            }
-            for d in digests {
-                self.pins.insert(format!("{prefix}{d}"), &[][..])?;
-            }
-            Ok(())
-        })())
+        let prefix = format!("{name}\0");
+        for k in self.pins.scan_prefix(prefix.as_bytes()).keys() {
+            self.pins.remove(k?)?;
+        }
+        for d in digests {
+            self.pins.insert(format!("{prefix}{d}"), &[][..])?;
+        }
+        Ok(())
     }
 
     /// Every pin: name → digests.
     pub fn pins(&self) -> Result<BTreeMap<String, Vec<Digest>>, sled::Error> {
-        self.seen((|| -> Result<BTreeMap<String, Vec<Digest>>, sled::Error> {
-            let mut out: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
-            for k in self.pins.iter().keys() {
-                let k = k?;
-                let text = String::from_utf8_lossy(&k);
-                if let Some((name, d)) = text.split_once('\0')
-                    && let Ok(d) = d.parse()
-                {
-                    out.entry(name.to_owned()).or_default().push(d);
-                }
+        let mut out: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
+        for k in self.pins.iter().keys() {
+            let k = k?;
+            let text = String::from_utf8_lossy(&k);
+            if let Some((name, d)) = text.split_once('\0')
+                && let Ok(d) = d.parse()
+            {
+                out.entry(name.to_owned()).or_default().push(d);
             }
-            Ok(out)
-        })())
+        }
+        Ok(out)
     }
 
     /// Repositories that blobs were fetched for: `<registry>/<repo>`.
     pub fn repositories(&self) -> Result<BTreeSet<String>, sled::Error> {
-        self.seen((|| -> Result<BTreeSet<String>, sled::Error> {
-            let mut out = BTreeSet::new();
-            for k in self.refs.iter().keys() {
-                let k = k?;
-                if let Some(repo) = String::from_utf8_lossy(&k).split('\0').next() {
-                    out.insert(repo.to_owned());
-                }
+        let mut out = BTreeSet::new();
+        for k in self.refs.iter().keys() {
+            let k = k?;
+            if let Some(repo) = String::from_utf8_lossy(&k).split('\0').next() {
+                out.insert(repo.to_owned());
             }
-            Ok(out)
-        })())
+        }
+        Ok(out)
     }
 
     /// Writes pending changes to disk (sled also does this in the background).
     pub fn flush(&self) -> Result<(), sled::Error> {
-        self.seen((|| -> Result<(), sled::Error> {
-            self.db.flush()?;
-            Ok(())
-        })())
+        self.db.flush()?;
+        Ok(())
     }
 }
 
 /// The cache's handle to its metadata, which survives a failed database. sled turns its first failed write
-/// into an error for every later one, so a failed handle is replaced with a new one ([`MetaCell::reopen`]);
-/// meanwhile writes are dropped (the blob tree is the truth, and a reopen reconciles with it) and reads
-/// answer from the failed handle where sled still can.
+/// into an error for every later one, so every error met through the cell is reported to its [`Health`], and
+/// the failed handle is replaced with a new one ([`MetaCell::reopen`]); meanwhile writes are dropped (the
+/// blob tree is the truth, and a reopen reconciles with it) and reads answer from the failed handle where
+/// sled still can.
 #[derive(Debug)]
 pub struct MetaCell {
     current: std::sync::RwLock<Option<Meta>>,
@@ -428,14 +377,22 @@ fn unavailable() -> sled::Error {
 }
 
 impl MetaCell {
-    /// Wraps `meta`, which was opened at `path` reporting to `health`.
+    /// Wraps `meta`, opened at `path`; errors are reported to `health`.
     pub fn new(meta: Meta, path: &Path, health: Arc<Health>) -> MetaCell {
         MetaCell { current: std::sync::RwLock::new(Some(meta)), health, path: path.to_path_buf() }
     }
 
-    /// The open handle.
+    /// The open handle. Pass what it answers through [`MetaCell::seen`].
     pub fn handle(&self) -> Result<Meta, sled::Error> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(unavailable)
+    }
+
+    /// Passes a result of the handle on, reporting an error to the health.
+    pub fn seen<T>(&self, result: Result<T, sled::Error>) -> Result<T, sled::Error> {
+        if let Err(e) = &result {
+            self.health.report(e);
+        }
+        result
     }
 
     /// Shared failure state.
@@ -448,12 +405,16 @@ impl MetaCell {
         !self.health.is_failed() && self.current.read().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 
+    /// A read through the handle, reported if it fails.
+    fn read<T>(&self, read: impl FnOnce(&Meta) -> Result<T, sled::Error>) -> Result<T, sled::Error> {
+        let meta = self.handle()?;
+        self.seen(read(&meta))
+    }
+
     /// A write that the files can stand in for: done if possible, else dropped (the failure is reported to
     /// the health, which logs and repairs it once, rather than failing each request).
     fn best_effort(&self, write: impl FnOnce(&Meta) -> Result<(), sled::Error>) -> Result<(), sled::Error> {
-        if let Ok(meta) = self.handle()
-            && let Err(e) = write(&meta)
-        {
+        if let Err(e) = self.read(write) {
             tracing::debug!(error = %e, "metadata write dropped");
         }
         Ok(())
@@ -466,7 +427,7 @@ impl MetaCell {
 
     /// See [`Meta::tag`]; unknown when the database cannot answer (the upstream is asked instead).
     pub fn tag(&self, key: &str) -> Result<Option<TagEntry>, sled::Error> {
-        Ok(self.handle().and_then(|m| m.tag(key)).unwrap_or(None))
+        Ok(self.read(|m| m.tag(key)).unwrap_or(None))
     }
 
     /// See [`Meta::put_tag`] (best effort).
@@ -481,7 +442,7 @@ impl MetaCell {
 
     /// See [`Meta::tags`].
     pub fn tags(&self) -> Result<Vec<(String, TagEntry)>, sled::Error> {
-        self.handle()?.tags()
+        self.read(Meta::tags)
     }
 
     /// See [`Meta::record_blob`] (best effort: a reopen records every blob file).
@@ -496,7 +457,7 @@ impl MetaCell {
 
     /// See [`Meta::has_ref`]; not known when the database cannot answer (the upstream is asked instead).
     pub fn has_ref(&self, repo: &str, digest: &Digest) -> Result<bool, sled::Error> {
-        Ok(self.handle().and_then(|m| m.has_ref(repo, digest)).unwrap_or(false))
+        Ok(self.read(|m| m.has_ref(repo, digest)).unwrap_or(false))
     }
 
     /// See [`Meta::touch`] (best effort: access times only order eviction).
@@ -511,23 +472,23 @@ impl MetaCell {
 
     /// See [`Meta::set_pins`]. Not best effort: lost pins would let eviction take what the warm list keeps.
     pub fn set_pins(&self, name: &str, digests: &[Digest]) -> Result<(), sled::Error> {
-        self.handle()?.set_pins(name, digests)
+        self.read(|m| m.set_pins(name, digests))
     }
 
     /// See [`Meta::pins`].
     pub fn pins(&self) -> Result<BTreeMap<String, Vec<Digest>>, sled::Error> {
-        self.handle()?.pins()
+        self.read(Meta::pins)
     }
 
     /// See [`Meta::repositories`].
     pub fn repositories(&self) -> Result<BTreeSet<String>, sled::Error> {
-        self.handle()?.repositories()
+        self.read(Meta::repositories)
     }
 
     /// See [`Meta::flush`]: sled writes in the background and reports a failed write only to later calls, so
     /// this is how a failure is noticed when nothing else writes.
     pub fn flush(&self) -> Result<(), sled::Error> {
-        self.handle()?.flush()
+        self.read(Meta::flush)
     }
 
     /// Replaces the handle with a new one on the same directory (rebuilt when unreadable), caught up with
@@ -537,13 +498,13 @@ impl MetaCell {
         // sled locks its files until every handle is dropped: ours goes first, and a caller still holding a
         // clone makes the open below fail with `WouldBlock` (retried later).
         drop(self.current.write().unwrap_or_else(|e| e.into_inner()).take());
-        let (meta, fresh) = Meta::open_with(&self.path, self.health.clone())?;
+        let (meta, fresh) = Meta::open(&self.path)?;
         let attempt = || -> Result<(u64, u64), sled::Error> {
             meta.reconcile_blobs(files)?;
             if fresh {
                 meta.mark_initialized()?;
             }
-            meta.db.flush()?;
+            meta.flush()?;
             meta.blob_totals()
         };
         let totals = attempt().map_err(io::Error::other)?;
@@ -634,7 +595,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meta");
         let health = Arc::new(Health::default());
-        let (meta, _) = Meta::open_with(&path, health.clone()).unwrap();
+        let (meta, _) = Meta::open(&path).unwrap();
         let cell = MetaCell::new(meta, &path, health.clone());
         let (a, b) = (Digest::sha256_of(b"a"), Digest::sha256_of(b"b"));
         cell.record_blob(&a, 1, Some("reg/x")).unwrap();

@@ -138,8 +138,7 @@ impl Cache {
         };
         let tag_ttl = config.tag_ttl;
         let store = BlobStore::open(data_dir)?;
-        let health = Arc::new(Health::default());
-        let (meta, fresh) = Meta::open_with(&data_dir.join("meta"), health.clone())?;
+        let (meta, fresh) = Meta::open(&data_dir.join("meta"))?;
         // Also when the database is not new: a crash can lose its last writes, and a blob it does not know
         // would never be evicted.
         let blobs = store.scan_blobs()?;
@@ -158,7 +157,7 @@ impl Cache {
         let shared = Shared {
             reserve: Reserve::new(store.clone(), config.cache.min_free_bytes),
             store,
-            meta: MetaCell::new(meta, &data_dir.join("meta"), health),
+            meta: MetaCell::new(meta, &data_dir.join("meta"), Arc::new(Health::default())),
             inflight: Inflight::default(),
             tasks,
             tag_ttl,
