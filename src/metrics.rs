@@ -104,6 +104,10 @@ pub struct Metrics {
     pub warm_last_success: Family<ImageLabel, Gauge>,
     /// Docker Hub's `ratelimit-remaining`, as last reported.
     pub ratelimit_remaining: Family<RegistryLabel, Gauge>,
+    /// Times the metadata database failed (each failure counted once, however many requests met it).
+    pub metadata_failures: Counter,
+    /// 1 while the metadata database is failed and being reopened, else 0.
+    pub metadata_degraded: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -145,6 +149,8 @@ impl Metrics {
             warm_ready: Family::default(),
             warm_last_success: Family::default(),
             ratelimit_remaining: Family::default(),
+            metadata_failures: Counter::default(),
+            metadata_degraded: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -209,6 +215,16 @@ impl Metrics {
             "upstream_ratelimit_remaining",
             "Pull rate limit remaining as reported by the upstream (Docker Hub ratelimit-remaining)",
             m.ratelimit_remaining.clone(),
+        );
+        r.register(
+            "metadata_failures",
+            "Times the metadata database failed (a full disk, an I/O error); each is repaired without a restart",
+            m.metadata_failures.clone(),
+        );
+        r.register(
+            "metadata_degraded",
+            "1 while the metadata database is failed and being reopened (blobs and manifests served from the files)",
+            m.metadata_degraded.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -15,7 +15,7 @@ mod store;
 
 pub use error::Error;
 pub use evict::{EvictRefusal, GcReport, Usage};
-pub use fill::{Fill, FillPlan, FillState};
+pub use fill::{Fill, FillPlan, FillState, Reserve};
 pub use manifests::{ManifestAnswer, ManifestInfo};
 pub use store::BlobStore;
 
@@ -24,11 +24,16 @@ use crate::metrics::{Metrics, ReasonLabel};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::RegistryClient;
 use inflight::{Claim, Inflight, Lookup};
-use meta::Meta;
+use meta::{Health, Meta, MetaCell};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio_util::task::TaskTracker;
+
+/// How often a failed metadata database is reopened, and a working one checked (sled reports a failed
+/// background write only to later calls).
+const META_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// How a request was answered, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +105,9 @@ pub struct Cache {
 
 struct Shared {
     store: BlobStore,
-    meta: Meta,
+    meta: MetaCell,
+    /// The free space fills leave for the metadata.
+    reserve: Reserve,
     inflight: Arc<Inflight>,
     /// Fills run here, not on the request's task, and shutdown waits for them.
     tasks: TaskTracker,
@@ -148,8 +155,9 @@ impl Cache {
         metrics.high_watermark_ratio.set(f64::from(config.cache.high_watermark) / 100.0);
         metrics.low_watermark_ratio.set(f64::from(config.cache.low_watermark) / 100.0);
         let shared = Shared {
+            reserve: Reserve::new(store.clone(), config.cache.min_free_bytes),
             store,
-            meta,
+            meta: MetaCell::new(meta, &data_dir.join("meta"), Arc::new(Health::default())),
             inflight: Arc::default(),
             tasks,
             tag_ttl,
@@ -168,6 +176,12 @@ impl Cache {
     /// The on-disk store (readiness checks write through it).
     pub fn store(&self) -> &BlobStore {
         &self.shared.store
+    }
+
+    /// Whether the metadata database works; while it does not, blobs and manifests are served from the
+    /// files and a background task reopens it (see [`Cache::spawn_gc_loop`]).
+    pub fn metadata_healthy(&self) -> bool {
+        self.shared.meta.is_healthy()
     }
 
     /// Number of fills running now.
@@ -218,7 +232,11 @@ impl Cache {
         let (handle, _) = self.blob(client, repo, digest).await?;
         match handle.source {
             reader::Source::Committed(_) => Ok(handle.size.unwrap_or_default()),
-            reader::Source::Filling(fill) => fill.wait_done().await.map_err(unshare),
+            reader::Source::Filling(fill) => match fill.wait_done().await {
+                // Refused before its first byte: it can never be cached, which is all a warm-up can do.
+                Err(_) if fill.refused() => Ok(handle.size.unwrap_or_default()),
+                done => done.map_err(unshare),
+            },
         }
     }
 
@@ -280,39 +298,25 @@ impl Cache {
         };
         let metrics = &self.shared.metrics;
         let started = std::time::Instant::now();
-        // Evict for the new blob as soon as its size is known, while the bytes arrive.
-        let (result, fits) = {
-            let mut download = std::pin::pin!(fill.download(&temp, client, repo, self.shared.plan));
-            let mut room = std::pin::pin!(self.make_room(&fill));
-            let mut fits = None;
-            let result = loop {
-                tokio::select! {
-                    r = &mut download => break r,
-                    f = &mut room, if fits.is_none() => fits = Some(f),
-                }
-            };
-            // A fill that failed before its size was known never needs room.
-            let fits = match fits {
-                Some(f) => f,
-                None if result.is_ok() => room.await,
-                None => true,
-            };
-            (result, fits)
-        };
+        // Room is made (or the blob refused) once its size is known, before its first byte is written.
+        let this = self.clone();
+        let admit = |size| async move { this.admit(size).await };
+        let result = fill.download(&temp, (client, repo), self.shared.plan, &self.shared.reserve, admit).await;
         let mut temp = Some(temp);
-        if let Ok(size) = &result {
+        if let Ok(Some(size)) = &result {
             client.count_fetched(*size);
         }
-        let result = match (result, fits) {
-            (Ok(size), true) => self.commit(temp.take().expect("not yet used"), &digest, size, client, repo).await,
-            (Ok(size), false) => {
-                // Served to everyone who asked, but not kept: it cannot fit even after eviction.
-                tracing::warn!(%digest, size, "blob larger than the cache can hold; served without caching");
+        let result = match result {
+            Ok(Some(size)) => self.commit(temp.take().expect("not yet used"), &digest, size, client, repo).await,
+            Ok(None) => {
+                // Nothing was written: everyone who asked streams it from the upstream.
+                tracing::warn!(%digest, "blob larger than the cache can hold; streamed without caching");
                 metrics.uncached.get_or_create(&ReasonLabel { reason: "too_large" }).inc();
                 drop(temp.take());
-                Ok(size)
+                fill.refuse();
+                return;
             }
-            (Err(e), _) => Err(e),
+            Err(e) => Err(e),
         };
         match result {
             Ok(size) => {
@@ -349,17 +353,29 @@ impl Cache {
         }
     }
 
-    /// Once the size is known, evicts what the new blob needs; false when it cannot fit even then.
-    async fn make_room(&self, fill: &Fill) -> bool {
-        let Ok(Some(size)) = fill.wait_started().await else { return true };
-        if self.needed_bytes(size) == 0 {
-            return true;
-        }
-        if let Err(e) = self.gc(size).await {
+    /// Whether a blob of `size` bytes may be cached: evicts what it needs, then checks it fits the byte
+    /// budget and the filesystem's high watermark (less the free-space reserve). What eviction cannot free
+    /// (pinned, in use, recently used) stays, so a blob over what remains is refused. A blob of unknown size
+    /// is admitted: the reserve and ENOSPC still stop it.
+    async fn admit(&self, size: Option<u64>) -> bool {
+        let Some(size) = size else { return true };
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.fits_after_eviction(size)).await.unwrap_or(true)
+    }
+
+    fn fits_after_eviction(&self, size: u64) -> bool {
+        if self.needed_bytes(size) > 0
+            && let Err(e) = self.gc_blocking(size)
+        {
             tracing::warn!(error = %e, "eviction before a fill failed");
         }
         let s = &self.shared.settings;
-        s.max_bytes == 0 || self.shared.bytes.load(Ordering::Relaxed) + size <= s.max_bytes
+        if s.max_bytes > 0 && self.shared.bytes.load(Ordering::Relaxed) + size > s.max_bytes {
+            return false;
+        }
+        let Ok((total, used)) = self.shared.store.filesystem() else { return true };
+        let reserve = s.min_free_bytes.min(total / 10);
+        total == 0 || ((used + size) * 100 <= total * u64::from(s.high_watermark) && used + size + reserve <= total)
     }
 
     async fn commit(
@@ -374,6 +390,7 @@ impl Cache {
         let d = digest.clone();
         tokio::task::spawn_blocking(move || store.commit_blob(temp, &d)).await??;
         self.shared.bytes.fetch_add(size, Ordering::Relaxed);
+        // Best effort: the file is committed, and a reopened database records it from the blob tree.
         self.shared.meta.record_blob(digest, size, Some(&format!("{}/{}", client.name, repo)))?;
         Ok(size)
     }
