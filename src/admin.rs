@@ -9,8 +9,12 @@
 //! | `GET /pins` | pinned digests by warm-list image |
 //! | `DELETE /blobs/{digest}` | evict one blob (or manifest): 200, 409 pinned or in use, 404 not cached |
 //! | `DELETE /images/{image}` | evict what a cached image references (resolved from the cache only) |
-//! | `POST /prefetch` | `{"images": [...], "platforms": [...]}`: pull into the cache, per-image results |
+//! | `POST /prefetch` | `{"images": [...], "platforms": [...]}`: `202` and a job that pulls them into the cache |
+//! | `GET /prefetch/{id}` | the job's per-image progress ([`jobs`]) |
+//! | `GET /prefetch` | every job still known |
 //! | `POST /gc` | one eviction pass now |
+
+pub mod jobs;
 
 use crate::cache::EvictRefusal;
 use crate::oci::manifest::References;
@@ -18,7 +22,7 @@ use crate::oci::{Digest, Reference};
 use crate::state::AppState;
 use crate::warm;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Extension, Path, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -30,19 +34,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// The admin router. With a non-empty `token`, every request needs `Authorization: Bearer <token>`.
-pub fn router(state: AppState) -> Router {
+/// The admin router. With a non-empty `token`, every request needs `Authorization: Bearer <token>`. Prefetch
+/// jobs run on `tasks` and stop when `stop` is cancelled.
+pub fn router(state: AppState, tasks: TaskTracker, stop: CancellationToken) -> Router {
     let token: Arc<str> = state.config.admin.token.as_str().into();
+    let jobs = jobs::Jobs::new(tasks, stop);
     Router::new()
         .route("/repositories", get(repositories))
         .route("/usage", get(usage))
         .route("/pins", get(pins))
         .route("/blobs/{digest}", delete(delete_blob))
         .route("/images/{*image}", delete(delete_image))
-        .route("/prefetch", post(prefetch))
+        .route("/prefetch", post(prefetch).get(prefetch_jobs))
+        .route("/prefetch/{id}", get(prefetch_job))
         .route("/gc", post(gc))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint") })
+        .layer(Extension(jobs))
         .layer(middleware::from_fn_with_state(token, authorize))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
@@ -226,24 +236,46 @@ struct PrefetchRequest {
     platforms: Vec<String>,
 }
 
-async fn prefetch(State(state): State<AppState>, body: Result<Json<PrefetchRequest>, JsonRejection>) -> Response {
+/// Checks the request, then starts a job and answers `202` with it at once: pulling can outlast any client's
+/// patience, and the job runs on whether or not the client stays.
+async fn prefetch(
+    State(state): State<AppState>,
+    Extension(jobs): Extension<Arc<jobs::Jobs>>,
+    body: Result<Json<PrefetchRequest>, JsonRejection>,
+) -> Response {
     let req = match body {
         Ok(Json(req)) => req,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
+    if req.images.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "no images given");
+    }
     if let Some(bad) = req.images.iter().find_map(|i| warm::target(&state.upstreams, i).err()) {
         return error(StatusCode::BAD_REQUEST, bad.to_string());
     }
-    let mut results = Vec::new();
-    for image in &req.images {
-        let result = warm::pull(&state, image, &req.platforms, false, &|_| {}).await;
-        if let Err(e) = &result {
-            tracing::warn!(%image, error = %e, "admin: prefetch failed");
+    match jobs.start(state, req.images, req.platforms) {
+        Ok(job) => {
+            let location = HeaderValue::from_str(&format!("/prefetch/{}", job.id)).expect("hex id");
+            (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(job)).into_response()
         }
-        results.push(warm::Report::new(image, &result));
+        Err(jobs::Busy) => {
+            let msg = format!("{} prefetch jobs are running; retry when one has finished", jobs::MAX_RUNNING);
+            let mut resp = error(StatusCode::TOO_MANY_REQUESTS, msg);
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            resp
+        }
     }
-    let status = if results.iter().all(|r| r.ok) { StatusCode::OK } else { StatusCode::BAD_GATEWAY };
-    (status, Json(json!({ "results": results }))).into_response()
+}
+
+async fn prefetch_job(Extension(jobs): Extension<Arc<jobs::Jobs>>, Path(id): Path<String>) -> Response {
+    match jobs.get(&id) {
+        Some(job) => Json(job).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no prefetch job {id:?} (finished jobs are kept for a while)")),
+    }
+}
+
+async fn prefetch_jobs(Extension(jobs): Extension<Arc<jobs::Jobs>>) -> Response {
+    Json(json!({ "jobs": jobs.list() })).into_response()
 }
 
 async fn gc(State(state): State<AppState>) -> Response {

@@ -103,6 +103,10 @@ pub struct CacheSettings {
     pub max_idle_age: u64,
     /// Seconds between background eviction passes.
     pub gc_interval: u64,
+    /// Free bytes fills leave on the cache's filesystem for the metadata database (and the rest of the
+    /// system): a fill stops writing, and its clients continue from the upstream, below this. Capped at a
+    /// tenth of the filesystem's size, so a small filesystem is not all reserve.
+    pub min_free_bytes: u64,
 }
 
 impl Default for CacheSettings {
@@ -114,6 +118,7 @@ impl Default for CacheSettings {
             min_age: 120,
             max_idle_age: 0,
             gc_interval: 60,
+            min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -218,7 +223,8 @@ impl fmt::Debug for ClientToken {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
-    /// Seconds a client has to send a request's headers (slow-loris).
+    /// Seconds from a request head's first byte to its end (slow-loris); a new connection's first head (and its
+    /// TLS handshake) is timed from the accept.
     pub header_timeout: u64,
     /// Seconds an idle keep-alive connection stays open.
     pub idle_timeout: u64,

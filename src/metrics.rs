@@ -113,6 +113,10 @@ pub struct Metrics {
     pub ratelimit_remaining: Family<RegistryLabel, Gauge>,
     /// Requests that waited for another request's identical upstream request instead of sending their own.
     pub upstream_joined: Family<KindLabel, Counter>,
+    /// Times the metadata database failed (each failure counted once, however many requests met it).
+    pub metadata_failures: Counter,
+    /// 1 while the metadata database is failed and being reopened, else 0.
+    pub metadata_degraded: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -155,6 +159,8 @@ impl Metrics {
             warm_last_success: Family::default(),
             ratelimit_remaining: Family::default(),
             upstream_joined: Family::default(),
+            metadata_failures: Counter::default(),
+            metadata_degraded: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -224,6 +230,16 @@ impl Metrics {
             "upstream_requests_joined",
             "Requests answered by another request's identical upstream request (manifest, token) instead of their own",
             m.upstream_joined.clone(),
+        );
+        r.register(
+            "metadata_failures",
+            "Times the metadata database failed (a full disk, an I/O error); each is repaired without a restart",
+            m.metadata_failures.clone(),
+        );
+        r.register(
+            "metadata_degraded",
+            "1 while the metadata database is failed and being reopened (blobs and manifests served from the files)",
+            m.metadata_degraded.clone(),
         );
         Metrics { registry, ..m }
     }

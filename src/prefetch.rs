@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::oci::manifest::Descriptor;
 use crate::oci::{AcceptSet, Digest, Reference, Verifier};
 use crate::state::AppState;
-use crate::warm::{self, Fetch, Plan};
+use crate::warm::{self, Fetch, Plan, Progress};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -161,7 +161,7 @@ where
                 let (fetcher, reference) = source.await?;
                 let plan = warm::resolve(&fetcher, &reference, &args.platforms).await?;
                 progress.resolved(&plan);
-                warm::fetch(&fetcher, &plan, &|n| progress.advance(n)).await?;
+                warm::fetch(&fetcher, &plan, &progress).await?;
                 Ok(plan)
             }
             .await;
@@ -290,7 +290,7 @@ struct ImageProgress {
     logged: Mutex<Instant>,
 }
 
-impl ImageProgress {
+impl Progress for ImageProgress {
     fn resolved(&self, plan: &Plan) {
         let total = plan.total_bytes();
         self.total.store(total, Ordering::Relaxed);
@@ -325,7 +325,9 @@ impl ImageProgress {
             tracing::info!(image = %self.image, done, total, rate = %self.rate(done), "prefetch: progress");
         }
     }
+}
 
+impl ImageProgress {
     /// Bytes per second so far, human-readable.
     fn rate(&self, done: u64) -> String {
         let per_sec = done as f64 / self.started.elapsed().as_secs_f64().max(0.001);

@@ -6,7 +6,7 @@
 //!
 //! Checks: only JSON objects parse; platform matching agrees with the descriptor; the walk's plan starts with
 //! the top manifest, names each manifest and blob once, takes blobs only from the manifests it read, and its
-//! summary (the warm list's log line and the admin API's answer) is computed without overflow.
+//! summary (the warm list's report) is computed without overflow.
 #![no_main]
 
 use bytes::Bytes;

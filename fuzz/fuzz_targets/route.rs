@@ -1,8 +1,9 @@
 //! Routing a request to an upstream: containerd's `ns` query parameter, a registry path prefix, or the default.
 //! Input: the query string on the first line, the path after `/v2/` on the second.
 //!
-//! Checks: only configured registries are ever chosen (an unknown `ns` is refused, an unknown first path
-//! component is part of the name); the registry is the one `ns` or the path prefix names, else the default; the
+//! Checks: only configured registries are ever chosen (an unknown `ns` is refused, and so is an unknown
+//! host-like first path component: Docker's rule makes it a registry host; any other first component is part of
+//! the name); the registry is the one `ns` or the path prefix names, else the default; the
 //! upstream name is the path's name (minus the registry prefix, plus `library/` on Docker Hub) and is valid.
 #![no_main]
 
@@ -12,7 +13,7 @@ use wharf::api::ns_param;
 use wharf::api::path::{Endpoint, parse};
 use wharf::config::{Config, Overrides};
 use wharf::oci::RepoName;
-use wharf::upstream::{RouteError, Upstreams};
+use wharf::upstream::{RouteError, Upstreams, is_host_like};
 
 fn upstreams() -> &'static Upstreams {
     static UPSTREAMS: OnceLock<Upstreams> = OnceLock::new();
@@ -41,7 +42,16 @@ fuzz_target!(|data: &[u8]| {
     let (client, repo) = match result {
         Ok(ok) => ok,
         Err(RouteError::UnknownRegistry(_)) => {
-            assert!(ns.as_deref().is_some_and(|ns| u.get(ns).is_none()), "{ns:?} {name:?}");
+            // An unconfigured `ns`, or (no `ns`) a host-like first component that is not a configured registry.
+            let unknown_ns = ns.as_deref().is_some_and(|ns| u.get(ns).is_none());
+            let unknown_host = ns.is_none() && rest.is_some() && is_host_like(first) && u.get(first).is_none();
+            assert!(unknown_ns || unknown_host, "{ns:?} {name:?}");
+            return;
+        }
+        Err(RouteError::ForeignName(n)) => {
+            // Docker Hub's repository names hold no host-like component.
+            let (component, _) = n.split_once('/').expect("a component before a slash");
+            assert!(is_host_like(component), "{ns:?} {name:?}");
             return;
         }
         Err(RouteError::Name(_)) => return,
@@ -63,10 +73,16 @@ fuzz_target!(|data: &[u8]| {
             }
             _ => {
                 assert_eq!(client.name, "docker.io", "{name:?}");
+                assert!(rest.is_none() || !is_host_like(first), "{name:?}: a host-like prefix went to the default");
                 name
             }
         },
     };
+    if client.name == "docker.io"
+        && let Some((component, _)) = upstream_name.split_once('/')
+    {
+        assert!(!is_host_like(component), "{name:?}: a host-like component went to Docker Hub");
+    }
     if client.name == "docker.io" && !upstream_name.contains('/') {
         assert_eq!(repo.as_str(), format!("library/{upstream_name}"));
     } else {

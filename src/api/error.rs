@@ -110,6 +110,8 @@ impl Error {
             cache::Error::DigestMismatch { .. } | cache::Error::SizeMismatch { .. } => {
                 Error::new(OciCode::Unavailable, e.to_string())
             }
+            // Its request was cancelled or its task failed: a retry starts a new fill.
+            cache::Error::Abandoned => Error::new(OciCode::Unavailable, e.to_string()),
             cache::Error::Io(_) | cache::Error::Meta(_) | cache::Error::Task(_) => {
                 tracing::error!(error = %e, source = ?std::error::Error::source(e), "internal error");
                 Error::new(OciCode::Unknown, "internal error")
@@ -146,7 +148,9 @@ impl From<oci::ParseError> for Error {
 impl From<upstream::RouteError> for Error {
     fn from(e: upstream::RouteError) -> Self {
         match e {
-            upstream::RouteError::UnknownRegistry(_) => Error::new(OciCode::NameUnknown, e.to_string()),
+            upstream::RouteError::UnknownRegistry(_) | upstream::RouteError::ForeignName(_) => {
+                Error::new(OciCode::NameUnknown, e.to_string())
+            }
             upstream::RouteError::Name(p) => p.into(),
         }
     }

@@ -36,7 +36,7 @@ pub async fn get_or_head(
             *r.status_mut() = StatusCode::NOT_MODIFIED;
             r
         }
-        // containerd 2.1.0–2.1.2 sends `Range: bytes=0-` on manifests too (clients-and-limits.md §3.1).
+        // containerd 2.1.0–2.1.2 sends `Range: bytes=0-` on manifests too: answered like any range request.
         Some(bytes) => match resolve(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), info.size) {
             RangeAnswer::Full => {
                 let mut r = Response::new(Body::from(bytes));

@@ -1,5 +1,5 @@
 //! HTTP: every route, the OCI error model and the one-line request log. The only module that knows URLs.
-//! No compression layer: clients rely on identity encoding for digests and ranges (protocol.md §0.4).
+//! No compression layer: clients rely on identity encoding, since digests and ranges are over the stored bytes.
 
 mod blobs;
 pub mod error;

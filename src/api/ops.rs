@@ -1,4 +1,5 @@
-//! Operational endpoints: `/healthz` (the process answers) and `/readyz` (the data directory is writable).
+//! Operational endpoints: `/healthz` (the process answers) and `/readyz` (the data directory is writable and
+//! the metadata database works).
 
 use crate::state::AppState;
 use axum::extract::State;
@@ -21,8 +22,12 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Readiness: creating (and removing) a temporary file proves the storage is writable.
+/// Readiness: creating (and removing) a temporary file proves the storage is writable. A failed metadata
+/// database is not ready either: wharf serves what the files hold and repairs it in the background.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if !state.cache.metadata_healthy() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "metadata database unavailable\n");
+    }
     let store = state.cache.store().clone();
     match tokio::task::spawn_blocking(move || store.temp().map(drop)).await {
         Ok(Ok(())) => (StatusCode::OK, "ready\n"),

@@ -30,6 +30,10 @@ pub enum Error {
     /// Metadata database failure.
     #[error("metadata database")]
     Meta(#[from] sled::Error),
+    /// The fill's owner went away before it ended (its request was cancelled during the claim, or the fill
+    /// task panicked), or a shared manifest fetch panicked; the next request starts anew.
+    #[error("the fill was abandoned before it ended")]
+    Abandoned,
     /// A blocking task panicked or was cancelled.
     #[error("background task failed")]
     Task(#[from] tokio::task::JoinError),

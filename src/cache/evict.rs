@@ -118,8 +118,9 @@ impl Cache {
         let idle_before = (s.settings.max_idle_age > 0).then(|| now.saturating_sub(s.settings.max_idle_age * 1000));
         let min_age_before = now.saturating_sub(s.settings.min_age * 1000);
         let keep = self.protected()?;
-        for item in s.meta.lru() {
-            let (last_access, digest, size) = item?;
+        let meta = s.meta.handle()?;
+        for item in meta.lru() {
+            let (last_access, digest, size) = s.meta.seen(item)?;
             let idle = idle_before.is_some_and(|t| last_access < t);
             if report.evicted_bytes >= report.needed_bytes && !idle {
                 break;
@@ -224,8 +225,10 @@ impl Cache {
         .await?
     }
 
-    /// Background eviction every `gc_interval` seconds until the tracker closes.
+    /// Background eviction every `gc_interval` seconds until the tracker closes; also starts the metadata
+    /// watch ([`Cache::spawn_meta_watch`]).
     pub fn spawn_gc_loop(&self, shutdown: tokio_util::sync::CancellationToken) {
+        self.spawn_meta_watch(shutdown.clone());
         let this = self.clone();
         let every = Duration::from_secs(self.shared.settings.gc_interval.max(1));
         self.shared.tasks.spawn(async move {
@@ -246,3 +249,71 @@ impl Cache {
         });
     }
 }
+
+impl Cache {
+    /// Watches the metadata database until shutdown: checks a working one every few seconds (sled reports a
+    /// failed background write only to later calls), and when it fails, logs and counts that once, reports
+    /// not-ready, and reopens it every few seconds, once free space is above the reserve, until that works.
+    pub fn spawn_meta_watch(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let this = self.clone();
+        self.shared.tasks.spawn(async move {
+            let health = this.shared.meta.health().clone();
+            let metrics = this.shared.metrics.clone();
+            let mut tick = tokio::time::interval(super::META_CHECK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = health.failed() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                if !health.is_failed() {
+                    let probe = this.clone();
+                    let _ = tokio::task::spawn_blocking(move || probe.shared.meta.flush()).await;
+                }
+                if !health.is_failed() {
+                    continue;
+                }
+                if !failing {
+                    failing = true;
+                    let error = health.first_error().unwrap_or_default();
+                    tracing::error!(%error, "metadata database failed; serving from the blob files and reopening it \
+                        once there is free space");
+                    metrics.metadata_failures.inc();
+                    metrics.metadata_degraded.set(1);
+                }
+                let repair = this.clone();
+                match tokio::task::spawn_blocking(move || repair.reopen_meta()).await {
+                    Ok(Ok(true)) => {
+                        failing = false;
+                        metrics.metadata_degraded.set(0);
+                        tracing::info!("metadata database reopened and caught up with the blob tree");
+                    }
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "metadata database not reopened yet"),
+                    Err(e) => tracing::debug!(error = %e, "metadata reopen task failed"),
+                }
+            }
+        });
+    }
+
+    /// One attempt to replace a failed metadata handle: false while free space is below the reserve (a new
+    /// handle would fail the same way). Blocking.
+    fn reopen_meta(&self) -> Result<bool, Error> {
+        let s = &self.shared;
+        let (free, reserve) = s.store.free_and_reserve(s.settings.min_free_bytes)?;
+        // Some room even with no reserve configured: sled writes whole buffers.
+        if free < reserve.max(MIN_FREE_TO_REOPEN) {
+            return Ok(false);
+        }
+        let files = s.store.scan_blobs()?;
+        let (bytes, _) = s.meta.reopen(&files)?;
+        s.bytes.store(bytes, Ordering::Relaxed);
+        s.metrics.cache_bytes.set(bytes as i64);
+        Ok(true)
+    }
+}
+
+/// Free bytes needed before a failed metadata database is reopened, whatever the reserve.
+const MIN_FREE_TO_REOPEN: u64 = 1024 * 1024;

@@ -7,13 +7,14 @@
 
 use super::Error;
 use super::reader::map_chunk;
-use super::store::TempFile;
+use super::store::{BlobStore, TempFile};
 use crate::oci::{Digest, RepoName, Verifier};
 use crate::upstream::{self, BlobStream, RegistryClient};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::{mpsc, watch};
 
@@ -55,6 +56,45 @@ pub struct FillPlan {
     pub concurrency: usize,
 }
 
+/// The free space fills leave for the metadata database. Checked on the writer's blocking thread every so
+/// many bytes, not per chunk: a `statvfs` per chunk would cost more than the write on some filesystems.
+#[derive(Debug, Clone)]
+pub struct Reserve {
+    store: BlobStore,
+    min_free: u64,
+}
+
+impl Reserve {
+    /// Keep `min_free` bytes free (at most a tenth of the filesystem) on `store`'s filesystem; 0: no reserve.
+    pub fn new(store: BlobStore, min_free: u64) -> Reserve {
+        Reserve { store, min_free }
+    }
+
+    /// `StorageFull` when writing until the next check could reach into the reserve; else how many bytes may
+    /// be written before that check. Blocking.
+    fn check(&self) -> std::io::Result<u64> {
+        if self.min_free == 0 {
+            return Ok(u64::MAX);
+        }
+        // A filesystem that cannot report its space is no reason to fail a fill; ENOSPC still ends it.
+        let Ok((free, reserve)) = self.store.free_and_reserve(self.min_free) else { return Ok(MAX_CHECK_EVERY) };
+        // A quarter of the reserve between checks, and no check lets a writer reach into the reserve before
+        // the next one: a few writers at once only dent it.
+        let every = (reserve / 4).clamp(MIN_CHECK_EVERY, MAX_CHECK_EVERY);
+        if free < reserve + every {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!("{free} bytes free, too close to the {reserve} bytes kept for metadata (cache.min_free_bytes)"),
+            ));
+        }
+        Ok(every)
+    }
+}
+
+/// Bounds on the bytes a fill writes between two free-space checks.
+const MIN_CHECK_EVERY: u64 = 256 * 1024;
+const MAX_CHECK_EVERY: u64 = 8 * 1024 * 1024;
+
 /// A running fill, shared by every request for its digest.
 #[derive(Debug)]
 pub struct Fill {
@@ -65,6 +105,8 @@ pub struct Fill {
     state: watch::Sender<FillState>,
     /// Where the blob comes from, so readers can go there directly if caching is abandoned.
     origin: OnceLock<(Arc<RegistryClient>, RepoName)>,
+    /// Set when the cache refused the blob before its first byte (it can never fit).
+    refused: AtomicBool,
 }
 
 /// Per-chunk byte counts and the contiguous prefix they add up to.
@@ -96,7 +138,13 @@ impl Progress {
 impl Fill {
     /// A fill in the `Starting` state.
     pub fn new(digest: Digest, file: Arc<File>) -> Self {
-        Fill { digest, file, state: watch::Sender::new(FillState::Starting), origin: OnceLock::new() }
+        Fill {
+            digest,
+            file,
+            state: watch::Sender::new(FillState::Starting),
+            origin: OnceLock::new(),
+            refused: AtomicBool::new(false),
+        }
     }
 
     /// Records where the blob comes from (before the fill starts).
@@ -118,6 +166,18 @@ impl Fill {
             };
             *s = FillState::Uncached { total };
         });
+    }
+
+    /// Gives up caching before the first byte because the blob can never fit: readers stream it from the
+    /// upstream, and nothing is written.
+    pub fn refuse(&self) {
+        self.refused.store(true, Ordering::Relaxed);
+        self.uncache();
+    }
+
+    /// Whether the cache refused the blob as too large (see [`Fill::refuse`]).
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// A receiver of state changes.
@@ -175,27 +235,33 @@ impl Fill {
         });
     }
 
-    /// Downloads the blob into `temp` and checks size and digest. Returns the size.
-    pub async fn download(
+    /// Downloads the blob into `temp` and checks size and digest. Returns the size, or `None` when `admit`,
+    /// asked with the announced size before the first byte is written, said no.
+    pub async fn download<F: std::future::Future<Output = bool>>(
         self: &Arc<Self>,
         temp: &TempFile,
-        client: &RegistryClient,
-        repo: &RepoName,
+        (client, repo): (&RegistryClient, &RepoName),
         plan: FillPlan,
-    ) -> Result<u64, Error> {
+        reserve: &Reserve,
+        admit: impl FnOnce(Option<u64>) -> F,
+    ) -> Result<Option<u64>, Error> {
         let ranged = plan.concurrency > 1 && plan.chunk_size > 0;
         let first_range = ranged.then(|| (0, plan.chunk_size - 1));
         let first = client.get_blob(repo, &self.digest, first_range).await?;
-        match first.partial {
+        let total = first.partial.map(|(_, _, t)| t).or(first.size);
+        // Readers learn the size (their response headers) while the cache decides.
+        self.state.send_replace(FillState::Streaming { written: 0, total });
+        if !admit(total).await {
+            return Ok(None);
+        }
+        let size = match first.partial {
             Some((_, _, total)) if total > plan.chunk_size => {
-                self.download_ranges(temp, client, repo, first, total, plan).await
+                self.download_ranges(temp, (client, repo), first, total, plan, reserve).await?
             }
             // The first range holds the whole blob, or the upstream ignored the range: one stream.
-            partial => {
-                let total = partial.map(|(_, _, t)| t).or(first.size);
-                self.download_stream(temp, first, total).await
-            }
-        }
+            _ => self.download_stream(temp, first, total, reserve).await?,
+        };
+        Ok(Some(size))
     }
 
     /// One stream, written and hashed in order on the blocking pool; this task only moves `Bytes`.
@@ -204,11 +270,11 @@ impl Fill {
         temp: &TempFile,
         blob: BlobStream,
         total: Option<u64>,
+        reserve: &Reserve,
     ) -> Result<u64, Error> {
-        self.state.send_replace(FillState::Streaming { written: 0, total });
         let verifier = Arc::new(Mutex::new(Verifier::new(self.digest.algorithm())));
         let (me, v) = (self.clone(), verifier.clone());
-        let received = write_at(&temp.file, 0, total, blob.body, move |bytes, written| {
+        let received = write_at(&temp.file, 0, total, reserve, blob.body, move |bytes, written| {
             v.lock().unwrap().update(bytes);
             me.publish_prefix(written);
         })
@@ -224,20 +290,22 @@ impl Fill {
     async fn download_ranges(
         self: &Arc<Self>,
         temp: &TempFile,
-        client: &RegistryClient,
-        repo: &RepoName,
+        (client, repo): (&RegistryClient, &RepoName),
         first: BlobStream,
         total: u64,
         plan: FillPlan,
+        reserve: &Reserve,
     ) -> Result<u64, Error> {
-        self.state.send_replace(FillState::Streaming { written: 0, total: Some(total) });
         let chunks = total.div_ceil(plan.chunk_size) as usize;
         let progress =
             Arc::new(Mutex::new(Progress { chunk_size: plan.chunk_size, total, written: vec![0; chunks], prefix: 0 }));
         let hasher = self.hash_prefix(total);
         let mut first = Some(first);
         let fetches = futures_util::stream::iter(0..chunks)
-            .map(|i| self.fetch_chunk(temp, client, repo, i, if i == 0 { first.take() } else { None }, &progress))
+            .map(|i| {
+                let body = if i == 0 { first.take() } else { None };
+                self.fetch_chunk(temp, (client, repo), i, body, &progress, reserve)
+            })
             .buffer_unordered(plan.concurrency)
             .try_for_each(|()| async { Ok(()) });
         // try_join: a chunk that fails for good ends the fill at once instead of leaving the hasher waiting.
@@ -249,11 +317,11 @@ impl Fill {
     async fn fetch_chunk(
         self: &Arc<Self>,
         temp: &TempFile,
-        client: &RegistryClient,
-        repo: &RepoName,
+        (client, repo): (&RegistryClient, &RepoName),
         i: usize,
         mut body: Option<BlobStream>,
         progress: &Arc<Mutex<Progress>>,
+        reserve: &Reserve,
     ) -> Result<(), Error> {
         let (start, len) = {
             let p = progress.lock().unwrap();
@@ -274,7 +342,7 @@ impl Fill {
             };
             let (me, p) = (self.clone(), progress.clone());
             let mut last = 0;
-            let result = write_at(&temp.file, start + got, Some(len - got), stream.body, move |_, written| {
+            let result = write_at(&temp.file, start + got, Some(len - got), reserve, stream.body, move |_, written| {
                 let moved = p.lock().unwrap().add(i, written - last);
                 last = written;
                 if let Some(prefix) = moved {
@@ -343,20 +411,26 @@ impl Fill {
     }
 }
 
-/// Writes `body` at `offset` on the blocking pool (no more than `limit` bytes) and calls `on_write` with each
-/// piece and the running count after it is in the file. Returns the bytes written.
+/// Writes `body` at `offset` on the blocking pool (no more than `limit` bytes, and none while free space is
+/// below `reserve`) and calls `on_write` with each piece and the running count after it is in the file.
+/// Returns the bytes written.
 async fn write_at(
     file: &Arc<File>,
     offset: u64,
     limit: Option<u64>,
+    reserve: &Reserve,
     mut body: futures_util::stream::BoxStream<'static, Result<Bytes, upstream::Error>>,
     mut on_write: impl FnMut(&[u8], u64) + Send + 'static,
 ) -> Result<u64, Error> {
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
-    let file = file.clone();
+    let (file, reserve) = (file.clone(), reserve.clone());
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
         let mut written = 0u64;
+        let mut next_check = 0u64;
         while let Some(chunk) = rx.blocking_recv() {
+            if written >= next_check {
+                next_check = written.saturating_add(reserve.check()?);
+            }
             file.write_all_at(&chunk, offset + written)?;
             written += chunk.len() as u64;
             on_write(&chunk, written);

@@ -81,6 +81,7 @@ fn unshare(e: Arc<Error>) -> Error {
         Error::SizeMismatch { announced, received } => {
             Error::SizeMismatch { announced: *announced, received: *received }
         }
+        Error::Abandoned => Error::Abandoned,
         other => Error::Io(std::io::Error::other(other.to_string())),
     }
 }
@@ -130,7 +131,7 @@ impl Cache {
             let work = work();
             async move { work.await.map_err(Arc::new) }
         };
-        let (answer, joined) = self.shared.manifest_flights.run(key, shared).await.map_err(std::io::Error::other)?;
+        let (answer, joined) = self.shared.manifest_flights.run(key, shared).await.map_err(|_| Error::Abandoned)?;
         let mut answer = answer.map_err(unshare)?;
         if joined && answer.outcome == Outcome::Miss {
             answer.outcome = Outcome::Coalesced;

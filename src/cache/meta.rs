@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Handle to the metadata database. Cheap to clone.
@@ -24,6 +24,47 @@ pub struct Meta {
     pins: sled::Tree,
     /// The last access stamp handed out (see [`Meta::stamp`]).
     last_stamp: Arc<AtomicU64>,
+}
+
+/// Whether the database failed, shared by the cell and the watch that repairs it. sled turns its first
+/// write error (a full disk, an I/O error) into an error for every later write of that handle, so a failure
+/// is reported once, to whoever repairs the database (a new handle), which then clears it.
+#[derive(Debug, Default)]
+pub struct Health {
+    failed: AtomicBool,
+    first_error: Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Health {
+    /// Records a database error; the first one since the last [`Health::clear`] wakes [`Health::failed`].
+    pub fn report(&self, error: &sled::Error) {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            *self.first_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+            self.notify.notify_one();
+        }
+    }
+
+    /// Whether an error was reported since the last clear.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until an error is reported (returns at once if one was reported and not yet waited for).
+    pub async fn failed(&self) {
+        self.notify.notified().await;
+    }
+
+    /// The first error reported since the last clear.
+    pub fn first_error(&self) -> Option<String> {
+        self.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The database works again (a new handle replaced the failed one).
+    pub fn clear(&self) {
+        *self.first_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.failed.store(false, Ordering::SeqCst);
+    }
 }
 
 /// What a tag pointed to when it was last checked upstream.
@@ -318,6 +359,161 @@ impl Meta {
     }
 }
 
+/// The cache's handle to its metadata, which survives a failed database. sled turns its first failed write
+/// into an error for every later one, so every error met through the cell is reported to its [`Health`], and
+/// the failed handle is replaced with a new one ([`MetaCell::reopen`]); meanwhile writes are dropped (the
+/// blob tree is the truth, and a reopen reconciles with it) and reads answer from the failed handle where
+/// sled still can.
+#[derive(Debug)]
+pub struct MetaCell {
+    current: std::sync::RwLock<Option<Meta>>,
+    health: Arc<Health>,
+    path: std::path::PathBuf,
+}
+
+/// What callers get while no handle is open (between dropping a failed one and opening its replacement).
+fn unavailable() -> sled::Error {
+    sled::Error::Io(io::Error::other("metadata database is being reopened"))
+}
+
+impl MetaCell {
+    /// Wraps `meta`, opened at `path`; errors are reported to `health`.
+    pub fn new(meta: Meta, path: &Path, health: Arc<Health>) -> MetaCell {
+        MetaCell { current: std::sync::RwLock::new(Some(meta)), health, path: path.to_path_buf() }
+    }
+
+    /// The open handle. Pass what it answers through [`MetaCell::seen`].
+    pub fn handle(&self) -> Result<Meta, sled::Error> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(unavailable)
+    }
+
+    /// Passes a result of the handle on, reporting an error to the health.
+    pub fn seen<T>(&self, result: Result<T, sled::Error>) -> Result<T, sled::Error> {
+        if let Err(e) = &result {
+            self.health.report(e);
+        }
+        result
+    }
+
+    /// Shared failure state.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Whether the database works: no failure reported, and a handle open.
+    pub fn is_healthy(&self) -> bool {
+        !self.health.is_failed() && self.current.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// A read through the handle, reported if it fails.
+    fn read<T>(&self, read: impl FnOnce(&Meta) -> Result<T, sled::Error>) -> Result<T, sled::Error> {
+        let meta = self.handle()?;
+        self.seen(read(&meta))
+    }
+
+    /// A write that the files can stand in for: done if possible, else dropped (the failure is reported to
+    /// the health, which logs and repairs it once, rather than failing each request).
+    fn best_effort(&self, write: impl FnOnce(&Meta) -> Result<(), sled::Error>) -> Result<(), sled::Error> {
+        if let Err(e) = self.read(write) {
+            tracing::debug!(error = %e, "metadata write dropped");
+        }
+        Ok(())
+    }
+
+    /// See [`Meta::stamp`]; wall-clock milliseconds while no handle is open.
+    pub fn stamp(&self) -> u64 {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).as_ref().map_or_else(now_millis, Meta::stamp)
+    }
+
+    /// See [`Meta::tag`]; unknown when the database cannot answer (the upstream is asked instead).
+    pub fn tag(&self, key: &str) -> Result<Option<TagEntry>, sled::Error> {
+        Ok(self.read(|m| m.tag(key)).unwrap_or(None))
+    }
+
+    /// See [`Meta::put_tag`] (best effort).
+    pub fn put_tag(&self, key: &str, entry: &TagEntry) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.put_tag(key, entry))
+    }
+
+    /// See [`Meta::remove_tag`] (best effort).
+    pub fn remove_tag(&self, key: &str) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.remove_tag(key))
+    }
+
+    /// See [`Meta::tags`].
+    pub fn tags(&self) -> Result<Vec<(String, TagEntry)>, sled::Error> {
+        self.read(Meta::tags)
+    }
+
+    /// See [`Meta::record_blob`] (best effort: a reopen records every blob file).
+    pub fn record_blob(&self, digest: &Digest, size: u64, repo: Option<&str>) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.record_blob(digest, size, repo))
+    }
+
+    /// See [`Meta::add_ref`] (best effort: an unrecorded reference is asked of the upstream again).
+    pub fn add_ref(&self, repo: &str, digest: &Digest) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.add_ref(repo, digest))
+    }
+
+    /// See [`Meta::has_ref`]; not known when the database cannot answer (the upstream is asked instead).
+    pub fn has_ref(&self, repo: &str, digest: &Digest) -> Result<bool, sled::Error> {
+        Ok(self.read(|m| m.has_ref(repo, digest)).unwrap_or(false))
+    }
+
+    /// See [`Meta::touch`] (best effort: access times only order eviction).
+    pub fn touch(&self, accessed: &[(Digest, u64)]) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.touch(accessed))
+    }
+
+    /// See [`Meta::remove_blob`] (best effort, after the file is gone: a reopen drops records without files).
+    pub fn remove_blob(&self, digest: &Digest) -> Result<(), sled::Error> {
+        self.best_effort(|m| m.remove_blob(digest))
+    }
+
+    /// See [`Meta::set_pins`]. Not best effort: lost pins would let eviction take what the warm list keeps.
+    pub fn set_pins(&self, name: &str, digests: &[Digest]) -> Result<(), sled::Error> {
+        self.read(|m| m.set_pins(name, digests))
+    }
+
+    /// See [`Meta::pins`].
+    pub fn pins(&self) -> Result<BTreeMap<String, Vec<Digest>>, sled::Error> {
+        self.read(Meta::pins)
+    }
+
+    /// See [`Meta::repositories`].
+    pub fn repositories(&self) -> Result<BTreeSet<String>, sled::Error> {
+        self.read(Meta::repositories)
+    }
+
+    /// See [`Meta::flush`]: sled writes in the background and reports a failed write only to later calls, so
+    /// this is how a failure is noticed when nothing else writes.
+    pub fn flush(&self) -> Result<(), sled::Error> {
+        self.read(Meta::flush)
+    }
+
+    /// Replaces the handle with a new one on the same directory (rebuilt when unreadable), caught up with
+    /// `files` (every committed blob), and clears the failure once a flush proves writes land again.
+    /// Returns the new handle's (bytes, count) of recorded blobs. Blocking.
+    pub fn reopen(&self, files: &[(Digest, u64)]) -> io::Result<(u64, u64)> {
+        // sled locks its files until every handle is dropped: ours goes first, and a caller still holding a
+        // clone makes the open below fail with `WouldBlock` (retried later).
+        drop(self.current.write().unwrap_or_else(|e| e.into_inner()).take());
+        let (meta, fresh) = Meta::open(&self.path)?;
+        let attempt = || -> Result<(u64, u64), sled::Error> {
+            meta.reconcile_blobs(files)?;
+            if fresh {
+                meta.mark_initialized()?;
+            }
+            meta.flush()?;
+            meta.blob_totals()
+        };
+        let totals = attempt().map_err(io::Error::other)?;
+        self.health.clear();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(meta);
+        Ok(totals)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,5 +588,46 @@ mod tests {
         });
         let (_, fresh) = reopened.expect("the lock is released").unwrap();
         assert!(!fresh);
+    }
+
+    #[test]
+    fn a_cell_drops_writes_while_closed_and_reopens_caught_up_with_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let health = Arc::new(Health::default());
+        let (meta, _) = Meta::open(&path).unwrap();
+        let cell = MetaCell::new(meta, &path, health.clone());
+        let (a, b) = (Digest::sha256_of(b"a"), Digest::sha256_of(b"b"));
+        cell.record_blob(&a, 1, Some("reg/x")).unwrap();
+        let entry = TagEntry { digest: a.clone(), media_type: "m".into(), size: 1, checked_at: 0 };
+        cell.put_tag("reg/x:t#index", &entry).unwrap();
+        assert_eq!(cell.tag("reg/x:t#index").unwrap(), Some(entry.clone()));
+
+        health.report(&sled::Error::Unsupported("a write failed".into()));
+        assert!(!cell.is_healthy());
+        assert_eq!(health.first_error().as_deref(), Some("Unsupported: a write failed"));
+        // With no handle open: writes are dropped without failing the request, reads that can be asked of
+        // the upstream say "unknown", the others fail.
+        drop(cell.current.write().unwrap().take());
+        assert!(cell.put_tag("reg/x:u#index", &entry).is_ok());
+        assert!(cell.record_blob(&b, 2, None).is_ok());
+        assert_eq!(cell.tag("reg/x:t#index").unwrap(), None);
+        assert!(!cell.has_ref("reg/x", &a).unwrap());
+        assert!(cell.tags().is_err());
+
+        // sled releases its lock from a background thread after the drop: retried, as the watch task does.
+        let files = [(a.clone(), 1), (b.clone(), 2)];
+        let reopened = (0..200).find_map(|_| match cell.reopen(&files) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                None
+            }
+            other => Some(other),
+        });
+        assert_eq!(reopened.expect("the lock is released").unwrap(), (3, 2), "caught up with the files");
+        assert!(cell.is_healthy());
+        assert_eq!(health.first_error(), None);
+        assert_eq!(cell.tag("reg/x:t#index").unwrap(), Some(entry), "what was written before the failure stays");
+        assert_eq!(cell.handle().unwrap().blob(&b).unwrap().map(|e| e.size), Some(2));
     }
 }

@@ -15,7 +15,7 @@ mod store;
 
 pub use error::Error;
 pub use evict::{EvictRefusal, GcReport, Usage};
-pub use fill::{Fill, FillPlan, FillState};
+pub use fill::{Fill, FillPlan, FillState, Reserve};
 pub use manifests::{ManifestAnswer, ManifestInfo};
 pub use store::BlobStore;
 
@@ -23,12 +23,17 @@ use crate::config::{CacheSettings, Config};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::RegistryClient;
-use inflight::{Inflight, Lookup};
-use meta::Meta;
+use inflight::{Claim, Inflight, Lookup};
+use meta::{Health, Meta, MetaCell};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio_util::task::TaskTracker;
+
+/// How often a failed metadata database is reopened, and a working one checked (sled reports a failed
+/// background write only to later calls).
+const META_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// How a request was answered, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,8 +105,10 @@ pub struct Cache {
 
 struct Shared {
     store: BlobStore,
-    meta: Meta,
-    inflight: Inflight,
+    meta: MetaCell,
+    /// The free space fills leave for the metadata.
+    reserve: Reserve,
+    inflight: Arc<Inflight>,
     /// Fills run here, not on the request's task, and shutdown waits for them.
     tasks: TaskTracker,
     tag_ttl: u64,
@@ -150,9 +157,10 @@ impl Cache {
         metrics.high_watermark_ratio.set(f64::from(config.cache.high_watermark) / 100.0);
         metrics.low_watermark_ratio.set(f64::from(config.cache.low_watermark) / 100.0);
         let shared = Shared {
+            reserve: Reserve::new(store.clone(), config.cache.min_free_bytes),
             store,
-            meta,
-            inflight: Inflight::default(),
+            meta: MetaCell::new(meta, &data_dir.join("meta"), Arc::new(Health::default())),
+            inflight: Arc::default(),
             tasks,
             tag_ttl,
             plan,
@@ -171,6 +179,12 @@ impl Cache {
     /// The on-disk store (readiness checks write through it).
     pub fn store(&self) -> &BlobStore {
         &self.shared.store
+    }
+
+    /// Whether the metadata database works; while it does not, blobs and manifests are served from the
+    /// files and a background task reopens it (see [`Cache::spawn_gc_loop`]).
+    pub fn metadata_healthy(&self) -> bool {
+        self.shared.meta.is_healthy()
     }
 
     /// Number of fills running now.
@@ -196,11 +210,13 @@ impl Cache {
                 return Ok((BlobHandle { source, size: Some(size), guard }, Outcome::Hit));
             }
             Lookup::Joined(fill) => (fill, Outcome::Coalesced),
-            Lookup::Owner(fill, temp) => {
+            Lookup::Owner(claim) => {
                 let this = self.clone();
-                let (client, repo, f) = (client.clone(), repo.clone(), fill.clone());
+                let fill = claim.fill.clone();
+                let (client, repo) = (client.clone(), repo.clone());
                 fill.set_origin(client.clone(), repo.clone());
-                self.shared.tasks.spawn(async move { this.run_fill(f, temp, &client, &repo).await });
+                // The claim moves into the task: if the task panics, unwinding drops it and fails the fill.
+                self.shared.tasks.spawn(async move { this.run_fill(claim, &client, &repo).await });
                 (fill, Outcome::Miss)
             }
         };
@@ -219,7 +235,11 @@ impl Cache {
         let (handle, _) = self.blob(client, repo, digest).await?;
         match handle.source {
             reader::Source::Committed(_) => Ok(handle.size.unwrap_or_default()),
-            reader::Source::Filling(fill) => fill.wait_done().await.map_err(unshare),
+            reader::Source::Filling(fill) => match fill.wait_done().await {
+                // Refused before its first byte: it can never be cached, which is all a warm-up can do.
+                Err(_) if fill.refused() => Ok(handle.size.unwrap_or_default()),
+                done => done.map_err(unshare),
+            },
         }
     }
 
@@ -268,45 +288,38 @@ impl Cache {
         Ok(out)
     }
 
-    async fn run_fill(&self, fill: Arc<Fill>, temp: store::TempFile, client: &RegistryClient, repo: &RepoName) {
+    /// Runs a claimed fill to its end; dropping `claim` at the end (or on a panic) frees the digest.
+    async fn run_fill(&self, mut claim: Claim, client: &RegistryClient, repo: &RepoName) {
         // Queued, not failed: waiting clients see the fill start when a slot frees (or their deadline passes).
         let _slot = self.shared.fill_slots.acquire().await.expect("the fill semaphore is never closed");
+        let fill = claim.fill.clone();
         let digest = fill.digest.clone();
+        #[cfg(test)]
+        tests::maybe_panic(&digest);
+        let Some(temp) = claim.temp.take() else {
+            return fill.fail(Error::Abandoned);
+        };
         let metrics = &self.shared.metrics;
         let started = std::time::Instant::now();
-        // Evict for the new blob as soon as its size is known, while the bytes arrive.
-        let (result, fits) = {
-            let mut download = std::pin::pin!(fill.download(&temp, client, repo, self.shared.plan));
-            let mut room = std::pin::pin!(self.make_room(&fill));
-            let mut fits = None;
-            let result = loop {
-                tokio::select! {
-                    r = &mut download => break r,
-                    f = &mut room, if fits.is_none() => fits = Some(f),
-                }
-            };
-            // A fill that failed before its size was known never needs room.
-            let fits = match fits {
-                Some(f) => f,
-                None if result.is_ok() => room.await,
-                None => true,
-            };
-            (result, fits)
-        };
+        // Room is made (or the blob refused) once its size is known, before its first byte is written.
+        let this = self.clone();
+        let admit = |size| async move { this.admit(size).await };
+        let result = fill.download(&temp, (client, repo), self.shared.plan, &self.shared.reserve, admit).await;
         let mut temp = Some(temp);
-        if let Ok(size) = &result {
+        if let Ok(Some(size)) = &result {
             client.count_fetched(*size);
         }
-        let result = match (result, fits) {
-            (Ok(size), true) => self.commit(temp.take().expect("not yet used"), &digest, size, client, repo).await,
-            (Ok(size), false) => {
-                // Served to everyone who asked, but not kept: it cannot fit even after eviction.
-                tracing::warn!(%digest, size, "blob larger than the cache can hold; served without caching");
+        let result = match result {
+            Ok(Some(size)) => self.commit(temp.take().expect("not yet used"), &digest, size, client, repo).await,
+            Ok(None) => {
+                // Nothing was written: everyone who asked streams it from the upstream.
+                tracing::warn!(%digest, "blob larger than the cache can hold; streamed without caching");
                 metrics.uncached.get_or_create(&ReasonLabel { reason: "too_large" }).inc();
                 drop(temp.take());
-                Ok(size)
+                fill.refuse();
+                return;
             }
-            (Err(e), _) => Err(e),
+            Err(e) => Err(e),
         };
         match result {
             Ok(size) => {
@@ -319,10 +332,8 @@ impl Cache {
                 tracing::error!(%digest, error = %e, "disk full during a fill; streaming without caching");
                 metrics.uncached.get_or_create(&ReasonLabel { reason: "disk_full" }).inc();
                 metrics.fill_failures.get_or_create(&ReasonLabel { reason: "disk_full" }).inc();
-                self.shared.inflight.remove(&digest);
                 drop(temp.take());
                 fill.uncache();
-                return;
             }
             Err(e) => {
                 let reason = match &e {
@@ -343,20 +354,31 @@ impl Cache {
                 fill.fail(e);
             }
         }
-        self.shared.inflight.remove(&digest);
     }
 
-    /// Once the size is known, evicts what the new blob needs; false when it cannot fit even then.
-    async fn make_room(&self, fill: &Fill) -> bool {
-        let Ok(Some(size)) = fill.wait_started().await else { return true };
-        if self.needed_bytes(size) == 0 {
-            return true;
-        }
-        if let Err(e) = self.gc(size).await {
+    /// Whether a blob of `size` bytes may be cached: evicts what it needs, then checks it fits the byte
+    /// budget and the filesystem's high watermark (less the free-space reserve). What eviction cannot free
+    /// (pinned, in use, recently used) stays, so a blob over what remains is refused. A blob of unknown size
+    /// is admitted: the reserve and ENOSPC still stop it.
+    async fn admit(&self, size: Option<u64>) -> bool {
+        let Some(size) = size else { return true };
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.fits_after_eviction(size)).await.unwrap_or(true)
+    }
+
+    fn fits_after_eviction(&self, size: u64) -> bool {
+        if self.needed_bytes(size) > 0
+            && let Err(e) = self.gc_blocking(size)
+        {
             tracing::warn!(error = %e, "eviction before a fill failed");
         }
         let s = &self.shared.settings;
-        s.max_bytes == 0 || self.shared.bytes.load(Ordering::Relaxed) + size <= s.max_bytes
+        if s.max_bytes > 0 && self.shared.bytes.load(Ordering::Relaxed) + size > s.max_bytes {
+            return false;
+        }
+        let Ok((total, used)) = self.shared.store.filesystem() else { return true };
+        let reserve = s.min_free_bytes.min(total / 10);
+        total == 0 || ((used + size) * 100 <= total * u64::from(s.high_watermark) && used + size + reserve <= total)
     }
 
     async fn commit(
@@ -371,6 +393,7 @@ impl Cache {
         let d = digest.clone();
         tokio::task::spawn_blocking(move || store.commit_blob(temp, &d)).await??;
         self.shared.bytes.fetch_add(size, Ordering::Relaxed);
+        // Best effort: the file is committed, and a reopened database records it from the blob tree.
         self.shared.meta.record_blob(digest, size, Some(&format!("{}/{}", client.name, repo)))?;
         Ok(size)
     }
@@ -417,6 +440,7 @@ fn unshare(e: Arc<Error>) -> Error {
                 crate::upstream::Error::Status(s) => crate::upstream::Error::Status(*s),
                 other => crate::upstream::Error::Protocol(other.to_string()),
             }),
+            Error::Abandoned => Error::Abandoned,
             other => Error::Io(std::io::Error::other(other.to_string())),
         },
     }
@@ -436,5 +460,93 @@ impl Cache {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+    use crate::upstream::Upstreams;
+    use std::time::Duration;
+
+    /// Digests whose fill task panics as it starts (the panic path of a claimed fill).
+    static PANIC_ON: Mutex<Vec<Digest>> = Mutex::new(Vec::new());
+
+    pub(super) fn maybe_panic(digest: &Digest) {
+        let panics = PANIC_ON.lock().unwrap().contains(digest);
+        assert!(!panics, "test: the fill task panics");
+    }
+
+    /// A cache in `dir` whose only registry refuses connections, so every fill fails at once.
+    fn setup(dir: &std::path::Path) -> (Cache, Arc<RegistryClient>, RepoName) {
+        let o = Overrides {
+            data_dir: Some(dir.to_owned()),
+            upstreams: vec![("refusing.test".into(), "http://127.0.0.1:1".into())],
+            default_registry: Some("refusing.test".into()),
+            ..Default::default()
+        };
+        let config = Config::load(None, &o).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let upstreams = Upstreams::from_config(&config, metrics.clone()).unwrap();
+        let cache = Cache::open(&config, metrics, TaskTracker::new()).unwrap();
+        (cache, upstreams.get("refusing.test").unwrap(), RepoName::parse("team/app").unwrap())
+    }
+
+    /// Bounds a request that, with a stuck fill, would wait forever.
+    async fn answered<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(30), f).await.unwrap_or_else(|_| panic!("{what} was left waiting"))
+    }
+
+    #[test]
+    fn a_request_cancelled_during_its_claim_leaves_no_stuck_fill() {
+        // One blocking thread: the claim can be held in its queue while the request is cancelled.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (cache, client, repo) = setup(dir.path());
+            let digest = Digest::sha256_of(b"cancelled during the claim");
+            let (release, blocked) = std::sync::mpsc::channel::<()>();
+            let blocker = tokio::task::spawn_blocking(move || blocked.recv());
+            let request = tokio::spawn({
+                let (cache, client, repo, digest) = (cache.clone(), client.clone(), repo.clone(), digest.clone());
+                async move { cache.blob(&client, &repo, &digest).await.map(|_| ()) }
+            });
+            // The request registers its serve guard just before it queues the claim.
+            answered("the request's start", async {
+                while !cache.shared.serving.lock().unwrap().contains_key(&digest) {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+            request.abort();
+            assert!(request.await.unwrap_err().is_cancelled());
+            release.send(()).unwrap();
+            blocker.await.unwrap().unwrap();
+            // Queued behind the orphaned claim on the one blocking thread: once this ran, so did the claim.
+            tokio::task::spawn_blocking(|| ()).await.unwrap();
+            assert_eq!(cache.fills_in_flight(), 0, "the orphaned claim is still in flight");
+            let later = answered("a later request", cache.blob(&client, &repo, &digest)).await;
+            assert!(matches!(later, Err(Error::Upstream(_))), "expected the upstream's refusal");
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_fill_task_that_panics_fails_its_readers_and_frees_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cache, client, repo) = setup(dir.path());
+        let digest = Digest::sha256_of(b"a fill that panics");
+        PANIC_ON.lock().unwrap().push(digest.clone());
+        let first = answered("the request whose fill panicked", cache.blob(&client, &repo, &digest)).await;
+        assert!(matches!(first, Err(Error::Abandoned)), "expected an abandoned fill");
+        assert_eq!(cache.fills_in_flight(), 0, "the panicked fill is still in flight");
+        PANIC_ON.lock().unwrap().retain(|d| d != &digest);
+        let later = answered("a later request", cache.blob(&client, &repo, &digest)).await;
+        assert!(matches!(later, Err(Error::Upstream(_))), "expected a new fill and the upstream's refusal");
     }
 }

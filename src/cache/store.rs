@@ -235,6 +235,13 @@ impl BlobStore {
         Ok((used + available, used))
     }
 
+    /// Bytes still available to wharf on the store's filesystem (`statvfs`), and the reserve that fills must
+    /// leave of it: `min_free`, but at most a tenth of the filesystem.
+    pub fn free_and_reserve(&self, min_free: u64) -> io::Result<(u64, u64)> {
+        let (capacity, used) = self.filesystem()?;
+        Ok((capacity.saturating_sub(used), min_free.min(capacity / 10)))
+    }
+
     fn scan(&self, kind: &str) -> io::Result<Vec<(Digest, u64)>> {
         let mut out = Vec::new();
         for algo in [Algorithm::Sha256, Algorithm::Sha512] {

@@ -1,5 +1,5 @@
-//! One client connection: optional TLS handshake, HTTP/1.1 or HTTP/2 (detected), the idle timeout, and the
-//! graceful drain at shutdown.
+//! One client connection: optional TLS handshake, HTTP/1.1 or HTTP/2 (detected), the request-head and idle
+//! timeouts, and the graceful drain at shutdown.
 
 use super::Listen;
 use super::tls::Acceptor;
@@ -13,12 +13,12 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 /// The HTTP settings shared by every connection of a listener.
@@ -83,6 +83,7 @@ impl Job {
         let app = self.app;
         let busy = activity.clone();
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let exchange = Exchange::new(busy.clone());
             let in_flight = InFlight::new(busy.clone());
             let mut req = req.map(Body::new);
             if zero_copy {
@@ -92,7 +93,7 @@ impl Job {
             async move {
                 let resp = call.await;
                 drop(in_flight);
-                resp
+                resp.map(|resp| resp.map(|body| Body::new(Sending { body, _exchange: exchange })))
             }
         });
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
@@ -128,6 +129,9 @@ impl Job {
                         return;
                     }
                 }
+                // The first byte of a head arrived after the deadlines above were taken: take them again,
+                // or a trickled head would only be looked at when the idle timeout fires.
+                () = activity.head_started.notified() => {}
             }
         }
     }
@@ -145,11 +149,19 @@ async fn sleep_until_some(at: Option<Instant>) {
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// Requests whose response head is not ready yet.
     in_flight: AtomicUsize,
+    /// Requests whose response has not gone out in full (a superset of `in_flight`).
+    exchanges: AtomicUsize,
+    /// Bytes arrived while a response was going out (a pipelined request): its head is timed from the end of
+    /// that response, since HTTP/1.1 answers in order and the client cannot be faster than that.
+    early_bytes: AtomicBool,
     /// Milliseconds since `start` plus one when the first byte of a request head arrived; 0 while none is.
     head_since: AtomicU64,
+    /// Signalled when `head_since` is set, so the connection loop arms the head deadline.
+    head_started: Notify,
     /// HTTP/2 multiplexes and pings: there is no "between requests", so heads are not timed.
-    h2: std::sync::atomic::AtomicBool,
+    h2: AtomicBool,
 }
 
 impl Activity {
@@ -158,8 +170,13 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
-            head_since: AtomicU64::new(0),
-            h2: std::sync::atomic::AtomicBool::new(false),
+            exchanges: AtomicUsize::new(0),
+            early_bytes: AtomicBool::new(false),
+            // The first request's head is timed from the accept: a connection that never sends a byte would
+            // otherwise hold its slot for the whole idle timeout.
+            head_since: AtomicU64::new(1),
+            head_started: Notify::new(),
+            h2: AtomicBool::new(false),
         }
     }
     fn now_ms(&self) -> u64 {
@@ -171,8 +188,19 @@ impl Activity {
     /// Bytes arrived: while no request is being answered, they are the start of the next request head.
     fn read(&self) {
         self.touch();
-        if self.in_flight.load(Ordering::Relaxed) == 0 && !self.h2.load(Ordering::Relaxed) {
-            let _ = self.head_since.compare_exchange(0, self.now_ms() + 1, Ordering::Relaxed, Ordering::Relaxed);
+        if self.h2.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.exchanges.load(Ordering::SeqCst) == 0 {
+            self.start_head();
+        } else {
+            self.early_bytes.store(true, Ordering::SeqCst);
+        }
+    }
+    fn start_head(&self) {
+        if self.head_since.compare_exchange(0, self.now_ms() + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            // A stored permit if the loop is not waiting yet: the wake-up cannot be lost.
+            self.head_started.notify_one();
         }
     }
     fn head_deadline(&self, limit: Duration) -> Option<Instant> {
@@ -207,6 +235,53 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a request from its dispatch until its response body is done (or dropped): bytes that arrive
+/// meanwhile do not start a head deadline, which would otherwise cut a long download under a pipelined
+/// request.
+struct Exchange(Arc<Activity>);
+
+impl Exchange {
+    fn new(a: Arc<Activity>) -> Self {
+        a.exchanges.fetch_add(1, Ordering::SeqCst);
+        Exchange(a)
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let a = &self.0;
+        if a.exchanges.fetch_sub(1, Ordering::SeqCst) == 1 && a.early_bytes.swap(false, Ordering::SeqCst) {
+            // What arrived during the response is the next head, whole or in part: time it from now. A whole
+            // one is dispatched next, which clears the deadline again.
+            a.start_head();
+        }
+    }
+}
+
+/// A response body that holds its request's [`Exchange`] until the last frame went out.
+struct Sending {
+    body: Body,
+    _exchange: Exchange,
+}
+
+impl hyper::body::Body for Sending {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

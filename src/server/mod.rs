@@ -17,7 +17,8 @@ use tokio_util::task::TaskTracker;
 /// How a listener treats its connections.
 #[derive(Debug, Clone)]
 pub struct Listen {
-    /// Time a client has to send a request head (and finish a TLS handshake).
+    /// Time from the first byte of an HTTP/1.1 request head to its end (and for a TLS handshake); a
+    /// keep-alive connection waiting for its next request is not timed by it.
     pub header_timeout: Duration,
     /// A connection with no request in flight and no bytes moving for this long is closed.
     pub idle_timeout: Duration,

@@ -26,9 +26,13 @@ use std::time::Duration;
 /// Why a request could not be routed to an upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    /// The `ns` parameter names a registry that is not configured.
+    /// The `ns` parameter, or a host-like first path component (see [`is_host_like`]), names a registry that is
+    /// not configured.
     #[error("registry {0:?} is not configured")]
     UnknownRegistry(String),
+    /// A Docker Hub name whose first component is a registry host: no such repository can exist there.
+    #[error("{0:?} names a registry host, not a Docker Hub repository")]
+    ForeignName(String),
     /// The repository name is not valid.
     #[error(transparent)]
     Name(#[from] crate::oci::ParseError),
@@ -118,9 +122,20 @@ impl Upstreams {
             }
             None => match (self.registries.get(canonical_registry(first)), rest) {
                 (Some(reg), Some(r)) => (reg, r),
+                // Docker's reference rule: such a first component is a registry host, never part of a
+                // repository name. One that is not configured is refused here, before any upstream sees it.
+                (None, Some(_)) if is_host_like(first) => return Err(RouteError::UnknownRegistry(first.to_owned())),
                 _ => (&self.registries[&self.default], path_name),
             },
         };
+        if registry.name == "docker.io"
+            && let Some((component, _)) = name.split_once('/')
+            && is_host_like(component)
+        {
+            // Docker Hub namespaces hold neither `.` nor `:`: a host-like component under `ns=docker.io` names
+            // another registry, and Docker Hub would only answer 404 after a request counted against the limit.
+            return Err(RouteError::ForeignName(name.to_owned()));
+        }
         let mut repo = RepoName::parse(name)?;
         if registry.name == "docker.io" {
             repo = repo.with_library_prefix()?;
@@ -132,6 +147,12 @@ impl Upstreams {
     pub fn get(&self, name: &str) -> Option<Arc<RegistryClient>> {
         self.registries.get(canonical_registry(name)).cloned()
     }
+}
+
+/// Whether the first component of an image name is a registry host in Docker's reference grammar: it holds a
+/// `.` or a `:`, or is `localhost`.
+pub fn is_host_like(component: &str) -> bool {
+    component.contains(['.', ':']) || component == "localhost"
 }
 
 /// Docker Hub goes by several host names; clients and config files use any of them.
@@ -174,9 +195,33 @@ mod tests {
     fn refuses_unconfigured_registries() {
         let u = upstreams();
         assert!(matches!(u.route(Some("evil.example"), "x/y"), Err(RouteError::UnknownRegistry(_))));
-        // An unknown first component is just part of a Docker Hub name, never a host to contact.
-        let (r, n) = u.route(None, "evil.example/x").unwrap();
-        assert_eq!((r.name.as_str(), n.as_str()), ("docker.io", "evil.example/x"));
+        // A host-like first component that is not configured is a registry wharf does not serve, never part
+        // of a repository name and never a host to contact.
+        for name in [
+            "evil.example/x",
+            "169.254.169.254/library/small",
+            "metadata.google.internal/computeMetadata/v1",
+            "docker.io.evil.test/library/small",
+            "localhost/x",
+            "localhost:5000/x",
+            "myreg.example:5001/team/app",
+            "[::1]:5000/x",
+        ] {
+            let refused = u.route(None, name);
+            assert!(matches!(refused, Err(RouteError::UnknownRegistry(_))), "{name}: {refused:?}");
+        }
+        // Under `ns=docker.io` the same names are not Docker Hub repositories either.
+        for name in ["evil.example/x", "localhost/x", "a:b/c", "ghcr.io/x"] {
+            assert!(matches!(u.route(Some("docker.io"), name), Err(RouteError::ForeignName(_))), "{name}");
+        }
+        assert!(matches!(u.route(None, "docker.io/evil.example/x"), Err(RouteError::ForeignName(_))));
+        // Other registries may have dotted path components (GitLab groups), and plain names still default.
+        let (r, n) = u.route(Some("ghcr.io"), "my.group/app").unwrap();
+        assert_eq!((r.name.as_str(), n.as_str()), ("ghcr.io", "my.group/app"));
+        let (r, n) = u.route(None, "evil/x").unwrap();
+        assert_eq!((r.name.as_str(), n.as_str()), ("docker.io", "evil/x"));
+        let (r, n) = u.route(None, "evil.example").unwrap();
+        assert_eq!((r.name.as_str(), n.as_str()), ("docker.io", "library/evil.example"));
     }
 
     #[test]

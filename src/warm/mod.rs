@@ -3,13 +3,14 @@
 //! [`spawn`] runs a pass at start-up and every `warm.interval` seconds: each configured image is resolved
 //! through the cache, whatever is missing is fetched ([`resolve`], [`fetch`]), and the image's pins become
 //! exactly what it references now, so when a tag moves the old digests lose their pins and become evictable.
-//! [`pull`] is the same step for one image, with or without pins (`POST /prefetch` on the admin API: without).
+//! [`pull`] is the same step for one image, with or without pins (the admin API's prefetch jobs: without).
 
 mod walk;
 
 pub(crate) use walk::chain;
 pub use walk::{
-    Error, Fetch, Local, Plan, Target, fetch, node_platform, platforms_or_node, resolve, split_image, target,
+    Error, Fetch, Local, MAX_INDEX_DEPTH, MAX_SEARCH_READS, Plan, Progress, Target, fetch, node_platform,
+    platforms_or_node, resolve, split_image, target,
 };
 
 use crate::config::WarmImage;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// What pulling one image did, for logs, the admin API and `wharf prefetch`.
+/// What pulling one warm-list image did (each pass returns one per image).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     /// The image as given.
@@ -55,17 +56,19 @@ impl Report {
 /// Resolves `image` through the cache and fetches whatever is missing. With `pin`, the image's pins (named
 /// by `image`) become exactly what it references now: the new digests are pinned as soon as they are known,
 /// the old ones are unpinned once everything new is cached, and a failure leaves the old pins in place.
+/// `progress` hears of the plan once resolved, then of the bytes as they are cached.
 pub async fn pull(
     state: &AppState,
     image: &str,
     platforms: &[String],
     pin: bool,
-    progress: &(dyn Fn(u64) + Sync),
+    progress: &dyn Progress,
 ) -> Result<Plan, Error> {
     let target = target(&state.upstreams, image)?;
     let cache = &state.cache;
     let local = Local::new(cache, &target);
     let plan = resolve(&local, &target.reference, platforms).await?;
+    progress.resolved(&plan);
     let old = if pin { cache.pins().map_err(|e| Error::cache(&e))?.remove(image).unwrap_or_default() } else { vec![] };
     if pin {
         let both: Vec<Digest> = old.iter().cloned().chain(plan.digests()).collect();
@@ -82,7 +85,7 @@ pub async fn pull(
 /// Pulls and pins one warm-list image, updating its metrics and logging the outcome.
 pub async fn warm_one(state: &AppState, warm: &WarmImage) -> Report {
     let started = Instant::now();
-    let result = pull(state, &warm.image, &warm.platforms, true, &|_| {}).await;
+    let result = pull(state, &warm.image, &warm.platforms, true, &()).await;
     let label = ImageLabel { image: warm.image.clone() };
     match &result {
         Ok(plan) => {

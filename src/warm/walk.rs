@@ -35,6 +35,24 @@ pub enum Error {
     /// A manifest's bytes are not a manifest or an index.
     #[error("manifest {0} is neither an image manifest nor an index")]
     BadManifest(Digest),
+    /// Indexes nest deeper than [`MAX_INDEX_DEPTH`] below the image's top manifest.
+    #[error("index {digest} (under {top}) nests indexes deeper than the limit of {limit} levels")]
+    TooDeep {
+        /// The image's top manifest.
+        top: Digest,
+        /// The index found past the limit.
+        digest: Digest,
+        /// [`MAX_INDEX_DEPTH`].
+        limit: usize,
+    },
+    /// Searching nested indexes for a platform read more than [`MAX_SEARCH_READS`] manifests.
+    #[error("index {top}: more than {limit} nested manifests read while searching for a platform")]
+    TooWide {
+        /// The image's top manifest.
+        top: Digest,
+        /// [`MAX_SEARCH_READS`].
+        limit: usize,
+    },
     /// The index has no manifest for a wanted platform.
     #[error("no manifest for platform {wanted} (the index has: {available})")]
     NoPlatform {
@@ -174,8 +192,28 @@ impl Plan {
     }
 }
 
-/// Resolves `reference` and walks index → manifests of the wanted `platforms` (empty: the node's) → blobs.
-/// Fetches manifests only; [`fetch`] gets the blobs.
+/// Indexes on the way from the top manifest to an image manifest, the top one included. An image nested deeper
+/// is refused (an error for that image), which also bounds a walk that could otherwise never end: content
+/// addressing rules out cycles, so only depth is left to limit.
+pub const MAX_INDEX_DEPTH: usize = 4;
+
+/// Manifests one platform's search may read below the top index. Depth alone does not bound a search: wide
+/// nested indexes multiply, and an upstream could serve an index of thousands of nested indexes.
+pub const MAX_SEARCH_READS: usize = 256;
+
+/// What a walk reports while it runs, for progress displays and the admin API's prefetch jobs.
+pub trait Progress: Sync {
+    /// The image is resolved: `plan` is what will be fetched.
+    fn resolved(&self, _plan: &Plan) {}
+    /// `n` more bytes of the image's blobs are cached (or were found cached).
+    fn advance(&self, _n: u64) {}
+}
+
+/// No progress reporting.
+impl Progress for () {}
+
+/// Resolves `reference` and walks index → manifests of the wanted `platforms` (empty: the node's) → blobs,
+/// following nested indexes up to [`MAX_INDEX_DEPTH`]. Fetches manifests only; [`fetch`] gets the blobs.
 pub async fn resolve<F: Fetch>(f: &F, reference: &Reference, platforms: &[String]) -> Result<Plan, Error> {
     let (top, bytes) = f.manifest(reference).await?;
     let refs = References::parse(&bytes).ok_or_else(|| Error::BadManifest(top.clone()))?;
@@ -185,39 +223,102 @@ pub async fn resolve<F: Fetch>(f: &F, reference: &Reference, platforms: &[String
         return Ok(plan);
     }
     for wanted in platforms_or_node(platforms) {
-        let matches = |m: &&Descriptor| m.platform.as_ref().is_some_and(|p| p.matches(&wanted));
-        let Some(child) = refs.manifests.iter().find(matches) else {
-            let available: Vec<String> = (refs.manifests.iter().filter_map(|m| m.platform.as_ref()))
-                .map(|p| [Some(p.os.as_str()), Some(&p.architecture), p.variant.as_deref()].into_iter().flatten())
-                .map(|parts| parts.collect::<Vec<_>>().join("/"))
-                .collect();
-            return Err(Error::NoPlatform { wanted, available: available.join(", ") });
-        };
-        if plan.manifests.contains(&child.digest) {
-            continue;
+        for (digest, child) in choose(f, &top, &refs, &wanted).await? {
+            if !plan.manifests.contains(&digest) {
+                plan.manifests.push(digest);
+                plan.add_blobs(&child);
+            }
         }
-        let (digest, bytes) = f.manifest(&Reference::Digest(child.digest.clone())).await?;
-        let child_refs = References::parse(&bytes).ok_or_else(|| Error::BadManifest(digest.clone()))?;
-        plan.manifests.push(digest);
-        plan.add_blobs(&child_refs);
     }
     Ok(plan)
 }
 
-/// Fetches every blob of `plan` (a few at a time), stopping at the first failure. Returns the bytes.
-pub async fn fetch<F: Fetch>(f: &F, plan: &Plan, progress: &(dyn Fn(u64) + Sync)) -> Result<u64, Error> {
+/// `os/arch[/variant]` of an index entry.
+fn platform_name(p: &crate::oci::manifest::Platform) -> String {
+    let parts = [Some(p.os.as_str()), Some(p.architecture.as_str()), p.variant.as_deref()];
+    parts.into_iter().flatten().collect::<Vec<_>>().join("/")
+}
+
+/// Finds the `wanted` platform below the index `top` (digest `top_digest`), depth first and in entry order:
+/// entries whose platform matches are read, and so are nested indexes that name no platform (a platform on an
+/// index entry narrows what it holds). The first image manifest reached through a matching entry wins.
+/// Returns the manifests read on the way to it below the top, the image manifest last.
+async fn choose<F: Fetch>(
+    f: &F,
+    top_digest: &Digest,
+    top: &References,
+    wanted: &str,
+) -> Result<Vec<(Digest, References)>, Error> {
+    // One iterator of untried entries per open index (the top first), and the open nested indexes.
+    let mut levels = vec![top.manifests.clone().into_iter()];
+    let mut path: Vec<(Digest, References)> = Vec::new();
+    let mut available: Vec<String> = Vec::new();
+    // Indexes already searched: the same digest holds the same entries, so it cannot hold the platform now.
+    let mut searched: Vec<Digest> = Vec::new();
+    let mut reads = 0;
+    while let Some(level) = levels.last_mut() {
+        let Some(entry) = level.next() else {
+            levels.pop();
+            path.pop();
+            continue;
+        };
+        match &entry.platform {
+            Some(p) => {
+                let name = platform_name(p);
+                if !available.contains(&name) {
+                    available.push(name);
+                }
+                if !p.matches(wanted) {
+                    continue;
+                }
+            }
+            None if !crate::oci::is_index_type(&entry.media_type) => continue,
+            None => {}
+        }
+        if searched.contains(&entry.digest) {
+            continue;
+        }
+        reads += 1;
+        if reads > MAX_SEARCH_READS {
+            return Err(Error::TooWide { top: top_digest.clone(), limit: MAX_SEARCH_READS });
+        }
+        let (digest, bytes) = f.manifest(&Reference::Digest(entry.digest.clone())).await?;
+        let refs = References::parse(&bytes).ok_or_else(|| Error::BadManifest(digest.clone()))?;
+        if !refs.manifests.is_empty() {
+            if levels.len() >= MAX_INDEX_DEPTH {
+                let top = top_digest.clone();
+                return Err(Error::TooDeep { top, digest, limit: MAX_INDEX_DEPTH });
+            }
+            searched.push(digest.clone());
+            levels.push(refs.manifests.clone().into_iter());
+            path.push((digest, refs));
+            continue;
+        }
+        if entry.platform.is_none() {
+            continue; // announced as an index but holds an image manifest of no stated platform
+        }
+        path.push((digest, refs));
+        return Ok(path);
+    }
+    Err(Error::NoPlatform { wanted: wanted.to_owned(), available: available.join(", ") })
+}
+
+/// Fetches every blob of `plan` (a few at a time), stopping at the first failure; new bytes go to
+/// `progress`. Returns the bytes.
+pub async fn fetch<F: Fetch>(f: &F, plan: &Plan, progress: &dyn Progress) -> Result<u64, Error> {
+    let advance = |n| progress.advance(n);
     // A hand-rolled window rather than stream combinators: their closures make the future's `Send` bound
     // fail to prove for callers that spawn it.
     let mut blobs = plan.blobs.iter();
     let mut running = FuturesUnordered::new();
     for blob in blobs.by_ref().take(BLOB_CONCURRENCY) {
-        running.push(f.blob(blob, progress));
+        running.push(f.blob(blob, &advance));
     }
     let mut total = 0;
     while let Some(size) = running.next().await {
         total += size?;
         if let Some(blob) = blobs.next() {
-            running.push(f.blob(blob, progress));
+            running.push(f.blob(blob, &advance));
         }
     }
     Ok(total)
@@ -341,6 +442,75 @@ mod tests {
         let d = blob('0', 0).digest;
         let plan = Plan { digest: d.clone(), manifests: vec![d], blobs: vec![blob('a', u64::MAX), blob('b', 1)] };
         assert_eq!(plan.total_bytes(), u64::MAX);
+    }
+
+    /// Manifests by digest (the top one also under the tag `top`).
+    struct Manifests(std::collections::HashMap<String, Bytes>);
+
+    impl Manifests {
+        fn put(&mut self, body: serde_json::Value) -> Digest {
+            let bytes = Bytes::from(body.to_string());
+            let digest = Digest::sha256_of(&bytes);
+            self.0.insert(digest.to_string(), bytes);
+            digest
+        }
+    }
+
+    impl Fetch for Manifests {
+        async fn manifest(&self, reference: &Reference) -> Result<(Digest, Bytes), Error> {
+            let bytes = self.0.get(&reference.to_string()).cloned();
+            let bytes = bytes.ok_or_else(|| Error::Cache(format!("{reference}: not found")))?;
+            Ok((Digest::sha256_of(&bytes), bytes))
+        }
+
+        async fn blob(&self, blob: &Descriptor, _: &(dyn Fn(u64) + Sync)) -> Result<u64, Error> {
+            Ok(blob.size)
+        }
+    }
+
+    #[tokio::test]
+    async fn nested_indexes_are_searched_in_order_and_backtracked() {
+        use serde_json::json;
+        let index_type = "application/vnd.oci.image.index.v1+json";
+        let entry = |d: &Digest, mt: &str, arch: Option<&str>| match arch {
+            Some(a) => json!({"mediaType": mt, "digest": d, "platform": {"os": "linux", "architecture": a}}),
+            None => json!({"mediaType": mt, "digest": d}),
+        };
+        let mut m = Manifests(Default::default());
+        let blob = |hex: char| json!({"digest": format!("sha256:{}", hex.to_string().repeat(64)), "size": 10});
+        let amd = m.put(json!({"config": blob('1'), "layers": [blob('2')]}));
+        let arm = m.put(json!({"config": blob('3'), "layers": [blob('4')]}));
+        // The first nested index (no platform) has only arm64: searched, then left for the second.
+        let only_arm = m.put(json!({"manifests": [entry(&arm, "", Some("arm64"))]}));
+        let only_amd = m.put(json!({"manifests": [entry(&amd, "", Some("amd64"))]}));
+        let top = json!({"manifests": [entry(&only_arm, index_type, None), entry(&only_amd, index_type, None)]});
+        let top = m.put(top);
+        m.0.insert("top".into(), m.0[&top.to_string()].clone());
+        let tag = Reference::Tag("top".into());
+
+        let plan = resolve(&m, &tag, &["linux/amd64".into()]).await.unwrap();
+        assert_eq!(plan.manifests, vec![top.clone(), only_amd.clone(), amd.clone()]);
+        assert_eq!(plan.blobs.len(), 2);
+        let plan = resolve(&m, &tag, &["linux/arm64".into(), "linux/amd64".into()]).await.unwrap();
+        assert_eq!(plan.manifests, vec![top, only_arm.clone(), arm, only_amd, amd]);
+        assert_eq!(plan.blobs.len(), 4);
+        match resolve(&m, &tag, &["linux/s390x".into()]).await {
+            Err(Error::NoPlatform { available, .. }) => assert_eq!(available, "linux/arm64, linux/amd64"),
+            other => panic!("{other:?}"),
+        }
+
+        // Wide: the same nested index listed many times is searched once; many distinct ones hit the bound.
+        let same: Vec<_> = (0..10 * MAX_SEARCH_READS).map(|_| entry(&only_arm, index_type, None)).collect();
+        let wide = m.put(json!({"manifests": same}));
+        let found = resolve(&m, &Reference::Digest(wide), &["linux/amd64".into()]).await;
+        assert!(matches!(found, Err(Error::NoPlatform { .. })), "{found:?}");
+        let distinct: Vec<_> = (0..=MAX_SEARCH_READS)
+            .map(|n| m.put(json!({"manifests": [], "n": n})))
+            .map(|d| entry(&d, index_type, None))
+            .collect();
+        let wide = m.put(json!({"manifests": distinct}));
+        let found = resolve(&m, &Reference::Digest(wide), &["linux/amd64".into()]).await;
+        assert!(matches!(found, Err(Error::TooWide { .. })), "{found:?}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The admin API on its own listener: bearer token, listing, usage, eviction by digest and by image (resolved
-//! from the cache alone), prefetch and GC. Also the helpers the warm-list and prefetch tests share: a config
+//! from the cache alone), prefetch jobs and GC. Also the helpers the warm-list and prefetch tests share: a config
 //! file, the admin URL from wharf's log, and small images for the fake upstream.
 
 use crate::support::fake_upstream::{FakeUpstream, REPO, blob_path, client, get_ok};
@@ -40,6 +40,32 @@ pub async fn admin(method: &str, url: &str, token: Option<&str>, body: Option<Va
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await.unwrap();
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// `POST /prefetch` with `body`: asserts `202` with a `Location` naming the job, and returns the job's URL.
+pub async fn start_prefetch(api: &str, body: Value) -> String {
+    let resp = client().post(format!("{api}/prefetch")).json(&body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let location = resp.headers().get("location").map(|v| v.to_str().unwrap().to_owned());
+    let job: Value = resp.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 202, "{body} -> {job}");
+    let id = job["id"].as_str().unwrap_or_else(|| panic!("no job id in {job}"));
+    assert_eq!(location.as_deref(), Some(format!("/prefetch/{id}").as_str()), "{job}");
+    format!("{api}/prefetch/{id}")
+}
+
+/// Polls a prefetch job (its URL) until it is no longer running (60 s deadline); returns it.
+pub async fn wait_job(job_url: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (status, job) = admin("GET", job_url, None, None).await;
+        assert_eq!(status, 200, "{job}");
+        if job["state"] != "running" {
+            return job;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job never finished: {job}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await; // poll interval, not synchronisation
+    }
 }
 
 /// An OCI image manifest naming `config` and `layers` (digest, size) in the fake upstream.
@@ -154,15 +180,16 @@ async fn admin_api_lists_evicts_prefetches_and_collects() {
     let (status, _) = admin("DELETE", &format!("{api}/images/fake.test/{REPO}:v1"), None, None).await;
     assert_eq!(status, 404, "the image is no longer cached");
 
-    // Prefetch it back: every blob fetched upstream exactly once more, then served from disk.
+    // Prefetch it back (a job): every blob fetched upstream exactly once more, then served from disk.
     let gets = |fake: &FakeUpstream| blobs.iter().map(|(d, _)| fake.blob_gets(d)).collect::<Vec<_>>();
-    let (status, body) =
-        admin("POST", &format!("{api}/prefetch"), None, Some(json!({"images": [format!("fake.test/{REPO}:v1")]})))
-            .await;
-    assert_eq!(status, 200, "{body}");
-    let result = &body["results"][0];
-    assert_eq!((result["ok"].as_bool(), result["blobs"].as_u64()), (Some(true), Some(2)), "{body}");
+    let job = start_prefetch(&api, json!({"images": [format!("fake.test/{REPO}:v1")]})).await;
+    let job = wait_job(&job).await;
+    assert_eq!(job["state"], "done", "{job}");
+    let result = &job["images"][0];
+    assert_eq!((result["state"].as_str(), result["blobs"].as_u64()), (Some("done"), Some(2)), "{job}");
     assert_eq!(result["digest"].as_str(), Some(manifest.as_str()));
+    assert_eq!(result["bytes_done"].as_u64(), Some(total as u64), "{job}");
+    assert_eq!(result["bytes_total"].as_u64(), Some(total as u64), "{job}");
     assert_eq!(gets(&fake), vec![2, 2], "prefetch refetches each evicted blob once");
     for (digest, _) in &blobs {
         assert!(blob_path(&data, digest).exists(), "{digest} not cached by the prefetch");
@@ -170,11 +197,27 @@ async fn admin_api_lists_evicts_prefetches_and_collects() {
         resp.bytes().await.unwrap();
     }
     assert_eq!(gets(&fake), vec![2, 2], "a prefetched blob was fetched upstream again");
-    let missing = json!({"images": [format!("fake.test/{REPO}:nope")]});
-    let (status, body) = admin("POST", &format!("{api}/prefetch"), None, Some(missing)).await;
-    assert_eq!((status, body["results"][0]["ok"].as_bool()), (502, Some(false)), "{body}");
-    let bad = json!({"images": ["Not/Valid"]});
-    assert_eq!(admin("POST", &format!("{api}/prefetch"), None, Some(bad)).await.0, 400);
+    // A missing tag fails its image (and so the job), with the cause; the other image is still pulled.
+    let both = json!({"images": [format!("fake.test/{REPO}:nope"), format!("fake.test/{REPO}:v1")]});
+    let job = wait_job(&start_prefetch(&api, both).await).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let (missing, ok) = (&job["images"][0], &job["images"][1]);
+    assert_eq!(missing["state"], "failed", "{job}");
+    assert!(missing["error"].as_str().is_some_and(|e| !e.is_empty()), "{job}");
+    assert_eq!((ok["state"].as_str(), ok["error"].as_str()), (Some("done"), None), "{job}");
+    // Bad input is refused at once, with no job.
+    let url = format!("{api}/prefetch");
+    for bad in [json!({"images": ["Not/Valid"]}), json!({"images": []}), json!({"image": "x"}), json!([1])] {
+        let (status, body) = admin("POST", &url, None, Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad} -> {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    let resp = client().post(&url).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let (status, body) = admin("GET", &format!("{api}/prefetch/0123456789abcdef"), None, None).await;
+    assert_eq!((status, body["error"].is_string()), (404, true), "{body}");
+    let (status, body) = admin("GET", &url, None, None).await;
+    assert_eq!((status, body["jobs"].as_array().map(Vec::len)), (200, Some(2)), "{body}");
 
     // GC: the loose blob goes once it has been idle for longer than max_idle_age.
     get_ok(&c, &format!("{base}/v2/{REPO}/blobs/{loose}"), &loose_data).await;

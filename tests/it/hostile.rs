@@ -194,3 +194,45 @@ async fn thousands_of_hostile_requests_get_oci_errors_and_break_nothing() {
     let entries: Vec<_> = std::fs::read_dir(root.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(entries.len(), 2, "unexpected files next to the data directory: {entries:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_like_prefixes_of_unconfigured_registries_never_reach_an_upstream() {
+    let fake = FakeUpstream::start().await;
+    let (digest, _) = fake.add_random_blob(1000);
+    let root = tempfile::tempdir().unwrap();
+    let wharf = Wharf::start(&root.path().join("data"), &fake.wharf_args());
+    let prefixes = [
+        "169.254.169.254",
+        "evil.example.test",
+        "metadata.google.internal",
+        "docker.io.evil.test",
+        "localhost",
+        "localhost:5000",
+        "127.0.0.1:1",
+        "fake.test.evil",
+    ];
+    let mut targets = Vec::new();
+    for p in prefixes {
+        targets.push(format!("/v2/{p}/library/small/manifests/1.0"));
+        targets.push(format!("/v2/{p}/library/small/blobs/{digest}"));
+        targets.push(format!("/v2/{p}/library/small/tags/list"));
+        targets.push(format!("/v2/{p}/library/small/referrers/{digest}"));
+        targets.push(format!("/v2/{p}/small/manifests/1.0"));
+    }
+    for target in &targets {
+        for method in ["GET", "HEAD"] {
+            let req = format!("{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let (status, body) = raw(wharf.addr, req.as_bytes());
+            assert_eq!(status, 404, "{method} {target}");
+            if method == "GET" {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["errors"][0]["code"], "NAME_UNKNOWN", "{target}: {body}");
+            }
+        }
+    }
+    assert!(fake.requests().is_empty(), "requests reached the upstream: {:?}", fake.requests());
+    // The same repository without the prefix is served from the default registry: the upstream was reachable.
+    let (status, _) = get(wharf.addr, format!("/v2/library/small/blobs/{digest}").as_bytes(), "");
+    assert_eq!(status, 200);
+    assert_eq!(fake.blob_gets(&digest), 1);
+}

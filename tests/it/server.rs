@@ -1,13 +1,15 @@
-//! The listener: TLS with reload, HTTP/2 and HTTP/1.1, slow-loris and oversized heads cut off, idle
-//! connections closed, the connection limit queues, a stalled upstream meets the request deadline, and
-//! upstream fills queue behind their limit. Deadlines are checked as generous upper bounds only.
+//! The listener: TLS with reload, HTTP/2 and HTTP/1.1, slow-loris heads and handshakes cut off, oversized
+//! heads refused, idle connections closed, the connection limit queues, a stalled upstream meets the request
+//! deadline, and upstream fills queue behind their limit. Each limit's test keeps the other limits far away
+//! and bounds when the effect happens (generous bounds, well clear of the other limits), so it fails
+//! without that one limit.
 
 use crate::support::fake_upstream::{FakeUpstream, client, spawn_fetch};
 use crate::support::wharf::Wharf;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Starts wharf with `toml` as its config file, plus `args`.
@@ -106,62 +108,353 @@ async fn tls_serves_http2_and_http1_and_reloads_the_certificate() {
     assert!(tls_client(&cert_a, false).get(&url).send().await.is_err(), "the old certificate is still served");
 }
 
+/// A request head that never ends, sent one byte every 200 ms over `stream` until the server closes the
+/// connection: (time from the first byte to the close, what the server sent), or an error naming how long
+/// the connection stayed open when that is `limit`.
+async fn trickle_head<S>(stream: S, limit: Duration) -> Result<(Duration, String), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let head = b"GET /v2/ HTTP/1.1\r\nHost: wharf\r\nX-Slow: ";
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let (mut sent, mut answer, mut buf) = (0usize, Vec::new(), [0u8; 1024]);
+    let first = Instant::now();
+    loop {
+        tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return Ok((first.elapsed(), String::from_utf8_lossy(&answer).into_owned())),
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            },
+            _ = tick.tick() => {
+                let byte = head.get(sent).copied().unwrap_or(b'a');
+                sent += 1;
+                if wr.write_all(&[byte]).await.and(wr.flush().await).is_err() {
+                    // Reset by the server: it closed the connection.
+                    return Ok((first.elapsed(), String::from_utf8_lossy(&answer).into_owned()));
+                }
+            }
+            () = tokio::time::sleep_until((first + limit).into()) => {
+                return Err(format!("a slow head was still open after {limit:?} ({sent} bytes sent)"));
+            }
+        }
+    }
+}
+
+/// Reads one response head (up to the blank line); panics if the server closes first or after `limit`.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, limit: Duration) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = async {
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                other => {
+                    panic!("connection ended before a response head ({other:?}): {:?}", String::from_utf8_lossy(&head))
+                }
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.unwrap_or_else(|_| panic!("no response head within {limit:?}"));
+    String::from_utf8(head).unwrap()
+}
+
+fn content_length(head: &str) -> usize {
+    let line = head.lines().find(|l| l.to_ascii_lowercase().starts_with("content-length:")).expect("a Content-Length");
+    line.split(':').nth(1).unwrap().trim().parse().unwrap()
+}
+
+/// Raises this process's open-file limit to at least `want` (wharf, started afterwards, inherits it).
+fn raise_fd_limit(want: u64) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid rlimit for the calls to read and write.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    if lim.rlim_cur < want as libc::rlim_t {
+        lim.rlim_cur = lim.rlim_max.min(want as libc::rlim_t);
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    }
+    assert!(lim.rlim_cur >= want as libc::rlim_t, "open-file limit {} below the {want} this test needs", lim.rlim_cur);
+}
+
+const SLOW_HEAD: &str = "[server]\nheader_timeout = 1\nidle_timeout = 60\n";
+
 #[tokio::test(flavor = "multi_thread")]
-async fn slow_idle_and_oversized_requests_are_cut_off() {
+async fn a_slow_request_head_is_cut_at_header_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let up = FakeUpstream::start().await;
-    let toml = "[server]\nheader_timeout = 1\nidle_timeout = 4\nmax_header_bytes = 16384\n";
-    let wharf = start_with(dir.path(), toml, up.wharf_args());
-    let bound = Duration::from_secs(20);
-
-    // Slow-loris: a request head that never ends.
-    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
-    s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: wharf\r\nX-Slow: ").await.unwrap();
-    let answer = read_to_close(&mut s, bound).await;
+    // idle_timeout far away: only the head deadline can end this connection within the bound.
+    let wharf = start_with(dir.path(), SLOW_HEAD, up.wharf_args());
+    let stream = TcpStream::connect(addr(&wharf)).await.unwrap();
+    let (after, answer) = trickle_head(stream, Duration::from_secs(15)).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "unexpected answer: {answer}");
+    assert!(after >= Duration::from_millis(950), "closed after {after:?}, before header_timeout");
+    assert!(after < Duration::from_secs(8), "closed after {after:?}: not by header_timeout (1 s)");
+}
 
-    // An oversized head: 431, and the connection ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn hundreds_of_slow_heads_are_each_cut_while_others_are_served() {
+    const SLOW: usize = 300;
+    raise_fd_limit(4 * SLOW as u64 + 256);
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    let wharf = start_with(dir.path(), SLOW_HEAD, up.wharf_args());
+    let mut slow = tokio::task::JoinSet::new();
+    for _ in 0..SLOW {
+        let addr = addr(&wharf);
+        slow.spawn(async move {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            trickle_head(stream, Duration::from_secs(20)).await
+        });
+    }
+    // Meanwhile new connections keep being answered: one request per connection, back to back.
+    let fresh = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().unwrap();
+    let (mut probes, mut slowest_probe) = (0, Duration::ZERO);
+    let mut closes = Vec::new();
+    while !slow.is_empty() {
+        let t = Instant::now();
+        let resp = tokio::time::timeout(Duration::from_secs(10), fresh.get(format!("{}/v2/", wharf.url())).send())
+            .await
+            .expect("GET /v2/ not answered within 10 s")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        slowest_probe = slowest_probe.max(t.elapsed());
+        probes += 1;
+        // Paced, so the probes do not pile up thousands of sockets in TIME_WAIT.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while let Some(done) = slow.try_join_next() {
+            let (after, answer) = done.unwrap().unwrap_or_else(|e| panic!("{e}"));
+            assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "unexpected answer: {answer}");
+            closes.push(after);
+        }
+    }
+    let (earliest, latest) = (closes.iter().min().copied().unwrap(), closes.iter().max().copied().unwrap());
+    eprintln!("{SLOW} slow heads closed after {earliest:?} to {latest:?}; {probes} probes, slowest {slowest_probe:?}");
+    assert_eq!(closes.len(), SLOW);
+    // Not closed for some other reason (a refused or reset connection would end sooner).
+    assert!(earliest >= Duration::from_millis(950), "a slow head was closed after {earliest:?}, before header_timeout");
+    assert!(latest < Duration::from_secs(8), "a slow head was closed only after {latest:?} (header_timeout 1 s)");
+    assert!(slowest_probe < Duration::from_secs(3), "GET /v2/ took {slowest_probe:?} among the slow heads");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_head_over_tls_is_cut_at_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path(), "wharf");
+    let toml = format!("{SLOW_HEAD}tls_cert = {cert:?}\ntls_key = {key:?}\n");
+    let up = FakeUpstream::start().await;
+    let wharf = start_with(dir.path(), &toml, up.wharf_args());
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject as _;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr(&wharf)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    // One whole request first: the trickled head is the next one on a kept-alive connection.
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
+    let head = read_head(&mut tls, Duration::from_secs(10)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "the first request: {head}");
+    let mut body = vec![0u8; content_length(&head)];
+    tls.read_exact(&mut body).await.unwrap();
+    // A keep-alive wait longer than header_timeout, which must not count against the next head.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (after, _) = trickle_head(tls, Duration::from_secs(15)).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(after >= Duration::from_millis(950), "closed after {after:?}, before header_timeout");
+    assert!(after < Duration::from_secs(8), "closed after {after:?}: not by header_timeout (1 s)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_tls_handshake_is_cut_at_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path(), "wharf");
+    let toml = format!("{SLOW_HEAD}tls_cert = {cert:?}\ntls_key = {key:?}\n");
+    let up = FakeUpstream::start().await;
+    let wharf = start_with(dir.path(), &toml, up.wharf_args());
+    // Half a ClientHello: a handshake record announcing 512 bytes, of which a few arrive.
+    let half_hello: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0, 0, 0, 0];
+    for (case, sent) in [("nothing sent", &[][..]), ("half a ClientHello", half_hello)] {
+        let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+        let start = Instant::now();
+        s.write_all(sent).await.unwrap();
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+        let after = start.elapsed();
+        assert!(closed.is_ok(), "{case}: the handshake was still open after {after:?}");
+        assert!(after >= Duration::from_millis(950), "{case}: closed after {after:?}, before header_timeout");
+        assert!(after < Duration::from_secs(8), "{case}: closed after {after:?}: not by header_timeout (1 s)");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_http1_head_gets_431() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    let toml = "[server]\nheader_timeout = 60\nidle_timeout = 60\nmax_header_bytes = 16384\n";
+    let wharf = start_with(dir.path(), toml, up.wharf_args());
+    let limit = Duration::from_secs(10);
+    // Just under the limit: served.
     let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
-    let big = format!("GET /v2/ HTTP/1.1\r\nHost: wharf\r\nX-Big: {}\r\n\r\n", "a".repeat(100_000));
-    let _ = s.write_all(big.as_bytes()).await;
-    let answer = read_to_close(&mut s, bound).await;
-    assert!(answer.starts_with("HTTP/1.1 431"), "expected 431, got: {:.80}", answer);
+    let fits = format!("GET /v2/ HTTP/1.1\r\nHost: wharf\r\nX-Big: {}\r\n\r\n", "a".repeat(12_000));
+    s.write_all(fits.as_bytes()).await.unwrap();
+    let head = read_head(&mut s, limit).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "a head under the limit was refused: {head}");
 
-    // Waiting for the next request is not a slow head: a keep-alive connection quiet for longer than
-    // header_timeout (but not idle_timeout) still serves its next request.
+    let s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let big = format!("GET /v2/ HTTP/1.1\r\nHost: wharf\r\nX-Big: {}\r\n\r\n", "a".repeat(100_000));
+    // Written alongside the read: the server answers before it has read everything. The write half is kept
+    // (dropping it would end the request stream early).
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(big.as_bytes()).await;
+        wr
+    });
+    let start = Instant::now();
+    let head = read_head(&mut rd, limit).await;
+    assert!(head.starts_with("HTTP/1.1 431"), "expected 431, got: {head}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(limit, rd.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection stayed open after the 431");
+    assert!(start.elapsed() < limit);
+    let _ = writer.await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_http2_header_list_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    let toml = "[server]\nheader_timeout = 60\nidle_timeout = 60\nmax_header_bytes = 4096\n";
+    let wharf = start_with(dir.path(), toml, up.wharf_args());
+    let h2 = reqwest::Client::builder().no_proxy().http2_prior_knowledge().timeout(Duration::from_secs(10));
+    let h2 = h2.build().unwrap();
+    let url = format!("{}/v2/", wharf.url());
+    let resp = h2.get(&url).send().await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.version()), (200, reqwest::Version::HTTP_2));
+    // 6 KiB: over the configured 4 KiB, under hyper's own default (16 KiB).
+    let resp = h2.get(&url).header("x-big", "a".repeat(6 * 1024)).send().await;
+    match resp {
+        Ok(r) => assert_eq!(r.status(), 431, "an oversized HTTP/2 header list was served"),
+        // The client may refuse to send what the server's SETTINGS rule out.
+        Err(e) => assert!(!e.is_timeout(), "no answer: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_between_requests_or_for_a_response_is_not_a_slow_head() {
+    let up = FakeUpstream::start().await;
+    let (digest, data) = up.add_random_blob(400_000);
+    let gate = up.gate(&digest, 100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = start_with(dir.path(), SLOW_HEAD, up.wharf_args());
+    let limit = Duration::from_secs(10);
+
+    // A keep-alive connection quiet for longer than header_timeout (but not idle_timeout) still serves its
+    // next request. Only waiting shows it.
     let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
     for round in 0..2 {
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
-        let mut buf = vec![0u8; 4096];
-        let n = tokio::time::timeout(bound, s.read(&mut buf)).await.expect("an answer").unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "request {round} on a kept-alive connection: {n} bytes");
-        // The feature under test is a timeout: only waiting shows it (longer than header_timeout).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let head = read_head(&mut s, limit).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "request {round} on a kept-alive connection: {head}");
+        let mut body = vec![0u8; content_length(&head)];
+        s.read_exact(&mut body).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
     }
 
-    // A keep-alive connection that goes quiet after its request is closed.
+    // A request sent (pipelined) while a slow response is still going out is not a slow head either.
+    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    s.write_all(format!("GET /v2/x/y/blobs/{digest} HTTP/1.1\r\nHost: wharf\r\n\r\n").as_bytes()).await.unwrap();
+    let head = read_head(&mut s, limit).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "blob: {head}");
+    gate.wait_reached().await;
+    let mut body = vec![0u8; content_length(&head)];
+    s.read_exact(&mut body[..1]).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    gate.release();
+    let rest = tokio::time::timeout(limit, s.read_exact(&mut body[1..])).await.expect("the blob body");
+    rest.unwrap_or_else(|e| panic!("the connection ended during the blob body: {e}"));
+    assert!(body == data, "wrong blob bytes");
+    let head = read_head(&mut s, limit).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "the pipelined request: {head}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_connection_is_closed_at_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    // header_timeout far away: only the idle timeout can end these connections within the bound.
+    let toml = "[server]\nheader_timeout = 60\nidle_timeout = 2\n";
+    let wharf = start_with(dir.path(), toml, up.wharf_args());
+    let limit = Duration::from_secs(15);
+
+    // After an answered request.
     let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
-    let answer = read_to_close(&mut s, bound).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "the request itself was not answered: {answer}");
+    let head = read_head(&mut s, limit).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "the request itself was not answered: {head}");
+    let answered = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(limit, s.read_to_end(&mut rest)).await;
+    let after = answered.elapsed();
+    assert!(closed.is_ok(), "a quiet keep-alive connection was still open after {after:?}");
+    assert!(after >= Duration::from_millis(1900), "closed {after:?} after the answer, before idle_timeout");
+    assert!(after < Duration::from_secs(8), "closed {after:?} after the answer: not by idle_timeout (2 s)");
+
+    // A connection that never sends anything.
+    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    let opened = Instant::now();
+    let closed = tokio::time::timeout(limit, s.read_to_end(&mut rest)).await;
+    let after = opened.elapsed();
+    assert!(closed.is_ok(), "a silent connection was still open after {after:?}");
+    assert!(after >= Duration::from_millis(1900), "closed after {after:?}, before idle_timeout");
+    assert!(after < Duration::from_secs(8), "closed after {after:?}: not by idle_timeout (2 s)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_that_sends_nothing_is_cut_at_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    // idle_timeout far away: a silent new connection is waiting for its first request head, not idle.
+    let toml = "[server]\nheader_timeout = 1\nidle_timeout = 60\n";
+    let wharf = start_with(dir.path(), toml, up.wharf_args());
+    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    let opened = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
+    let after = opened.elapsed();
+    assert!(closed.is_ok(), "a silent connection was still open after {after:?}");
+    assert!(after >= Duration::from_millis(950), "closed after {after:?}, before header_timeout");
+    assert!(after < Duration::from_secs(8), "closed after {after:?}: not by header_timeout (1 s)");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_past_the_limit_wait_their_turn() {
     let dir = tempfile::tempdir().unwrap();
     let up = FakeUpstream::start().await;
-    let wharf = start_with(dir.path(), "[server]\nmax_connections = 2\nheader_timeout = 60\n", up.wharf_args());
+    // The held connections send nothing: only the limit (not a timeout) keeps the third one waiting.
+    let toml = "[server]\nmax_connections = 2\nheader_timeout = 60\nidle_timeout = 60\n";
+    let wharf = start_with(dir.path(), toml, up.wharf_args());
     let held: Vec<TcpStream> =
         vec![TcpStream::connect(addr(&wharf)).await.unwrap(), TcpStream::connect(addr(&wharf)).await.unwrap()];
     // The third connection is accepted by the kernel but not served while two are open.
     let mut third = TcpStream::connect(addr(&wharf)).await.unwrap();
     third.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\nConnection: close\r\n\r\n").await.unwrap();
     let mut byte = [0u8; 1];
-    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut byte)).await;
+    let early = tokio::time::timeout(Duration::from_secs(2), third.read(&mut byte)).await;
     assert!(early.is_err(), "a connection past the limit was served");
     drop(held);
+    let freed = Instant::now();
     let answer = read_to_close(&mut third, Duration::from_secs(20)).await;
     assert!(format!("{}{answer}", byte[0] as char).contains("HTTP/1.1 200"), "never served: {answer}");
+    let after = freed.elapsed();
+    assert!(after < Duration::from_secs(5), "served {after:?} after a slot was freed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -177,14 +470,19 @@ async fn a_stalled_upstream_meets_the_request_deadline() {
     });
     let dir = tempfile::tempdir().unwrap();
     let args = ["--upstream", &format!("stall.test=http://{hole}"), "--default-registry", "stall.test"];
-    let toml = "[server]\nrequest_timeout = 2\n[upstream]\nread_timeout = 600\n";
+    // Every other bound is far away: the upstream's read timeout and the connection's idle timeout.
+    let toml = "[server]\nrequest_timeout = 2\nidle_timeout = 600\n[upstream]\nread_timeout = 600\n";
     let wharf = start_with(dir.path(), toml, args.iter().map(|s| s.to_string()).collect());
     let started = Instant::now();
-    let resp = client().get(format!("{}/v2/team/app/manifests/latest", wharf.url())).send().await.unwrap();
-    assert_eq!(resp.status(), 503);
-    let v: serde_json::Value = resp.json().await.unwrap();
+    let get = client().get(format!("{}/v2/team/app/manifests/latest", wharf.url())).send();
+    let resp = tokio::time::timeout(Duration::from_secs(20), get).await;
+    let after = started.elapsed();
+    let resp = resp.unwrap_or_else(|_| panic!("no answer after {after:?}: the request deadline (2 s) did not fire"));
+    assert_eq!(resp.as_ref().map(|r| r.status()).ok(), Some(reqwest::StatusCode::SERVICE_UNAVAILABLE));
+    let v: serde_json::Value = resp.unwrap().json().await.unwrap();
     assert_eq!(v["errors"][0]["code"], "UNAVAILABLE");
-    assert!(started.elapsed() < Duration::from_secs(60), "the deadline did not end the request");
+    assert!(after >= Duration::from_millis(1900), "answered after {after:?}, before the request deadline");
+    assert!(after < Duration::from_secs(10), "answered after {after:?}: not by the request deadline (2 s)");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -194,16 +492,22 @@ async fn upstream_fills_queue_behind_their_limit() {
     let (b, b_data) = up.add_random_blob(400_000);
     let gate = up.gate(&a, 100_000);
     let dir = tempfile::tempdir().unwrap();
-    let wharf = start_with(dir.path(), "[server]\nmax_fills = 1\n", up.wharf_args());
+    let toml = "[server]\nmax_fills = 1\nrequest_timeout = 120\n";
+    let wharf = start_with(dir.path(), toml, up.wharf_args());
     let http = client();
     let (first, _) = spawn_fetch(&http, &format!("{}/v2/x/y/blobs/{a}", wharf.url()), &[]);
     gate.wait_reached().await;
     let (second, mut second_headers) = spawn_fetch(&http, &format!("{}/v2/x/y/blobs/{b}", wharf.url()), &[]);
     // While the only fill slot is busy, the second blob is not fetched and its client is not failed.
-    let early = tokio::time::timeout(Duration::from_millis(500), &mut second_headers).await;
+    let early = tokio::time::timeout(Duration::from_secs(2), &mut second_headers).await;
     assert!(early.is_err(), "the second request was answered while its fill should be queued");
     assert_eq!(up.blob_gets(&b), 0, "the second fill did not wait for a slot");
     gate.release();
+    let released = Instant::now();
+    let headers = tokio::time::timeout(Duration::from_secs(20), second_headers).await;
+    let after = released.elapsed();
+    assert!(matches!(headers, Ok(Ok((200, _)))), "the queued request: {headers:?}");
+    assert!(after < Duration::from_secs(10), "the queued fill started {after:?} after the slot was freed");
     for (task, want) in [(first, a_data), (second, b_data)] {
         match task.await.unwrap() {
             crate::support::fake_upstream::Outcome::Complete(200, _, body) => assert!(body == want),

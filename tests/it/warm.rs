@@ -12,14 +12,14 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 /// The pins of `image` from the admin API (empty when it has none).
-async fn pins_of(api: &str, image: &str) -> BTreeSet<String> {
+pub async fn pins_of(api: &str, image: &str) -> BTreeSet<String> {
     let (status, body) = admin("GET", &format!("{api}/pins"), None, None).await;
     assert_eq!(status, 200, "{body}");
     body["pins"].get(image).map(|v| strings(v).into_iter().collect()).unwrap_or_default()
 }
 
 /// Polls `/pins` until `image`'s pins satisfy `cond` (30 s deadline); returns them.
-async fn wait_for_pins(
+pub async fn wait_for_pins(
     api: &str,
     image: &str,
     what: &str,
