@@ -136,20 +136,12 @@ async fn joined(wharf: &Wharf, kind: &str) -> usize {
     wharf.metric(&format!("wharf_upstream_requests_joined_total{{kind=\"{kind}\"}}")).await as usize
 }
 
-/// Waits until `BURST - 1` more requests joined another's upstream request (`kind`), or `sent_alone` says
-/// the requests went upstream one by one (the assertions after this then fail). Panics after 30 s.
-async fn wait_for_joiners(wharf: &Wharf, kind: &str, before: usize, sent_alone: impl Fn() -> bool) {
+/// Waits until `count` requests in all joined another's upstream request (`kind`), or `sent_alone` says the
+/// requests went upstream one by one (the assertions after this then fail). Panics after 30 s.
+async fn wait_for_joiners(wharf: &Wharf, kind: &str, count: usize, sent_alone: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if joined(wharf, kind).await >= before + BURST - 1 || sent_alone() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the burst never met: {} of {} joined",
-            joined(wharf, kind).await - before,
-            BURST - 1
-        );
+    while joined(wharf, kind).await < count && !sent_alone() {
+        assert!(Instant::now() < deadline, "the requests never met: {} of {count} joined", joined(wharf, kind).await);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -170,7 +162,7 @@ async fn burst(wharf: &Wharf, proxy: &GateProxy, method: Method, url: &str) -> V
             })
         })
         .collect();
-    wait_for_joiners(wharf, "manifest", before, || proxy.manifest_requests() > reached + 1).await;
+    wait_for_joiners(wharf, "manifest", before + BURST - 1, || proxy.manifest_requests() > reached + 1).await;
     proxy.state.open.send_replace(true);
     let mut answers = Vec::new();
     for r in requests {
@@ -251,7 +243,7 @@ async fn requests_refused_together_ask_for_one_token() {
             })
         })
         .collect();
-    wait_for_joiners(&wharf, "token", 0, || up.token_requests() > 1).await;
+    wait_for_joiners(&wharf, "token", BURST - 1, || up.token_requests() > 1).await;
     assert_eq!(up.token_requests(), 1, "16 requests refused together asked for a token each");
     assert_eq!(up.challenges(), BURST, "every fill was refused before the token arrived");
     gate.release();
@@ -277,7 +269,7 @@ async fn requests_refused_together_ask_for_one_token() {
             })
         })
         .collect();
-    wait_for_joiners(&wharf, "manifest", before, || up.manifest_gets() > gets + 1).await;
+    wait_for_joiners(&wharf, "manifest", before + BURST - 1, || up.manifest_gets() > gets + 1).await;
     gate.release();
     for r in requests {
         let (status, body) = r.await.unwrap();
@@ -290,4 +282,43 @@ async fn requests_refused_together_ask_for_one_token() {
     assert_eq!(statuses, [401, 200], "16 cold manifest requests upstream: {manifest_gets:?}");
     assert_eq!(up.manifest_gets() - gets, 2);
     assert_eq!(up.token_requests() - tokens, 1, "one token request for the manifest burst");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_request_that_started_a_fetch_may_give_up_without_failing_the_others() {
+    let up = FakeUpstream::start().await;
+    let manifest = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","layers":[]}}"#);
+    up.put_manifest(REPO, "v1", OCI_MANIFEST, manifest.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("wharf.toml");
+    std::fs::write(&config, "[server]\nrequest_timeout = 3\n").unwrap();
+    let mut args = up.wharf_args();
+    args.extend(["--config".into(), config.to_str().unwrap().into()]);
+    let wharf = Wharf::start(&dir.path().join("data"), &args);
+    let url = format!("{}/v2/{REPO}/manifests/v1", wharf.url());
+    let get = || {
+        let req = client().get(&url).header("accept", OCI_MANIFEST);
+        tokio::spawn(async move {
+            let resp = req.send().await.expect("an answer from wharf");
+            (resp.status().as_u16(), resp.bytes().await.expect("a complete body"))
+        })
+    };
+
+    // The first request starts the upstream GET, which is held.
+    let gate = up.gate_manifests(0);
+    let first = get();
+    gate.wait_reached().await;
+    // Later requests join it; their deadlines fire 1.5 s after the first one's (a deliberate offset, so the
+    // first request gives up while they still wait).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let others: Vec<_> = (0..3).map(|_| get()).collect();
+    wait_for_joiners(&wharf, "manifest", 3, || up.manifest_gets() > 1).await;
+    let (status, _) = first.await.unwrap();
+    assert_eq!(status, 503, "the first request's deadline (3 s) did not end it");
+    // The upstream answers only now: the shared GET outlived the request that started it.
+    gate.release();
+    for r in others {
+        assert_eq!(r.await.unwrap(), (200, Bytes::from(manifest.clone())), "a joiner lost the shared answer");
+    }
+    assert_eq!(up.manifest_gets(), 1, "the joiners started their own GET");
 }
