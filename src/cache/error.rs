@@ -32,7 +32,7 @@ pub enum Error {
     Meta(#[from] sled::Error),
     /// The fill's owner went away before it ended (its request was cancelled during the claim, or the fill
     /// task panicked), or a shared manifest fetch panicked; the next request starts anew.
-    #[error("the fill was abandoned before it ended")]
+    #[error("the upstream fetch was abandoned before it ended; a retry starts anew")]
     Abandoned,
     /// A blocking task panicked or was cancelled.
     #[error("background task failed")]

@@ -310,7 +310,16 @@ impl Cache {
         let info = ManifestInfo { digest: digest.clone(), media_type: media_type.clone(), size: bytes.len() as u64 };
         let store = self.shared.store.clone();
         let to_write = bytes.clone();
-        tokio::task::spawn_blocking(move || store.write_manifest(&digest, &media_type, &to_write)).await??;
+        match tokio::task::spawn_blocking(move || store.write_manifest(&digest, &media_type, &to_write)).await? {
+            Ok(()) => {}
+            // Verified bytes are still the answer: a full disk costs the cache, not the client.
+            Err(e) if super::is_disk_full(&e) => {
+                tracing::warn!(digest = %info.digest, error = %e, "disk full: manifest served without caching");
+                let reason = crate::metrics::ReasonLabel { reason: "disk_full" };
+                self.shared.metrics.uncached.get_or_create(&reason).inc();
+            }
+            Err(e) => return Err(e.into()),
+        }
         self.record_ref(&client.name, repo, &info.digest)?;
         Ok((info, bytes))
     }

@@ -349,6 +349,9 @@ async fn a_metadata_failure_on_a_full_disk_is_repaired_without_a_restart() {
     }
     assert_eq!(manifest(&c, &wharf, &m1).await.unwrap(), m1_body);
     assert_eq!(manifest(&c, &wharf, "1.0").await.unwrap(), m1_body);
+    // A manifest not cached yet cannot be stored on this disk: it is served from the upstream all the same.
+    let (_, m2_body) = put_manifest(&fake, "2.0");
+    assert_eq!(manifest(&c, &wharf, "2.0").await.unwrap(), m2_body);
     // The fill in progress cannot finish on this disk: its client continues from the upstream.
     gate.release();
     match task.await.unwrap() {
@@ -368,6 +371,7 @@ async fn a_metadata_failure_on_a_full_disk_is_repaired_without_a_restart() {
         blob(&c, &wharf, digest, data).await.unwrap();
     }
     assert_eq!(manifest(&c, &wharf, "1.0").await.unwrap(), m1_body);
+    assert_eq!(manifest(&c, &wharf, "2.0").await.unwrap(), m2_body);
     blob(&c, &wharf, &later, &later_data).await.unwrap();
     wait_until("the new blob is cached", || blob_path(&data_dir, &later).is_file()).await;
     blob(&c, &wharf, &filling, &filling_data).await.unwrap();
