@@ -250,6 +250,9 @@ async fn prefetch(
     if req.images.is_empty() {
         return error(StatusCode::BAD_REQUEST, "no images given");
     }
+    if req.images.len() > jobs::MAX_IMAGES {
+        return error(StatusCode::BAD_REQUEST, format!("at most {} images per job", jobs::MAX_IMAGES));
+    }
     if let Some(bad) = req.images.iter().find_map(|i| warm::target(&state.upstreams, i).err()) {
         return error(StatusCode::BAD_REQUEST, bad.to_string());
     }

@@ -23,6 +23,8 @@ pub const MAX_RUNNING: usize = 4;
 pub const KEEP_FINISHED: usize = 100;
 /// ... and at most this long after they finished.
 pub const KEEP_FOR: Duration = Duration::from_secs(3600);
+/// Images in one job: with the kept jobs, bounds the memory the job list can take.
+pub const MAX_IMAGES: usize = 1000;
 
 /// Where a job, or one of its images, is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -87,7 +87,8 @@ impl Cache {
     pub(super) fn needed_bytes(&self, incoming: u64) -> u64 {
         let s = &self.shared;
         let (high, low) = (u64::from(s.settings.high_watermark), u64::from(s.settings.low_watermark));
-        let used = s.bytes.load(Ordering::Relaxed) + incoming;
+        // Saturating: `incoming` is the upstream's announced size.
+        let used = s.bytes.load(Ordering::Relaxed).saturating_add(incoming);
         let mut need = 0;
         let budget = s.settings.max_bytes;
         if budget > 0 && used > budget {
@@ -95,9 +96,9 @@ impl Cache {
         }
         if let Ok((total, fs_used)) = s.store.filesystem()
             && total > 0
-            && (fs_used + incoming) * 100 > total * high
+            && fs_used.saturating_add(incoming).saturating_mul(100) > total.saturating_mul(high)
         {
-            need = need.max((fs_used + incoming).saturating_sub(total * low / 100));
+            need = need.max(fs_used.saturating_add(incoming).saturating_sub(total * low / 100));
         }
         need
     }
@@ -308,7 +309,12 @@ impl Cache {
             return Ok(false);
         }
         let files = s.store.scan_blobs()?;
-        let (bytes, _) = s.meta.reopen(&files)?;
+        s.meta.reopen(&files)?;
+        // A blob committed while the handle was being swapped had its record dropped: catch up once more, now
+        // that every commit writes to the new handle.
+        let again = s.store.scan_blobs()?;
+        let meta = s.meta.handle()?;
+        let (bytes, _) = s.meta.seen(meta.reconcile_blobs(&again).and_then(|_| meta.blob_totals()))?;
         s.bytes.store(bytes, Ordering::Relaxed);
         s.metrics.cache_bytes.set(bytes as i64);
         Ok(true)

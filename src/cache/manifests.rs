@@ -56,9 +56,10 @@ fn sniff_media_type(bytes: &[u8]) -> String {
 /// share one upstream request (Docker Hub counts every manifest GET against the pull rate limit).
 pub(super) type Flights = flight::Flights<Result<ManifestAnswer, Arc<Error>>>;
 
-/// The flights of one cache, counted in `wharf_upstream_requests_joined_total{kind="manifest"}`.
-pub(super) fn flights(metrics: &Metrics) -> Flights {
-    Flights::new(metrics.upstream_joined.get_or_create(&KindLabel { kind: "manifest" }).clone())
+/// The flights of one cache, counted in `wharf_upstream_requests_joined_total{kind="manifest"}`; each is
+/// dropped after `limit` (see [`flight::limit`]).
+pub(super) fn flights(metrics: &Metrics, limit: std::time::Duration) -> Flights {
+    Flights::new(metrics.upstream_joined.get_or_create(&KindLabel { kind: "manifest" }).clone(), limit)
 }
 
 /// What one upstream request for a manifest depends on: method, registry, repository, reference, `Accept`.

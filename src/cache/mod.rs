@@ -170,7 +170,7 @@ impl Cache {
             accessed: Mutex::default(),
             gc_lock: Mutex::default(),
             fill_slots: tokio::sync::Semaphore::new(config.server.max_fills.max(1)),
-            manifest_flights: manifests::flights(&metrics),
+            manifest_flights: manifests::flights(&metrics, crate::upstream::flight::limit(config)),
             metrics,
         };
         Ok(Cache { shared: Arc::new(shared) })
@@ -373,12 +373,16 @@ impl Cache {
             tracing::warn!(error = %e, "eviction before a fill failed");
         }
         let s = &self.shared.settings;
-        if s.max_bytes > 0 && self.shared.bytes.load(Ordering::Relaxed) + size > s.max_bytes {
+        // Saturating: `size` is the upstream's word, and an absurd one must be refused, not wrap or panic.
+        if s.max_bytes > 0 && self.shared.bytes.load(Ordering::Relaxed).saturating_add(size) > s.max_bytes {
             return false;
         }
         let Ok((total, used)) = self.shared.store.filesystem() else { return true };
         let reserve = s.min_free_bytes.min(total / 10);
-        total == 0 || ((used + size) * 100 <= total * u64::from(s.high_watermark) && used + size + reserve <= total)
+        let after = used.saturating_add(size);
+        total == 0
+            || (after.saturating_mul(100) <= total.saturating_mul(u64::from(s.high_watermark))
+                && after.saturating_add(reserve) <= total)
     }
 
     async fn commit(

@@ -193,7 +193,8 @@ impl Activity {
         }
         if self.exchanges.load(Ordering::SeqCst) == 0 {
             self.start_head();
-        } else {
+        } else if self.in_flight.load(Ordering::SeqCst) == 0 {
+            // Only once the response head is out: before, bytes may be the request's own body (an admin POST).
             self.early_bytes.store(true, Ordering::SeqCst);
         }
     }

@@ -95,9 +95,11 @@ impl RegistryClient {
         creds: Option<Credentials>,
         max_redirects: usize,
         metrics: Arc<Metrics>,
+        flight_limit: std::time::Duration,
     ) -> Self {
         let tokens = Arc::new(TokenCache::default());
-        let token_flights = Flights::new(metrics.upstream_joined.get_or_create(&KindLabel { kind: "token" }).clone());
+        let joined = metrics.upstream_joined.get_or_create(&KindLabel { kind: "token" }).clone();
+        let token_flights = Flights::new(joined, flight_limit);
         RegistryClient { name, base, http, creds, tokens, token_flights, max_redirects, metrics }
     }
 

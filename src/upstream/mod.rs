@@ -95,6 +95,7 @@ impl Upstreams {
                 creds.remove(name),
                 config.upstream.max_redirects,
                 metrics.clone(),
+                flight::limit(config),
             );
             registries.insert(name.clone(), Arc::new(client));
         }

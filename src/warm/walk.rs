@@ -256,6 +256,8 @@ async fn choose<F: Fetch>(
     // Indexes already searched: the same digest holds the same entries, so it cannot hold the platform now.
     let mut searched: Vec<Digest> = Vec::new();
     let mut reads = 0;
+    // A branch past the depth limit is skipped, not fatal: a later entry may reach the platform in bounds.
+    let mut too_deep = None;
     while let Some(level) = levels.last_mut() {
         let Some(entry) = level.next() else {
             levels.pop();
@@ -286,8 +288,8 @@ async fn choose<F: Fetch>(
         let refs = References::parse(&bytes).ok_or_else(|| Error::BadManifest(digest.clone()))?;
         if !refs.manifests.is_empty() {
             if levels.len() >= MAX_INDEX_DEPTH {
-                let top = top_digest.clone();
-                return Err(Error::TooDeep { top, digest, limit: MAX_INDEX_DEPTH });
+                too_deep.get_or_insert(Error::TooDeep { top: top_digest.clone(), digest, limit: MAX_INDEX_DEPTH });
+                continue;
             }
             searched.push(digest.clone());
             levels.push(refs.manifests.clone().into_iter());
@@ -300,7 +302,7 @@ async fn choose<F: Fetch>(
         path.push((digest, refs));
         return Ok(path);
     }
-    Err(Error::NoPlatform { wanted: wanted.to_owned(), available: available.join(", ") })
+    Err(too_deep.unwrap_or_else(|| Error::NoPlatform { wanted: wanted.to_owned(), available: available.join(", ") }))
 }
 
 /// Fetches every blob of `plan` (a few at a time), stopping at the first failure; new bytes go to
@@ -492,12 +494,26 @@ mod tests {
         assert_eq!(plan.manifests, vec![top.clone(), only_amd.clone(), amd.clone()]);
         assert_eq!(plan.blobs.len(), 2);
         let plan = resolve(&m, &tag, &["linux/arm64".into(), "linux/amd64".into()]).await.unwrap();
-        assert_eq!(plan.manifests, vec![top, only_arm.clone(), arm, only_amd, amd]);
+        assert_eq!(plan.manifests, vec![top, only_arm.clone(), arm, only_amd.clone(), amd.clone()]);
         assert_eq!(plan.blobs.len(), 4);
         match resolve(&m, &tag, &["linux/s390x".into()]).await {
             Err(Error::NoPlatform { available, .. }) => assert_eq!(available, "linux/arm64, linux/amd64"),
             other => panic!("{other:?}"),
         }
+
+        // Deep: a branch past the depth limit is skipped for a later one in bounds, and is the error only when
+        // nothing else holds the platform.
+        let mut chain = only_amd.clone();
+        for _ in 0..MAX_INDEX_DEPTH {
+            chain = m.put(json!({"manifests": [entry(&chain, index_type, None)]}));
+        }
+        let deep_then_flat =
+            m.put(json!({"manifests": [entry(&chain, index_type, None), entry(&only_amd, index_type, None)]}));
+        let plan = resolve(&m, &Reference::Digest(deep_then_flat), &["linux/amd64".into()]).await.unwrap();
+        assert_eq!(plan.manifests.last(), Some(&amd));
+        let only_deep = m.put(json!({"manifests": [entry(&chain, index_type, None)]}));
+        let found = resolve(&m, &Reference::Digest(only_deep), &["linux/amd64".into()]).await;
+        assert!(matches!(found, Err(Error::TooDeep { .. })), "{found:?}");
 
         // Wide: the same nested index listed many times is searched once; many distinct ones hit the bound.
         let same: Vec<_> = (0..10 * MAX_SEARCH_READS).map(|_| entry(&only_arm, index_type, None)).collect();

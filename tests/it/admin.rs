@@ -207,7 +207,8 @@ async fn admin_api_lists_evicts_prefetches_and_collects() {
     assert_eq!((ok["state"].as_str(), ok["error"].as_str()), (Some("done"), None), "{job}");
     // Bad input is refused at once, with no job.
     let url = format!("{api}/prefetch");
-    for bad in [json!({"images": ["Not/Valid"]}), json!({"images": []}), json!({"image": "x"}), json!([1])] {
+    let too_many = json!({"images": vec![format!("fake.test/{REPO}:v1"); 1001]});
+    for bad in [json!({"images": ["Not/Valid"]}), json!({"images": []}), json!({"image": "x"}), json!([1]), too_many] {
         let (status, body) = admin("POST", &url, None, Some(bad.clone())).await;
         assert_eq!(status, 400, "{bad} -> {body}");
         assert!(body["error"].is_string(), "{body}");

@@ -291,7 +291,7 @@ async fn the_request_that_started_a_fetch_may_give_up_without_failing_the_others
     up.put_manifest(REPO, "v1", OCI_MANIFEST, manifest.clone());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("wharf.toml");
-    std::fs::write(&config, "[server]\nrequest_timeout = 3\n").unwrap();
+    std::fs::write(&config, "[server]\nrequest_timeout = 6\n").unwrap();
     let mut args = up.wharf_args();
     args.extend(["--config".into(), config.to_str().unwrap().into()]);
     let wharf = Wharf::start(&dir.path().join("data"), &args);
@@ -308,13 +308,13 @@ async fn the_request_that_started_a_fetch_may_give_up_without_failing_the_others
     let gate = up.gate_manifests(0);
     let first = get();
     gate.wait_reached().await;
-    // Later requests join it; their deadlines fire 1.5 s after the first one's (a deliberate offset, so the
-    // first request gives up while they still wait).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Later requests join it; their deadlines fire 3 s after the first one's (a deliberate offset, so the
+    // first request gives up while they still wait, and they have seconds left for the answer).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let others: Vec<_> = (0..3).map(|_| get()).collect();
     wait_for_joiners(&wharf, "manifest", 3, || up.manifest_gets() > 1).await;
     let (status, _) = first.await.unwrap();
-    assert_eq!(status, 503, "the first request's deadline (3 s) did not end it");
+    assert_eq!(status, 503, "the first request's deadline (6 s) did not end it");
     // The upstream answers only now: the shared GET outlived the request that started it.
     gate.release();
     for r in others {

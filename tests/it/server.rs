@@ -109,9 +109,10 @@ async fn tls_serves_http2_and_http1_and_reloads_the_certificate() {
 }
 
 /// A request head that never ends, sent one byte every 200 ms over `stream` until the server closes the
-/// connection: (time from the first byte to the close, what the server sent), or an error naming how long
-/// the connection stayed open when that is `limit`.
-async fn trickle_head<S>(stream: S, limit: Duration) -> Result<(Duration, String), String>
+/// connection: (time from `since` to the close, what the server sent), or an error naming how long the
+/// connection stayed open when that is `limit`. `since` is taken before the server can start its clock: before
+/// the connect for a connection's first head, before the first byte for a later one.
+async fn trickle_head<S>(stream: S, since: Instant, limit: Duration) -> Result<(Duration, String), String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -119,7 +120,7 @@ where
     let head = b"GET /v2/ HTTP/1.1\r\nHost: wharf\r\nX-Slow: ";
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let (mut sent, mut answer, mut buf) = (0usize, Vec::new(), [0u8; 1024]);
-    let first = Instant::now();
+    let first = since;
     loop {
         tokio::select! {
             r = rd.read(&mut buf) => match r {
@@ -184,11 +185,25 @@ async fn a_slow_request_head_is_cut_at_header_timeout() {
     let up = FakeUpstream::start().await;
     // idle_timeout far away: only the head deadline can end this connection within the bound.
     let wharf = start_with(dir.path(), SLOW_HEAD, up.wharf_args());
+    let opened = Instant::now();
     let stream = TcpStream::connect(addr(&wharf)).await.unwrap();
-    let (after, answer) = trickle_head(stream, Duration::from_secs(15)).await.unwrap_or_else(|e| panic!("{e}"));
+    let (after, answer) = trickle_head(stream, opened, Duration::from_secs(15)).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "unexpected answer: {answer}");
     assert!(after >= Duration::from_millis(950), "closed after {after:?}, before header_timeout");
     assert!(after < Duration::from_secs(8), "closed after {after:?}: not by header_timeout (1 s)");
+
+    // The next head on a kept-alive connection: its clock starts at its first byte, after a wait longer
+    // than header_timeout that does not count against it.
+    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
+    let head = read_head(&mut s, Duration::from_secs(10)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "the first request: {head}");
+    let mut body = vec![0u8; content_length(&head)];
+    s.read_exact(&mut body).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (after, _) = trickle_head(s, Instant::now(), Duration::from_secs(15)).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(after >= Duration::from_millis(950), "kept alive: closed after {after:?}, before header_timeout");
+    assert!(after < Duration::from_secs(8), "kept alive: closed after {after:?}: not by header_timeout (1 s)");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -202,8 +217,9 @@ async fn hundreds_of_slow_heads_are_each_cut_while_others_are_served() {
     for _ in 0..SLOW {
         let addr = addr(&wharf);
         slow.spawn(async move {
+            let opened = Instant::now();
             let stream = TcpStream::connect(addr).await.unwrap();
-            trickle_head(stream, Duration::from_secs(20)).await
+            trickle_head(stream, opened, Duration::from_secs(20)).await
         });
     }
     // Meanwhile new connections keep being answered: one request per connection, back to back.
@@ -266,7 +282,7 @@ async fn a_slow_head_over_tls_is_cut_at_header_timeout() {
     tls.read_exact(&mut body).await.unwrap();
     // A keep-alive wait longer than header_timeout, which must not count against the next head.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (after, _) = trickle_head(tls, Duration::from_secs(15)).await.unwrap_or_else(|e| panic!("{e}"));
+    let (after, _) = trickle_head(tls, Instant::now(), Duration::from_secs(15)).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(after >= Duration::from_millis(950), "closed after {after:?}, before header_timeout");
     assert!(after < Duration::from_secs(8), "closed after {after:?}: not by header_timeout (1 s)");
 }
@@ -281,8 +297,8 @@ async fn a_stalled_tls_handshake_is_cut_at_header_timeout() {
     // Half a ClientHello: a handshake record announcing 512 bytes, of which a few arrive.
     let half_hello: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0, 0, 0, 0];
     for (case, sent) in [("nothing sent", &[][..]), ("half a ClientHello", half_hello)] {
-        let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
         let start = Instant::now();
+        let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
         s.write_all(sent).await.unwrap();
         let mut buf = Vec::new();
         let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
@@ -408,8 +424,8 @@ async fn a_quiet_connection_is_closed_at_idle_timeout() {
     assert!(after < Duration::from_secs(8), "closed {after:?} after the answer: not by idle_timeout (2 s)");
 
     // A connection that never sends anything.
-    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
     let opened = Instant::now();
+    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
     let closed = tokio::time::timeout(limit, s.read_to_end(&mut rest)).await;
     let after = opened.elapsed();
     assert!(closed.is_ok(), "a silent connection was still open after {after:?}");
@@ -424,8 +440,8 @@ async fn a_connection_that_sends_nothing_is_cut_at_header_timeout() {
     // idle_timeout far away: a silent new connection is waiting for its first request head, not idle.
     let toml = "[server]\nheader_timeout = 1\nidle_timeout = 60\n";
     let wharf = start_with(dir.path(), toml, up.wharf_args());
-    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
     let opened = Instant::now();
+    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
     let after = opened.elapsed();
