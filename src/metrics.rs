@@ -183,7 +183,11 @@ impl Metrics {
         );
         r.register("fills_in_flight", "Blob fills running now", m.fills_in_flight.clone());
         r.register("fill_failures", "Blob fills that failed, by reason", m.fill_failures.clone());
-        r.register("uncached_blobs", "Blobs streamed without being cached, by reason", m.uncached.clone());
+        r.register(
+            "uncached_blobs",
+            "Blobs (and manifests, on a full disk) served without being cached, by reason",
+            m.uncached.clone(),
+        );
         r.register(
             "stale_manifests_served",
             "Manifests served stale because the upstream failed",

@@ -34,7 +34,8 @@ pub enum State {
     Queued,
     /// Being pulled.
     Running,
-    /// Every manifest and blob is cached.
+    /// Every manifest and blob was fetched and is cached, but for a blob too large for the cache to hold at all
+    /// (streamed to clients from the upstream instead; counted in `wharf_uncached_blobs_total{reason="too_large"}`).
     Done,
     /// Stopped with an error (for a job: at least one image failed, after every image was tried).
     Failed,
