@@ -65,6 +65,24 @@ async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> String {
     }
 }
 
+/// Waits for the server to close `stream` and asserts it did so between `lo` and `hi` after `since`, which is
+/// taken before the server's clock for the limit under test can start: the effect of that one limit, not of
+/// another one (set far away) nor of an early error. Panics naming `what`.
+async fn assert_closed_between<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    since: Instant,
+    lo: Duration,
+    hi: Duration,
+    what: &str,
+) {
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut rest)).await;
+    let after = since.elapsed();
+    assert!(closed.is_ok(), "{what}: still open after {after:?}");
+    assert!(after >= lo, "{what}: closed after {after:?}, before {lo:?}");
+    assert!(after < hi, "{what}: closed after {after:?}, not by the limit under test (well before {hi:?})");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_serves_http2_and_http1_and_reloads_the_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -194,7 +212,12 @@ async fn a_slow_request_head_is_cut_at_header_timeout() {
 
     // The next head on a kept-alive connection: its clock starts at its first byte, after a wait longer
     // than header_timeout that does not count against it.
-    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    slow_head_after_a_kept_alive_wait(TcpStream::connect(addr(&wharf)).await.unwrap()).await;
+}
+
+/// One whole request on `s`, a keep-alive wait longer than header_timeout (1 s), then a trickled head: it must
+/// be cut at header_timeout counted from its first byte, the wait not counted against it.
+async fn slow_head_after_a_kept_alive_wait<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
     let head = read_head(&mut s, Duration::from_secs(10)).await;
     assert!(head.starts_with("HTTP/1.1 200"), "the first request: {head}");
@@ -273,18 +296,9 @@ async fn a_slow_head_over_tls_is_cut_at_header_timeout() {
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = TcpStream::connect(addr(&wharf)).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
-    // One whole request first: the trickled head is the next one on a kept-alive connection.
-    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
-    let head = read_head(&mut tls, Duration::from_secs(10)).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "the first request: {head}");
-    let mut body = vec![0u8; content_length(&head)];
-    tls.read_exact(&mut body).await.unwrap();
-    // A keep-alive wait longer than header_timeout, which must not count against the next head.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (after, _) = trickle_head(tls, Instant::now(), Duration::from_secs(15)).await.unwrap_or_else(|e| panic!("{e}"));
-    assert!(after >= Duration::from_millis(950), "closed after {after:?}, before header_timeout");
-    assert!(after < Duration::from_secs(8), "closed after {after:?}: not by header_timeout (1 s)");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    // The trickled head is the next one on a kept-alive connection (the handshake's clock is long over).
+    slow_head_after_a_kept_alive_wait(tls).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -300,12 +314,8 @@ async fn a_stalled_tls_handshake_is_cut_at_header_timeout() {
         let start = Instant::now();
         let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
         s.write_all(sent).await.unwrap();
-        let mut buf = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
-        let after = start.elapsed();
-        assert!(closed.is_ok(), "{case}: the handshake was still open after {after:?}");
-        assert!(after >= Duration::from_millis(950), "{case}: closed after {after:?}, before header_timeout");
-        assert!(after < Duration::from_secs(8), "{case}: closed after {after:?}: not by header_timeout (1 s)");
+        let what = format!("a TLS handshake with {case} (header_timeout 1 s)");
+        assert_closed_between(&mut s, start, Duration::from_millis(950), Duration::from_secs(8), &what).await;
     }
 }
 
@@ -410,27 +420,20 @@ async fn a_quiet_connection_is_closed_at_idle_timeout() {
     let wharf = start_with(dir.path(), toml, up.wharf_args());
     let limit = Duration::from_secs(15);
 
-    // After an answered request.
+    let (lo, hi) = (Duration::from_millis(1900), Duration::from_secs(8));
+
+    // After an answered request: the idle clock starts no earlier than the request was sent.
     let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    let sent = Instant::now();
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
     let head = read_head(&mut s, limit).await;
     assert!(head.starts_with("HTTP/1.1 200"), "the request itself was not answered: {head}");
-    let answered = Instant::now();
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(limit, s.read_to_end(&mut rest)).await;
-    let after = answered.elapsed();
-    assert!(closed.is_ok(), "a quiet keep-alive connection was still open after {after:?}");
-    assert!(after >= Duration::from_millis(1900), "closed {after:?} after the answer, before idle_timeout");
-    assert!(after < Duration::from_secs(8), "closed {after:?} after the answer: not by idle_timeout (2 s)");
+    assert_closed_between(&mut s, sent, lo, hi, "a quiet keep-alive connection (idle_timeout 2 s)").await;
 
     // A connection that never sends anything.
     let opened = Instant::now();
     let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
-    let closed = tokio::time::timeout(limit, s.read_to_end(&mut rest)).await;
-    let after = opened.elapsed();
-    assert!(closed.is_ok(), "a silent connection was still open after {after:?}");
-    assert!(after >= Duration::from_millis(1900), "closed after {after:?}, before idle_timeout");
-    assert!(after < Duration::from_secs(8), "closed after {after:?}: not by idle_timeout (2 s)");
+    assert_closed_between(&mut s, opened, lo, hi, "a silent connection (idle_timeout 2 s)").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -442,12 +445,8 @@ async fn a_connection_that_sends_nothing_is_cut_at_header_timeout() {
     let wharf = start_with(dir.path(), toml, up.wharf_args());
     let opened = Instant::now();
     let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
-    let after = opened.elapsed();
-    assert!(closed.is_ok(), "a silent connection was still open after {after:?}");
-    assert!(after >= Duration::from_millis(950), "closed after {after:?}, before header_timeout");
-    assert!(after < Duration::from_secs(8), "closed after {after:?}: not by header_timeout (1 s)");
+    let (lo, hi) = (Duration::from_millis(950), Duration::from_secs(8));
+    assert_closed_between(&mut s, opened, lo, hi, "a silent connection (header_timeout 1 s)").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
