@@ -129,6 +129,8 @@ impl Meta {
                     format!("{} is in use by another wharf process", path.display()),
                 ));
             }
+            // A full disk is no corruption: the caller retries once there is room, keeping tags and pins.
+            Err(sled::Error::Io(e)) if super::is_disk_full(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, path = %path.display(), "metadata database unreadable; rebuilding it");
                 std::fs::remove_dir_all(path)?;
