@@ -207,6 +207,8 @@ impl Activity {
     fn head_deadline(&self, limit: Duration) -> Option<Instant> {
         match self.head_since.load(Ordering::Relaxed) {
             _ if self.h2.load(Ordering::Relaxed) => None,
+            // A request being answered is never cut by the head clock (its deadline is the request timeout).
+            _ if self.exchanges.load(Ordering::SeqCst) > 0 => None,
             0 => None,
             since => Some(self.start + Duration::from_millis(since - 1) + limit),
         }
@@ -226,8 +228,10 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn new(a: Arc<Activity>) -> Self {
         a.in_flight.fetch_add(1, Ordering::Relaxed);
-        // The head is complete: hyper hands over a request only then.
+        // The head is complete: hyper hands over a request only then. Bytes that came early were (the start
+        // of) this request: the end of an earlier response must not start a head clock for them.
         a.head_since.store(0, Ordering::Relaxed);
+        a.early_bytes.store(false, Ordering::SeqCst);
         InFlight(a)
     }
 }
@@ -391,5 +395,31 @@ impl AsyncWrite for Tracked {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_sent_before_the_last_response_ended_leaves_no_head_clock() {
+        let a = Arc::new(Activity::new());
+        let limit = Duration::from_secs(1);
+        // Request 1 is answered; its body is still going out when the client's next request arrives.
+        let first = Exchange::new(a.clone());
+        drop(InFlight::new(a.clone()));
+        a.read();
+        // hyper dispatches request 2 before it drops request 1's body.
+        let second = Exchange::new(a.clone());
+        let in_flight = InFlight::new(a.clone());
+        drop(first);
+        assert_eq!(a.head_deadline(limit), None, "a request being answered was timed as a head");
+        drop(in_flight);
+        drop(second);
+        assert_eq!(a.head_deadline(limit), None, "the early bytes were request 2's: no head is pending");
+        // Bytes after that are the next head.
+        a.read();
+        assert!(a.head_deadline(limit).is_some());
     }
 }

@@ -409,6 +409,14 @@ async fn waiting_between_requests_or_for_a_response_is_not_a_slow_head() {
     assert!(body == data, "wrong blob bytes");
     let head = read_head(&mut s, limit).await;
     assert!(head.starts_with("HTTP/1.1 200"), "the pipelined request: {head}");
+    let mut body = vec![0u8; content_length(&head)];
+    s.read_exact(&mut body).await.unwrap();
+    // The bytes that came early were the pipelined request's, which was answered: they must not leave a head
+    // clock running on the now quiet connection.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
+    let head = read_head(&mut s, limit).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "a request after the pipelined one: {head}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
