@@ -2,7 +2,7 @@
 //! families wharf registers, so a renamed metric cannot leave a panel silently empty.
 
 use std::collections::BTreeSet;
-use wharf::metrics::{ImageLabel, Metrics, ReasonLabel, RegistryLabel, RequestLabels, UpstreamLabels};
+use wharf::metrics::{ImageLabel, KindLabel, Metrics, ReasonLabel, RegistryLabel, RequestLabels, UpstreamLabels};
 
 /// Metrics with a sample in every labelled family (an empty family is not exported at all).
 fn every_family() -> Metrics {
@@ -18,6 +18,7 @@ fn every_family() -> Metrics {
     m.uncached.get_or_create(&ReasonLabel { reason: "disk_full" }).inc();
     m.warm_ready.get_or_create(&ImageLabel { image: "x".into() }).set(1);
     m.warm_last_success.get_or_create(&ImageLabel { image: "x".into() }).set(1);
+    m.upstream_joined.get_or_create(&KindLabel { kind: "manifest" }).inc();
     m
 }
 
