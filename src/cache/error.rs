@@ -1,6 +1,7 @@
 //! What the cache can report to the API layer.
 
 use crate::oci::Digest;
+use std::sync::Arc;
 
 /// A cache failure; `api` maps each variant to an OCI error.
 #[derive(Debug, thiserror::Error)]
@@ -37,4 +38,27 @@ pub enum Error {
     /// A blocking task panicked or was cancelled.
     #[error("background task failed")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl Error {
+    /// The error of a fill or a shared upstream request, for one of the callers waiting on it: the error
+    /// itself when this caller is the last holder, else a copy of what matters for the answer (the same
+    /// variant where it can be copied; a local I/O error carried as text).
+    pub(crate) fn unshare(e: Arc<Error>) -> Error {
+        let e = match Arc::try_unwrap(e) {
+            Ok(e) => return e,
+            Err(shared) => shared,
+        };
+        match &*e {
+            Error::Upstream(u) => Error::Upstream(u.copy()),
+            Error::DigestMismatch { expected, actual } => {
+                Error::DigestMismatch { expected: expected.clone(), actual: actual.clone() }
+            }
+            Error::SizeMismatch { announced, received } => {
+                Error::SizeMismatch { announced: *announced, received: *received }
+            }
+            Error::Abandoned => Error::Abandoned,
+            other => Error::Io(std::io::Error::other(other.to_string())),
+        }
+    }
 }

@@ -68,25 +68,6 @@ fn flight_key(want_body: bool, registry: &str, repo: &RepoName, reference: &str,
     format!("{method} {registry}/{repo}:{reference} {}", accept.header_value())
 }
 
-/// A shared answer's error for one of its waiters.
-fn unshare(e: Arc<Error>) -> Error {
-    let e = match Arc::try_unwrap(e) {
-        Ok(e) => return e,
-        Err(shared) => shared,
-    };
-    match &*e {
-        Error::Upstream(u) => Error::Upstream(u.copy()),
-        Error::DigestMismatch { expected, actual } => {
-            Error::DigestMismatch { expected: expected.clone(), actual: actual.clone() }
-        }
-        Error::SizeMismatch { announced, received } => {
-            Error::SizeMismatch { announced: *announced, received: *received }
-        }
-        Error::Abandoned => Error::Abandoned,
-        other => Error::Io(std::io::Error::other(other.to_string())),
-    }
-}
-
 impl Cache {
     /// GET (`want_body`) or HEAD a manifest by tag or digest. Whatever needs the upstream is shared with
     /// concurrent requests for the same thing and runs to its end even if this request is dropped.
@@ -133,7 +114,7 @@ impl Cache {
             async move { work.await.map_err(Arc::new) }
         };
         let (answer, joined) = self.shared.manifest_flights.run(key, shared).await.map_err(|_| Error::Abandoned)?;
-        let mut answer = answer.map_err(unshare)?;
+        let mut answer = answer.map_err(Error::unshare)?;
         if joined && answer.outcome == Outcome::Miss {
             answer.outcome = Outcome::Coalesced;
         }
@@ -142,8 +123,12 @@ impl Cache {
 
     /// The tag's entry, if within the freshness window.
     fn fresh_tag(&self, key: &str) -> Result<Option<TagEntry>, Error> {
-        let now = now_secs();
-        Ok(self.shared.meta.tag(key)?.filter(|e| now < e.checked_at.saturating_add(self.shared.tag_ttl)))
+        Ok(self.shared.meta.tag(key)?.filter(|e| self.is_fresh(e, now_secs())))
+    }
+
+    /// Whether `entry` was checked with the upstream within `tag_ttl` of `now`.
+    fn is_fresh(&self, entry: &TagEntry, now: u64) -> bool {
+        now < entry.checked_at.saturating_add(self.shared.tag_ttl)
     }
 
     /// A manifest by digest that is not cached: asks the upstream, shared with concurrent requests.
@@ -201,7 +186,7 @@ impl Cache {
         let known = self.shared.meta.tag(key)?;
         let now = now_secs();
         // A flight that ended just before this one started may have refreshed it.
-        if let Some(entry) = known.as_ref().filter(|e| now < e.checked_at.saturating_add(self.shared.tag_ttl)) {
+        if let Some(entry) = known.as_ref().filter(|e| self.is_fresh(e, now)) {
             return self.answer_from_entry(client, repo, entry, accept, want_body, Outcome::Hit).await;
         }
         let Some(entry) = known else {

@@ -220,7 +220,7 @@ impl Cache {
                 (fill, Outcome::Miss)
             }
         };
-        let size = fill.wait_started().await.map_err(unshare)?;
+        let size = fill.wait_started().await.map_err(Error::unshare)?;
         Ok((BlobHandle { source: reader::Source::Filling(fill), size, guard }, outcome))
     }
 
@@ -238,7 +238,7 @@ impl Cache {
             reader::Source::Filling(fill) => match fill.wait_done().await {
                 // Refused before its first byte: it can never be cached, which is all a warm-up can do.
                 Err(_) if fill.refused() => Ok(handle.size.unwrap_or_default()),
-                done => done.map_err(unshare),
+                done => done.map_err(Error::unshare),
             },
         }
     }
@@ -378,7 +378,7 @@ impl Cache {
             return false;
         }
         let Ok((total, used)) = self.shared.store.filesystem() else { return true };
-        let reserve = s.min_free_bytes.min(total / 10);
+        let reserve = store::reserve(total, s.min_free_bytes);
         let after = used.saturating_add(size);
         total == 0
             || (after.saturating_mul(100) <= total.saturating_mul(u64::from(s.high_watermark))
@@ -429,25 +429,6 @@ impl Cache {
 /// ENOSPC and EDQUOT: the disk (or the quota) is full.
 fn is_disk_full(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-}
-
-/// A fill's error is shared by all its readers; each request gets its own copy of what matters.
-fn unshare(e: Arc<Error>) -> Error {
-    match Arc::try_unwrap(e) {
-        Ok(e) => e,
-        Err(shared) => match &*shared {
-            Error::Upstream(u) => Error::Upstream(match u {
-                crate::upstream::Error::NotFound => crate::upstream::Error::NotFound,
-                crate::upstream::Error::Unauthorized => crate::upstream::Error::Unauthorized,
-                crate::upstream::Error::Denied => crate::upstream::Error::Denied,
-                crate::upstream::Error::RateLimited => crate::upstream::Error::RateLimited,
-                crate::upstream::Error::Status(s) => crate::upstream::Error::Status(*s),
-                other => crate::upstream::Error::Protocol(other.to_string()),
-            }),
-            Error::Abandoned => Error::Abandoned,
-            other => Error::Io(std::io::Error::other(other.to_string())),
-        },
-    }
 }
 
 // ---- Cache-only lookups for the admin API (added with src/admin.rs; nothing here contacts an upstream). ----

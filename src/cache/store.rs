@@ -239,7 +239,7 @@ impl BlobStore {
     /// leave of it: `min_free`, but at most a tenth of the filesystem.
     pub fn free_and_reserve(&self, min_free: u64) -> io::Result<(u64, u64)> {
         let (capacity, used) = self.filesystem()?;
-        Ok((capacity.saturating_sub(used), min_free.min(capacity / 10)))
+        Ok((capacity.saturating_sub(used), reserve(capacity, min_free)))
     }
 
     fn scan(&self, kind: &str) -> io::Result<Vec<(Digest, u64)>> {
@@ -260,6 +260,12 @@ impl BlobStore {
         }
         Ok(out)
     }
+}
+
+/// The free space fills leave on a filesystem of `capacity` bytes: `min_free`, but at most a tenth of it (a
+/// small filesystem still takes blobs).
+pub fn reserve(capacity: u64, min_free: u64) -> u64 {
+    min_free.min(capacity / 10)
 }
 
 #[cfg(test)]
