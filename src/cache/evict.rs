@@ -117,7 +117,9 @@ impl Cache {
         let mut report = GcReport { needed_bytes: self.needed_bytes(incoming), ..Default::default() };
         let now = now_millis();
         let idle_before = (s.settings.max_idle_age > 0).then(|| now.saturating_sub(s.settings.max_idle_age * 1000));
-        let min_age_before = now.saturating_sub(s.settings.min_age * 1000);
+        // No minimum age at 0: access stamps may run ahead of the clock (they are strictly increasing), so a
+        // cut-off at `now` could stop a pass at a blob used in this very millisecond.
+        let min_age_before = (s.settings.min_age > 0).then(|| now.saturating_sub(s.settings.min_age * 1000));
         let keep = self.protected()?;
         let meta = s.meta.handle()?;
         for item in meta.lru() {
@@ -126,7 +128,7 @@ impl Cache {
             if report.evicted_bytes >= report.needed_bytes && !idle {
                 break;
             }
-            if !idle && last_access > min_age_before {
+            if !idle && min_age_before.is_some_and(|t| last_access > t) {
                 break; // Everything after this was used more recently still.
             }
             if keep.contains(&digest) || s.inflight.get(&digest).is_some() {

@@ -79,6 +79,25 @@ async fn a_budget_smaller_than_the_images_evicts_least_recently_used_first() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn without_a_minimum_age_even_blobs_used_this_millisecond_can_go() {
+    let fake = FakeUpstream::start().await;
+    let (a, _) = fake.add_random_blob(4 * MIB);
+    let (b, _) = fake.add_random_blob(4 * MIB);
+    let (c, _) = fake.add_random_blob(4 * MIB);
+    let s = setup(&fake);
+    s.pull(&a).await;
+    s.pull(&b).await;
+    // Access stamps are strictly increasing: a burst of reads runs them ahead of the wall clock.
+    for _ in 0..2000 {
+        s.touch(&b).await;
+    }
+    s.touch(&a).await;
+    s.pull(&c).await;
+    assert!(!s.cached(&b), "b, the least recently used, was kept (the pass stopped at a stamp ahead of the clock)");
+    assert!(s.cached(&a) && s.cached(&c));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_pinned_blob_survives_and_the_next_one_goes() {
     let fake = FakeUpstream::start().await;
     let (a, _) = fake.add_random_blob(4 * MIB);
