@@ -58,6 +58,27 @@ pub struct ServeArgs {
     /// Shorthand for `--log-format json`.
     #[arg(long, conflicts_with = "log_format")]
     pub json: bool,
+    /// Serve the peer API here and join the cluster (`cluster.peer_listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<String>,
+    /// Static peer list, `HOST:PORT,...` (may include this node).
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
+    pub peers: Option<Vec<String>>,
+    /// File with one peer `host:port` a line, re-read when it changes.
+    #[arg(long, value_name = "FILE")]
+    pub peers_file: Option<PathBuf>,
+    /// Headless Service `name:port` whose records are the peers.
+    #[arg(long, value_name = "NAME:PORT")]
+    pub peers_dns: Option<String>,
+    /// Nameserver for `--peers-dns` instead of the system resolver.
+    #[arg(long, value_name = "IP:PORT")]
+    pub peer_dns_server: Option<String>,
+    /// The shared peer keys, one a line (the first signs).
+    #[arg(long, value_name = "FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// This node's peer address as the others see it (when `--peer-listen` is a wildcard).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub peer_self: Option<String>,
 }
 
 impl ServeArgs {
@@ -71,6 +92,15 @@ impl ServeArgs {
             credentials_file: self.credentials.clone(),
             log_format: if self.json { Some(LogFormat::Json) } else { self.log_format },
             upstreams: self.upstreams.clone(),
+            cluster: crate::config::ClusterOverrides {
+                peer_listen: self.peer_listen.clone(),
+                peers: self.peers.clone(),
+                peers_file: self.peers_file.clone(),
+                peers_dns: self.peers_dns.clone(),
+                dns_server: self.peer_dns_server.clone(),
+                key_file: self.peer_key_file.clone(),
+                self_addr: self.peer_self.clone(),
+            },
         }
     }
 }

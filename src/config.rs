@@ -55,6 +55,8 @@ pub struct Config {
     pub access: AccessSettings,
     /// Limits and timeouts of the registry listener, and optional TLS.
     pub server: ServerSettings,
+    /// Cooperation with the wharf instances on other nodes (off unless `peer_listen` is set).
+    pub cluster: ClusterSettings,
     /// Registries wharf mirrors, keyed by the name clients use (`docker.io`, `ghcr.io`, `myreg:5000`).
     pub registries: BTreeMap<String, RegistryConfig>,
 }
@@ -258,6 +260,77 @@ impl Default for ServerSettings {
     }
 }
 
+/// The cluster tier: instances on several nodes fetch each blob from the upstream once per cluster and stream
+/// it to each other. Off (a single node) while `peer_listen` is empty.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// Address of the peer API, a listener of its own (never the client API), e.g. `10.0.0.5:5001`.
+    pub peer_listen: String,
+    /// This node's peer address as the others see it; defaults to `peer_listen` (needed when that is a
+    /// wildcard address).
+    #[serde(rename = "self")]
+    pub self_addr: String,
+    /// A static list of peers (`host:port`), which may include this node.
+    pub peers: Vec<String>,
+    /// A file with one `host:port` a line (`#` starts a comment), re-read when it changes.
+    pub peers_file: Option<PathBuf>,
+    /// `name:port` of a headless Service: every A/AAAA record is a peer, re-resolved every `dns_interval`.
+    pub peers_dns: String,
+    /// Nameserver (`ip:port`) to resolve `peers_dns` at, instead of the system resolver.
+    pub dns_server: String,
+    /// Seconds between two resolutions of `peers_dns` (and checks of `peers_file`).
+    pub dns_interval: u64,
+    /// The shared peer keys, one a line, each 32 or more printable characters: the first signs, every one
+    /// verifies (two at once while a key is rotated).
+    pub key_file: Option<PathBuf>,
+    /// Milliseconds to connect to a peer before trying the next one.
+    pub connect_timeout_ms: u64,
+    /// Seconds without a byte from a peer before its fill is checked, and the transfer resumed elsewhere
+    /// unless the peer is itself waiting for the upstream.
+    pub stall_timeout: u64,
+    /// Seconds a peer that refused, timed out or sent wrong bytes is skipped.
+    pub suspect_for: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            peer_listen: String::new(),
+            self_addr: String::new(),
+            peers: Vec::new(),
+            peers_file: None,
+            peers_dns: String::new(),
+            dns_server: String::new(),
+            dns_interval: 5,
+            key_file: None,
+            connect_timeout_ms: 500,
+            stall_timeout: 10,
+            suspect_for: 30,
+        }
+    }
+}
+
+impl fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterSettings")
+            .field("peer_listen", &self.peer_listen)
+            .field("self", &self.self_addr)
+            .field("peers", &self.peers)
+            .field("peers_file", &self.peers_file)
+            .field("peers_dns", &self.peers_dns)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterSettings {
+    /// Whether the cluster tier is on.
+    pub fn enabled(&self) -> bool {
+        !self.peer_listen.is_empty()
+    }
+}
+
 /// Whether a registry's content may be private.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -350,6 +423,7 @@ impl Default for Config {
             admin: AdminSettings::default(),
             access: AccessSettings::default(),
             server: ServerSettings::default(),
+            cluster: ClusterSettings::default(),
             registries: BUILTIN_REGISTRIES.iter().map(|(n, u)| (n.to_string(), RegistryConfig::at(u))).collect(),
         }
     }
@@ -385,6 +459,28 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     /// `--upstream NAME=URL`, repeatable.
     pub upstreams: Vec<(String, String)>,
+    /// `--peer-listen`, `--peers`, `--peers-file`, `--peers-dns`, `--peer-dns-server`, `--peer-key-file`,
+    /// `--peer-self`.
+    pub cluster: ClusterOverrides,
+}
+
+/// Cluster flags; `None` leaves the lower layers alone.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterOverrides {
+    /// `--peer-listen`.
+    pub peer_listen: Option<String>,
+    /// `--peers` (comma-separated).
+    pub peers: Option<Vec<String>>,
+    /// `--peers-file`.
+    pub peers_file: Option<PathBuf>,
+    /// `--peers-dns`.
+    pub peers_dns: Option<String>,
+    /// `--peer-dns-server`.
+    pub dns_server: Option<String>,
+    /// `--peer-key-file`.
+    pub key_file: Option<PathBuf>,
+    /// `--peer-self`.
+    pub self_addr: Option<String>,
 }
 
 impl Config {
@@ -425,6 +521,26 @@ impl Config {
         }
         if let Some(v) = o.log_format {
             self.log_format = v;
+        }
+        let (c, oc) = (&mut self.cluster, &o.cluster);
+        for (field, value) in [
+            (&mut c.peer_listen, &oc.peer_listen),
+            (&mut c.peers_dns, &oc.peers_dns),
+            (&mut c.dns_server, &oc.dns_server),
+            (&mut c.self_addr, &oc.self_addr),
+        ] {
+            if let Some(v) = value {
+                field.clone_from(v);
+            }
+        }
+        if let Some(v) = &oc.peers {
+            c.peers.clone_from(v);
+        }
+        if let Some(v) = &oc.peers_file {
+            c.peers_file = Some(v.clone());
+        }
+        if let Some(v) = &oc.key_file {
+            c.key_file = Some(v.clone());
         }
         for (name, url) in &o.upstreams {
             let entry = self.registries.entry(name.clone()).or_insert_with(|| RegistryConfig::at(url));
@@ -512,11 +628,52 @@ impl Config {
                 reason: "limits must be at least 1".into(),
             });
         }
+        self.validate_cluster()?;
         if !self.registries.contains_key(&self.default_registry) {
             return Err(Error::Value {
                 key: "default_registry".into(),
                 reason: format!("{:?} is not a configured registry", self.default_registry),
             });
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_cluster(&self) -> Result<(), Error> {
+        let c = &self.cluster;
+        let bad = |key: &str, reason: &str| Error::Value { key: format!("cluster.{key}"), reason: reason.into() };
+        if !c.enabled() {
+            return Ok(());
+        }
+        let listen: SocketAddr =
+            c.peer_listen.parse().map_err(|_| bad("peer_listen", "not an address such as 10.0.0.5:5001"))?;
+        if listen == self.listen {
+            return Err(bad("peer_listen", "the peer API needs a listener of its own, not the client API's"));
+        }
+        if c.self_addr.is_empty() && listen.ip().is_unspecified() {
+            return Err(bad(
+                "self",
+                "needed when peer_listen is a wildcard address: this node's address as the others see it",
+            ));
+        }
+        if !c.self_addr.is_empty() && c.self_addr.parse::<SocketAddr>().is_err() {
+            return Err(bad("self", "not an address such as 10.0.0.5:5001"));
+        }
+        if c.peers.is_empty() && c.peers_file.is_none() && c.peers_dns.is_empty() {
+            return Err(bad("peers", "the cluster needs peers, peers_file or peers_dns"));
+        }
+        if c.key_file.is_none() {
+            return Err(bad("key_file", "peer requests are signed: the cluster needs the shared key file"));
+        }
+        if !c.peers_dns.is_empty() && c.peers_dns.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+            return Err(bad("peers_dns", "expected name:port of a headless Service"));
+        }
+        if !c.dns_server.is_empty() && c.dns_server.parse::<SocketAddr>().is_err() {
+            return Err(bad("dns_server", "not an address such as 127.0.0.1:53"));
+        }
+        if c.stall_timeout == 0 || c.connect_timeout_ms == 0 || c.dns_interval == 0 {
+            return Err(bad("stall_timeout", "cluster timeouts must be at least 1"));
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod api;
 pub mod cache;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod node_setup;

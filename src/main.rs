@@ -70,6 +70,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         });
     }
+    if let Some(cluster) = state.cache.cluster().cloned() {
+        let peer_listen = &state.config.cluster.peer_listen;
+        let listener =
+            tokio::net::TcpListener::bind(peer_listen).await.with_context(|| format!("binding {peer_listen}"))?;
+        tracing::info!(id = cluster.id(), "peer API listening on http://{}", listener.local_addr()?);
+        cluster.spawn_membership(stop.clone()).await;
+        let router = wharf::api::peer::router(state.clone());
+        let mut listen = wharf::server::Listen::plain();
+        // Every node may stream several blobs from this one at once.
+        listen.max_connections = 1024;
+        let stopped = stop.clone().cancelled_owned();
+        cluster.set_listening(true);
+        tokio::spawn(async move {
+            if let Err(e) = wharf::server::serve_until(listener, router, &listen, stopped, grace).await {
+                tracing::error!(error = %e, "peer API listener failed");
+            }
+            cluster.set_listening(false);
+        });
+    }
     tracing::info!(data_dir = %data_dir.display(), "wharf {} listening on {scheme}://{addr}", env!("CARGO_PKG_VERSION"));
     let shutdown = async move {
         wharf::server::shutdown_signal().await;

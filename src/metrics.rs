@@ -66,6 +66,13 @@ pub struct ImageLabel {
     pub image: String,
 }
 
+/// The direction of peer traffic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `in` (received from peers) or `out` (sent to peers).
+    pub direction: &'static str,
+}
+
 /// Every metric wharf exports.
 pub struct Metrics {
     registry: Registry,
@@ -117,6 +124,16 @@ pub struct Metrics {
     pub metadata_failures: Counter,
     /// 1 while the metadata database is failed and being reopened, else 0.
     pub metadata_degraded: Gauge,
+    /// Blob bytes received from (`in`) and sent to (`out`) peers.
+    pub peer_bytes: Family<DirectionLabel, Counter>,
+    /// Times a peer could not supply a blob or manifest and the next source was used, by reason.
+    pub peer_fallbacks: Family<ReasonLabel, Counter>,
+    /// Blobs whose bytes from a peer failed verification.
+    pub peer_corrupt: Counter,
+    /// Peers in this node's current view (itself included when listed).
+    pub peers_ready: Gauge,
+    /// Changes of the peer view; each moves the owners of the keys of the peers that came or went.
+    pub owner_changes: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -161,6 +178,11 @@ impl Metrics {
             upstream_joined: Family::default(),
             metadata_failures: Counter::default(),
             metadata_degraded: Gauge::default(),
+            peer_bytes: Family::default(),
+            peer_fallbacks: Family::default(),
+            peer_corrupt: Counter::default(),
+            peers_ready: Gauge::default(),
+            owner_changes: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -244,6 +266,24 @@ impl Metrics {
             "metadata_degraded",
             "1 while the metadata database is failed and being reopened (blobs and manifests served from the files)",
             m.metadata_degraded.clone(),
+        );
+        r.register_with_unit(
+            "peer",
+            "Blob bytes received from (in) and sent to (out) other wharf instances",
+            prometheus_client::registry::Unit::Bytes,
+            m.peer_bytes.clone(),
+        );
+        r.register(
+            "peer_fallbacks",
+            "Times a peer could not supply content and the next source was used, by reason",
+            m.peer_fallbacks.clone(),
+        );
+        r.register("peer_corrupt", "Blobs whose bytes from a peer failed verification", m.peer_corrupt.clone());
+        r.register("peers_ready", "Peers in this node's current view of the cluster", m.peers_ready.clone());
+        r.register(
+            "owner_changes",
+            "Changes of the peer view (each moves the owners of the peers that came or went)",
+            m.owner_changes.clone(),
         );
         Metrics { registry, ..m }
     }

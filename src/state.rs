@@ -32,6 +32,9 @@ pub enum OpenError {
     /// A client token's pattern is invalid.
     #[error(transparent)]
     Access(#[from] crate::access::PatternError),
+    /// The cluster tier could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::SetupError),
     /// The data directory could not be opened.
     #[error("opening the data directory")]
     Cache(#[from] crate::cache::Error),
@@ -44,6 +47,9 @@ impl AppState {
         let upstreams = Upstreams::from_config(&config, metrics.clone())?;
         let access = Arc::new(Access::from_config(&config)?);
         let cache = Cache::open(&config, metrics.clone(), tasks)?;
+        if let Some(cluster) = crate::cluster::Cluster::from_settings(&config.cluster, metrics.clone())? {
+            cache.set_cluster(cluster);
+        }
         Ok(AppState { config: Arc::new(config), upstreams, cache, metrics, access })
     }
 }

@@ -20,9 +20,13 @@ pub async fn get(
     headers: &HeaderMap,
     delivery: reader::Delivery,
 ) -> Result<Response, Error> {
-    let Routed { state, client, repo } = routed;
-    let (handle, outcome) =
-        state.cache.blob(&client, &repo, &digest).await.map_err(|e| Error::cache(&e, Subject::Blob))?;
+    let Routed { state, client, repo, from_peer } = routed;
+    let answer = if from_peer {
+        state.cache.blob_for_peer(&client, &repo, &digest).await
+    } else {
+        state.cache.blob(&client, &repo, &digest).await
+    };
+    let (handle, outcome) = answer.map_err(|e| Error::cache(&e, Subject::Blob))?;
     let BlobHandle { source, size, guard } = handle;
     let size = match (size, &source) {
         (Some(size), _) => size,
@@ -115,7 +119,7 @@ impl<S: Stream<Item = std::io::Result<bytes::Bytes>> + Unpin> Stream for HeadFir
 
 /// `HEAD /v2/<name>/blobs/<digest>`: never starts a download.
 pub async fn head(routed: Routed, digest: Digest) -> Result<Response, Error> {
-    let Routed { state, client, repo } = routed;
+    let Routed { state, client, repo, .. } = routed;
     let (size, outcome) =
         state.cache.blob_info(&client, &repo, &digest).await.map_err(|e| Error::cache(&e, Subject::Blob))?;
     let mut resp = Response::new(Body::empty());

@@ -112,6 +112,8 @@ impl Error {
             }
             // Its request was cancelled or its task failed: a retry starts a new fill.
             cache::Error::Abandoned => Error::new(OciCode::Unavailable, e.to_string()),
+            // A peer asked this node for a blob it is itself fetching from a peer: the asker falls back.
+            cache::Error::ViaPeer => Error::new(OciCode::Unavailable, e.to_string()),
             cache::Error::Io(_) | cache::Error::Meta(_) | cache::Error::Task(_) => {
                 tracing::error!(error = %e, source = ?std::error::Error::source(e), "internal error");
                 Error::new(OciCode::Unknown, "internal error")

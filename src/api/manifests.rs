@@ -16,13 +16,14 @@ pub async fn get_or_head(
     headers: &HeaderMap,
     want_body: bool,
 ) -> Result<Response, Error> {
-    let Routed { state, client, repo } = routed;
+    let Routed { state, client, repo, from_peer } = routed;
     let accept = AcceptSet::from_headers(headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
-    let answer = state
-        .cache
-        .manifest(&client, &repo, &reference, &accept, want_body)
-        .await
-        .map_err(|e| Error::cache(&e, Subject::Manifest))?;
+    let answer = if from_peer {
+        state.cache.manifest_for_peer(&client, &repo, &reference, &accept, want_body).await
+    } else {
+        state.cache.manifest(&client, &repo, &reference, &accept, want_body).await
+    };
+    let answer = answer.map_err(|e| Error::cache(&e, Subject::Manifest))?;
     let info = &answer.info;
     let etag = format!("\"{}\"", info.digest);
     let mut resp = match answer.bytes {

@@ -7,6 +7,7 @@ mod manifests;
 mod ops;
 mod passthrough;
 pub mod path;
+pub mod peer;
 pub mod range;
 
 use crate::access::{Denied, Target};
@@ -46,6 +47,8 @@ pub struct Routed {
     pub client: Arc<RegistryClient>,
     /// The repository as the upstream names it.
     pub repo: RepoName,
+    /// A peer's request (peer API): served from this node or its upstream, never from another peer.
+    pub from_peer: bool,
 }
 
 /// The application: `/v2/` API, health endpoints, request log and API-version header.
@@ -100,7 +103,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             .check(&state.cache, &client, &repo, target, authorization)
             .await
             .map_err(|e| denial(e, subject))?;
-        let routed = Routed { state: state.clone(), client, repo };
+        let routed = Routed { state: state.clone(), client, repo, from_peer: false };
         let head = method == Method::HEAD;
         match endpoint {
             Endpoint::Blob(_, digest) if head => blobs::head(routed, digest).await,

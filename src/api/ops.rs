@@ -1,5 +1,5 @@
-//! Operational endpoints: `/healthz` (the process answers) and `/readyz` (the data directory is writable and
-//! the metadata database works).
+//! Operational endpoints: `/healthz` (the process answers) and `/readyz` (the data directory is writable, the
+//! metadata database works, and with a cluster the peer listener serves).
 
 use crate::state::AppState;
 use axum::extract::State;
@@ -27,6 +27,9 @@ pub async fn healthz() -> &'static str {
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     if !state.cache.metadata_healthy() {
         return (StatusCode::SERVICE_UNAVAILABLE, "metadata database unavailable\n");
+    }
+    if state.cache.cluster().is_some_and(|c| !c.is_listening()) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "peer API listener not serving\n");
     }
     let store = state.cache.store().clone();
     match tokio::task::spawn_blocking(move || store.temp().map(drop)).await {

@@ -35,6 +35,10 @@ pub enum Error {
     /// task panicked), or a shared manifest fetch panicked; the next request starts anew.
     #[error("the upstream fetch was abandoned before it ended; a retry starts anew")]
     Abandoned,
+    /// A peer asked for a blob this node is itself fetching from a peer. Serving it would have the two wait
+    /// on each other (their views of the cluster disagree), so the peer is told to use its next source.
+    #[error("this node is fetching the blob from a peer itself")]
+    ViaPeer,
     /// A blocking task panicked or was cancelled.
     #[error("background task failed")]
     Task(#[from] tokio::task::JoinError),
@@ -58,6 +62,7 @@ impl Error {
                 Error::SizeMismatch { announced: *announced, received: *received }
             }
             Error::Abandoned => Error::Abandoned,
+            Error::ViaPeer => Error::ViaPeer,
             other => Error::Io(std::io::Error::other(other.to_string())),
         }
     }

@@ -6,6 +6,7 @@
 //! that prefix as it grows. An upstream that ignores ranges is streamed in one piece.
 
 use super::Error;
+use super::origin::{Origins, skip_bytes};
 use super::reader::map_chunk;
 use super::store::{BlobStore, TempFile};
 use crate::oci::{Digest, RepoName, Verifier};
@@ -14,8 +15,9 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 
 /// Bytes mapped at a time to hash the file's prefix (resident while mapped, so kept small).
@@ -107,6 +109,30 @@ pub struct Fill {
     origin: OnceLock<(Arc<RegistryClient>, RepoName)>,
     /// Set when the cache refused the blob before its first byte (it can never fit).
     refused: AtomicBool,
+    /// Set while the bytes come from a peer (see [`Fill::via_peer`]).
+    via_peer: AtomicBool,
+    /// When the fill started, and (in milliseconds after that) when its source last sent bytes.
+    started: Instant,
+    touched_ms: AtomicU64,
+}
+
+/// What a fill has received so far, carried from one source to the next: the contiguous prefix written,
+/// the hash over it, the size the first source announced, and the peers that sent bytes.
+struct Resume {
+    written: Arc<AtomicU64>,
+    verifier: Arc<Mutex<Verifier>>,
+    total: Option<u64>,
+    senders: Vec<String>,
+}
+
+/// What one peer attempt came to.
+enum Step {
+    /// Verified: the size.
+    Done(u64),
+    /// The cache refused the blob (it can never fit).
+    Refused,
+    /// Try the next source, from where this one stopped.
+    Next,
 }
 
 /// Per-chunk byte counts and the contiguous prefix they add up to.
@@ -144,7 +170,26 @@ impl Fill {
             state: watch::Sender::new(FillState::Starting),
             origin: OnceLock::new(),
             refused: AtomicBool::new(false),
+            via_peer: AtomicBool::new(false),
+            started: Instant::now(),
+            touched_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the bytes come from a peer right now. A peer's request for this blob is then refused (the
+    /// two nodes' views disagree, and serving it could have each wait on the other).
+    pub fn via_peer(&self) -> bool {
+        self.via_peer.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the source last sent bytes (since the start, before the first byte).
+    pub fn stalled_ms(&self) -> u64 {
+        (self.started.elapsed().as_millis() as u64).saturating_sub(self.touched_ms.load(Ordering::Relaxed))
+    }
+
+    /// The state now.
+    pub fn state(&self) -> FillState {
+        self.state.borrow().clone()
     }
 
     /// Records where the blob comes from (before the fill starts).
@@ -228,6 +273,7 @@ impl Fill {
     }
 
     fn publish_prefix(&self, prefix: u64) {
+        self.touched_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.state.send_modify(|s| {
             if let FillState::Streaming { written, .. } = s {
                 *written = prefix;
@@ -235,15 +281,176 @@ impl Fill {
         });
     }
 
-    /// Downloads the blob into `temp` and checks size and digest. Returns the size, or `None` when `admit`,
-    /// asked with the announced size before the first byte is written, said no.
+    /// Downloads the blob into `temp` and checks size and digest: from the peers in `origins` first, each
+    /// resuming where the previous one stopped, then from the registry. Returns the size, or `None` when
+    /// `admit`, asked with the announced size before the first byte is written, said no.
     pub async fn download<F: std::future::Future<Output = bool>>(
+        self: &Arc<Self>,
+        temp: &TempFile,
+        origins: &Origins,
+        plan: FillPlan,
+        reserve: &Reserve,
+        admit: impl FnOnce(Option<u64>) -> F,
+    ) -> Result<Option<u64>, Error> {
+        let mut admit = Some(admit);
+        let mut resume = Resume {
+            written: Arc::default(),
+            verifier: Arc::new(Mutex::new(Verifier::new(self.digest.algorithm()))),
+            total: None,
+            senders: Vec::new(),
+        };
+        for peer in &origins.peers {
+            self.via_peer.store(true, Ordering::Relaxed);
+            match self.try_peer(temp, origins, peer, &mut resume, reserve, &mut admit).await? {
+                Step::Done(size) => return Ok(Some(size)),
+                Step::Refused => return Ok(None),
+                Step::Next => {}
+            }
+        }
+        self.via_peer.store(false, Ordering::Relaxed);
+        let client = &*origins.registry;
+        if resume.written.load(Ordering::Relaxed) == 0 {
+            let size = self.fetch_registry(temp, (client, &origins.repo), plan, reserve, admit).await?;
+            if let Some(size) = size {
+                client.count_fetched(size);
+            }
+            return Ok(size);
+        }
+        self.resume_from_registry(temp, origins, &mut resume, reserve).await.map(Some)
+    }
+
+    /// One attempt at `peer`, from where the previous source stopped.
+    async fn try_peer<F: std::future::Future<Output = bool>>(
+        self: &Arc<Self>,
+        temp: &TempFile,
+        origins: &Origins,
+        peer: &str,
+        resume: &mut Resume,
+        reserve: &Reserve,
+        admit: &mut Option<impl FnOnce(Option<u64>) -> F>,
+    ) -> Result<Step, Error> {
+        let cluster = origins.cluster.as_ref().expect("peer origins come with a cluster");
+        let from = resume.written.load(Ordering::Relaxed);
+        let next = |reason: &'static str, suspect: bool| {
+            cluster.count_fallback(reason);
+            if suspect {
+                cluster.suspect(peer, reason);
+            }
+            Ok(Step::Next)
+        };
+        let answer = match origins.open_peer(peer, &self.digest, from).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(%peer, digest = %self.digest, error = %e, "peer could not supply the blob; next source");
+                return next(e.reason(), e.is_unreachable());
+            }
+        };
+        if resume.total.is_some_and(|t| t != answer.total) {
+            return next("protocol", true);
+        }
+        let total = answer.total;
+        if resume.total.is_none() {
+            resume.total = Some(total);
+            self.state.send_replace(FillState::Streaming { written: from, total: Some(total) });
+        }
+        if let Some(admit) = admit.take()
+            && !admit(Some(total)).await
+        {
+            return Ok(Step::Refused);
+        }
+        resume.senders.push(peer.to_owned());
+        let result = self.write_resumable(temp, resume, total, answer.body, reserve).await;
+        let got = resume.written.load(Ordering::Relaxed) - from;
+        cluster.count_bytes("in", got);
+        match result {
+            Ok(()) if from + got == total => {}
+            Ok(()) => return next("short", false),
+            Err(Error::Upstream(e)) => {
+                let stalled = answer.stalled.load(Ordering::Relaxed);
+                tracing::warn!(%peer, digest = %self.digest, error = %e, at = from + got, "peer transfer broke; resuming from the next source");
+                return next(if stalled { "stalled" } else { "broken" }, true);
+            }
+            Err(Error::SizeMismatch { .. }) => return next("protocol", true),
+            Err(e) => return Err(e),
+        }
+        match self.finish(resume, total) {
+            Ok(size) => Ok(Step::Done(size)),
+            Err(e) => {
+                for sender in &resume.senders {
+                    cluster.suspect(sender, "sent bytes that failed verification");
+                }
+                cluster.count_corrupt();
+                tracing::error!(digest = %self.digest, peers = ?resume.senders, error = %e, "bytes from a peer failed verification; nothing committed");
+                Err(e)
+            }
+        }
+    }
+
+    /// The rest of a blob from the registry, after a peer stopped part way.
+    async fn resume_from_registry(
+        self: &Arc<Self>,
+        temp: &TempFile,
+        origins: &Origins,
+        resume: &mut Resume,
+        reserve: &Reserve,
+    ) -> Result<u64, Error> {
+        let from = resume.written.load(Ordering::Relaxed);
+        let total = resume.total.expect("a peer that sent bytes announced the size");
+        let client = &*origins.registry;
+        let blob = client.get_blob(&origins.repo, &self.digest, Some((from, total - 1))).await?;
+        // An upstream that ignores the range sends the whole blob: the first `from` bytes are dropped.
+        let skip = if blob.partial.is_some() { 0 } else { from };
+        let result = self.write_resumable(temp, resume, total, skip_bytes(blob.body, skip), reserve).await;
+        client.count_fetched(resume.written.load(Ordering::Relaxed) - from + skip);
+        result?;
+        let written = resume.written.load(Ordering::Relaxed);
+        if written != total {
+            return Err(Error::SizeMismatch { announced: total, received: written });
+        }
+        self.finish(resume, total).inspect_err(|_| {
+            if let Some(cluster) = &origins.cluster {
+                for sender in &resume.senders {
+                    cluster.suspect(sender, "sent bytes that failed verification");
+                }
+                cluster.count_corrupt();
+            }
+        })
+    }
+
+    /// Writes `body` at the resume point, hashing and publishing as it goes; `resume` keeps what landed
+    /// even when the body breaks.
+    async fn write_resumable(
+        self: &Arc<Self>,
+        temp: &TempFile,
+        resume: &Resume,
+        total: u64,
+        body: futures_util::stream::BoxStream<'static, Result<Bytes, upstream::Error>>,
+        reserve: &Reserve,
+    ) -> Result<(), Error> {
+        let from = resume.written.load(Ordering::Relaxed);
+        let (me, v, w) = (self.clone(), resume.verifier.clone(), resume.written.clone());
+        write_at(&temp.file, from, Some(total - from), reserve, body, move |bytes, written| {
+            v.lock().unwrap().update(bytes);
+            w.store(from + written, Ordering::Relaxed);
+            me.publish_prefix(from + written);
+        })
+        .await
+        .map(drop)
+    }
+
+    fn finish(&self, resume: &Resume, size: u64) -> Result<u64, Error> {
+        let verifier = std::mem::replace(&mut *resume.verifier.lock().unwrap(), Verifier::new(self.digest.algorithm()));
+        self.check(verifier.finish(), size)
+    }
+
+    /// The registry path from the first byte: several range requests at once for a large blob.
+    async fn fetch_registry<F: std::future::Future<Output = bool>>(
         self: &Arc<Self>,
         temp: &TempFile,
         (client, repo): (&RegistryClient, &RepoName),
         plan: FillPlan,
         reserve: &Reserve,
-        admit: impl FnOnce(Option<u64>) -> F,
+        admit: Option<impl FnOnce(Option<u64>) -> F>,
     ) -> Result<Option<u64>, Error> {
         let ranged = plan.concurrency > 1 && plan.chunk_size > 0;
         let first_range = ranged.then(|| (0, plan.chunk_size - 1));
@@ -251,7 +458,9 @@ impl Fill {
         let total = first.partial.map(|(_, _, t)| t).or(first.size);
         // Readers learn the size (their response headers) while the cache decides.
         self.state.send_replace(FillState::Streaming { written: 0, total });
-        if !admit(total).await {
+        if let Some(admit) = admit
+            && !admit(total).await
+        {
             return Ok(None);
         }
         let size = match first.partial {

@@ -62,15 +62,27 @@ pub(super) fn flights(metrics: &Metrics, limit: std::time::Duration) -> Flights 
     Flights::new(metrics.upstream_joined.get_or_create(&KindLabel { kind: "manifest" }).clone(), limit)
 }
 
-/// What one upstream request for a manifest depends on: method, registry, repository, reference, `Accept`.
-fn flight_key(want_body: bool, registry: &str, repo: &RepoName, reference: &str, accept: &AcceptSet) -> String {
+/// What one upstream request for a manifest depends on: method, registry, repository, reference, `Accept`,
+/// and whether it may ask the owner peer (a peer's request never joins one that does: the two nodes could
+/// end up waiting on each other).
+fn flight_key(
+    want_body: bool,
+    registry: &str,
+    repo: &RepoName,
+    reference: &str,
+    accept: &AcceptSet,
+    forward: bool,
+) -> String {
     let method = if want_body { "GET" } else { "HEAD" };
-    format!("{method} {registry}/{repo}:{reference} {}", accept.header_value())
+    let via = if forward { "" } else { " peer" };
+    format!("{method} {registry}/{repo}:{reference} {}{via}", accept.header_value())
 }
 
 impl Cache {
     /// GET (`want_body`) or HEAD a manifest by tag or digest. Whatever needs the upstream is shared with
-    /// concurrent requests for the same thing and runs to its end even if this request is dropped.
+    /// concurrent requests for the same thing and runs to its end even if this request is dropped. With a
+    /// cluster, the node that owns the tag (or digest) is asked before the upstream, so that one node per
+    /// cluster revalidates each tag.
     pub async fn manifest(
         &self,
         client: &Arc<RegistryClient>,
@@ -79,24 +91,50 @@ impl Cache {
         accept: &AcceptSet,
         want_body: bool,
     ) -> Result<ManifestAnswer, Error> {
+        self.manifest_via(client, repo, reference, accept, want_body, true).await
+    }
+
+    /// [`Cache::manifest`] for a peer's request: never asks another peer.
+    pub async fn manifest_for_peer(
+        &self,
+        client: &Arc<RegistryClient>,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &AcceptSet,
+        want_body: bool,
+    ) -> Result<ManifestAnswer, Error> {
+        self.manifest_via(client, repo, reference, accept, want_body, false).await
+    }
+
+    async fn manifest_via(
+        &self,
+        client: &Arc<RegistryClient>,
+        repo: &RepoName,
+        reference: &Reference,
+        accept: &AcceptSet,
+        want_body: bool,
+        forward: bool,
+    ) -> Result<ManifestAnswer, Error> {
         match reference {
             Reference::Digest(d) => {
                 if let Some((info, bytes)) = self.read_manifest(d).await? {
                     let bytes = Some(bytes).filter(|_| want_body);
                     return Ok(ManifestAnswer { info, bytes, outcome: Outcome::Hit });
                 }
-                self.digest_miss(client, repo, d, accept, want_body).await
+                self.digest_miss(client, repo, d, accept, want_body, forward).await
             }
             Reference::Tag(t) => {
                 let key = tag_key(&client.name, repo, t, accept);
                 if let Some(entry) = self.fresh_tag(&key)? {
-                    return self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Hit).await;
+                    return self
+                        .answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Hit, forward)
+                        .await;
                 }
-                let flight = flight_key(want_body, &client.name, repo, t, accept);
+                let flight = flight_key(want_body, &client.name, repo, t, accept, forward);
                 let (this, client, repo, tag, accept) =
                     (self.clone(), client.clone(), repo.clone(), t.clone(), accept.clone());
                 self.share(&flight, move || async move {
-                    this.tag_upstream(&client, &repo, &tag, &key, &accept, want_body).await
+                    this.tag_upstream(&client, &repo, &tag, &key, &accept, want_body, forward).await
                 })
                 .await
             }
@@ -139,14 +177,14 @@ impl Cache {
         digest: &Digest,
         accept: &AcceptSet,
         want_body: bool,
+        forward: bool,
     ) -> Result<ManifestAnswer, Error> {
-        let flight = flight_key(want_body, &client.name, repo, &digest.to_string(), accept);
+        let flight = flight_key(want_body, &client.name, repo, &digest.to_string(), accept, forward);
         let (this, client, repo, digest, accept) =
             (self.clone(), client.clone(), repo.clone(), digest.clone(), accept.clone());
-        self.share(
-            &flight,
-            move || async move { this.digest_upstream(&client, &repo, &digest, &accept, want_body).await },
-        )
+        self.share(&flight, move || async move {
+            this.digest_upstream(&client, &repo, &digest, &accept, want_body, forward).await
+        })
         .await
     }
 
@@ -157,10 +195,18 @@ impl Cache {
         digest: &Digest,
         accept: &AcceptSet,
         want_body: bool,
+        forward: bool,
     ) -> Result<ManifestAnswer, Error> {
         // A flight that ended just before this one started may have stored it.
         if let Some((info, bytes)) = self.read_manifest(digest).await? {
             return Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Hit });
+        }
+        let key = digest.to_string();
+        if forward
+            && let Some((info, bytes)) = self.ask_owner(client, repo, &key, &key, accept, want_body).await
+            && info.digest == *digest
+        {
+            return Ok(ManifestAnswer { info, bytes, outcome: Outcome::Miss });
         }
         if !want_body {
             let head = client.head_manifest(repo, &digest.to_string(), accept).await?;
@@ -174,6 +220,8 @@ impl Cache {
     }
 
     /// A tag outside its freshness window (or unknown): learnt, revalidated with a HEAD, or served stale.
+    // Each argument is one fact about the request; bundling them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn tag_upstream(
         &self,
         client: &Arc<RegistryClient>,
@@ -182,12 +230,30 @@ impl Cache {
         key: &str,
         accept: &AcceptSet,
         want_body: bool,
+        forward: bool,
     ) -> Result<ManifestAnswer, Error> {
         let known = self.shared.meta.tag(key)?;
         let now = now_secs();
         // A flight that ended just before this one started may have refreshed it.
         if let Some(entry) = known.as_ref().filter(|e| self.is_fresh(e, now)) {
-            return self.answer_from_entry(client, repo, entry, accept, want_body, Outcome::Hit).await;
+            return self.answer_from_entry(client, repo, entry, accept, want_body, Outcome::Hit, forward).await;
+        }
+        // The tag's owner keeps it fresh for the cluster: one upstream request per tag, not one per node.
+        let owner_key = format!("{}/{repo}:{tag}", client.name);
+        if forward && let Some((info, bytes)) = self.ask_owner(client, repo, tag, &owner_key, accept, want_body).await
+        {
+            let outcome = match &known {
+                Some(e) if e.digest == info.digest => Outcome::Revalidated,
+                _ => Outcome::Miss,
+            };
+            let entry = TagEntry {
+                digest: info.digest.clone(),
+                media_type: info.media_type.clone(),
+                size: info.size,
+                checked_at: now,
+            };
+            self.shared.meta.put_tag(key, &entry)?;
+            return Ok(ManifestAnswer { info, bytes, outcome });
         }
         let Some(entry) = known else {
             if !want_body {
@@ -196,7 +262,7 @@ impl Cache {
                 if let (Some(digest), Some(size), false) = (head.digest, head.size, head.media_type.is_empty()) {
                     let entry = TagEntry { digest, media_type: head.media_type, size, checked_at: now };
                     self.shared.meta.put_tag(key, &entry)?;
-                    return self.answer_from_entry(client, repo, &entry, accept, false, Outcome::Miss).await;
+                    return self.answer_from_entry(client, repo, &entry, accept, false, Outcome::Miss, forward).await;
                 }
             }
             return self.fetch_tag(client, repo, tag, key, accept, want_body).await;
@@ -205,12 +271,12 @@ impl Cache {
             Ok(head) if head.digest.as_ref() == Some(&entry.digest) => {
                 let entry = TagEntry { checked_at: now, ..entry };
                 self.shared.meta.put_tag(key, &entry)?;
-                self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Revalidated).await
+                self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Revalidated, forward).await
             }
             Ok(_) => self.fetch_tag(client, repo, tag, key, accept, want_body).await,
             Err(e) if e.is_unavailable() => {
                 tracing::warn!(registry = %client.name, %repo, tag, error = %e, "upstream failed; serving last known manifest");
-                match self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Stale).await {
+                match self.answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Stale, forward).await {
                     Ok(answer) => Ok(answer),
                     Err(_) => Err(e.into()),
                 }
@@ -244,6 +310,8 @@ impl Cache {
         Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Miss })
     }
 
+    // Each argument is one fact about the request; bundling them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn answer_from_entry(
         &self,
         client: &Arc<RegistryClient>,
@@ -252,6 +320,7 @@ impl Cache {
         accept: &AcceptSet,
         want_body: bool,
         outcome: Outcome,
+        forward: bool,
     ) -> Result<ManifestAnswer, Error> {
         if !want_body {
             // A HEAD (the kubelet's `Always` policy) needs only what the tag entry records: no disk read.
@@ -264,7 +333,7 @@ impl Cache {
             Some(found) => found,
             None if outcome == Outcome::Stale => return Err(Error::Io(std::io::ErrorKind::NotFound.into())),
             None => {
-                let answer = self.digest_miss(client, repo, &entry.digest, accept, true).await?;
+                let answer = self.digest_miss(client, repo, &entry.digest, accept, true, forward).await?;
                 (answer.info, answer.bytes.unwrap_or_default())
             }
         };
@@ -293,8 +362,21 @@ impl Cache {
         } else {
             head.media_type
         };
-        let info = ManifestInfo { digest: digest.clone(), media_type: media_type.clone(), size: bytes.len() as u64 };
-        let store = self.shared.store.clone();
+        let info = ManifestInfo { digest, media_type, size: bytes.len() as u64 };
+        self.store_manifest(client, repo, &info, &bytes).await?;
+        Ok((info, bytes))
+    }
+
+    /// Stores verified manifest bytes and records that `repo` references them. A full disk only costs the
+    /// cache: the bytes are still the answer.
+    async fn store_manifest(
+        &self,
+        client: &RegistryClient,
+        repo: &RepoName,
+        info: &ManifestInfo,
+        bytes: &Bytes,
+    ) -> Result<(), Error> {
+        let (store, digest, media_type) = (self.shared.store.clone(), info.digest.clone(), info.media_type.clone());
         let to_write = bytes.clone();
         match tokio::task::spawn_blocking(move || store.write_manifest(&digest, &media_type, &to_write)).await? {
             Ok(()) => {}
@@ -306,8 +388,54 @@ impl Cache {
             }
             Err(e) => return Err(e.into()),
         }
-        self.record_ref(&client.name, repo, &info.digest)?;
-        Ok((info, bytes))
+        self.record_ref(&client.name, repo, &info.digest)
+    }
+
+    /// A manifest from the peers that own `key` (best first), verified and stored; `None` when none could
+    /// answer, and the caller asks the upstream itself.
+    async fn ask_owner(
+        &self,
+        client: &RegistryClient,
+        repo: &RepoName,
+        reference: &str,
+        key: &str,
+        accept: &AcceptSet,
+        want_body: bool,
+    ) -> Option<(ManifestInfo, Option<Bytes>)> {
+        let cluster = self.shared.cluster.get()?;
+        let accept_value = if accept.is_empty() { AcceptSet::all_manifests() } else { accept.clone() }.header_value();
+        for peer in cluster.sources(key) {
+            let answer =
+                cluster.client().manifest(&peer, &client.name, repo, reference, &accept_value, want_body).await;
+            let (head, bytes) = match answer {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::warn!(%peer, reference, error = %e, "owner could not supply the manifest; next source");
+                    cluster.count_fallback(e.reason());
+                    if e.is_unreachable() {
+                        cluster.suspect(&peer, e.reason());
+                    }
+                    continue;
+                }
+            };
+            let (Some(digest), Some(size), false) = (head.digest, head.size, head.media_type.is_empty()) else {
+                cluster.count_fallback("protocol");
+                continue;
+            };
+            let info = ManifestInfo { digest, media_type: head.media_type, size };
+            if let Some(bytes) = &bytes {
+                if !info.digest.matches(bytes) || bytes.len() as u64 != size {
+                    cluster.count_corrupt();
+                    cluster.suspect(&peer, "sent a manifest that failed verification");
+                    continue;
+                }
+                if let Err(e) = self.store_manifest(client, repo, &info, bytes).await {
+                    tracing::warn!(digest = %info.digest, error = %e, "storing a manifest from a peer");
+                }
+            }
+            return Some((info, bytes));
+        }
+        None
     }
 
     async fn read_manifest(&self, digest: &Digest) -> Result<Option<(ManifestInfo, Bytes)>, Error> {

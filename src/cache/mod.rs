@@ -10,6 +10,7 @@ mod fill;
 mod inflight;
 mod manifests;
 pub mod meta;
+mod origin;
 pub mod reader;
 mod store;
 
@@ -17,8 +18,10 @@ pub use error::Error;
 pub use evict::{EvictRefusal, GcReport, Usage};
 pub use fill::{Fill, FillPlan, FillState, Reserve};
 pub use manifests::{ManifestAnswer, ManifestInfo};
+pub use origin::Origins;
 pub use store::BlobStore;
 
+use crate::cluster::{Cluster, FillStatus};
 use crate::config::{CacheSettings, Config};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::oci::{Digest, RepoName};
@@ -27,7 +30,7 @@ use inflight::{Claim, Inflight, Lookup};
 use meta::{Health, Meta, MetaCell};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
@@ -127,6 +130,9 @@ struct Shared {
     fill_slots: tokio::sync::Semaphore,
     /// Upstream manifest requests under way, shared by the requests that need the same answer.
     manifest_flights: manifests::Flights,
+    /// The other wharf instances, when the cluster tier is on: blobs and tags owned by another node are
+    /// fetched from it.
+    cluster: OnceLock<Cluster>,
 }
 
 impl Cache {
@@ -172,8 +178,38 @@ impl Cache {
             fill_slots: tokio::sync::Semaphore::new(config.server.max_fills.max(1)),
             manifest_flights: manifests::flights(&metrics, crate::upstream::flight::limit(config)),
             metrics,
+            cluster: OnceLock::new(),
         };
         Ok(Cache { shared: Arc::new(shared) })
+    }
+
+    /// Joins the cache to a cluster (once, before serving): misses on content another node owns are
+    /// fetched from that node.
+    pub fn set_cluster(&self, cluster: Cluster) {
+        let _ = self.shared.cluster.set(cluster);
+    }
+
+    /// The cluster, when the tier is on.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.shared.cluster.get()
+    }
+
+    /// How this node's fill of `digest` is going, for a peer that streams from it and wonders why the
+    /// bytes stopped.
+    pub async fn fill_status(&self, digest: &Digest) -> Result<FillStatus, Error> {
+        if let Some(fill) = self.shared.inflight.get(digest) {
+            let (written, total) = match fill.state() {
+                FillState::Streaming { written, total } => (written, total),
+                FillState::Done { size } => (size, Some(size)),
+                _ => (0, None),
+            };
+            return Ok(FillStatus { state: "filling".into(), written, total, stalled_ms: fill.stalled_ms() });
+        }
+        let store = self.shared.store.clone();
+        let d = digest.clone();
+        let size = tokio::task::spawn_blocking(move || store.blob_size(&d)).await??;
+        let state = if size.is_some() { "done" } else { "none" };
+        Ok(FillStatus { state: state.into(), written: size.unwrap_or(0), total: size, stalled_ms: 0 })
     }
 
     /// The on-disk store (readiness checks write through it).
@@ -193,12 +229,34 @@ impl Cache {
     }
 
     /// Finds or starts the blob. On a miss the fill is spawned and this waits only for the upstream's
-    /// answer (so a 404 is still a clean 404), not for the bytes.
+    /// answer (so a 404 is still a clean 404), not for the bytes. With a cluster, a blob another node owns
+    /// is fetched from that node.
     pub async fn blob(
         &self,
         client: &Arc<RegistryClient>,
         repo: &RepoName,
         digest: &Digest,
+    ) -> Result<(BlobHandle, Outcome), Error> {
+        self.blob_via(client, repo, digest, true).await
+    }
+
+    /// [`Cache::blob`] for a peer's request: served from disk or this node's own fill, or fetched from the
+    /// upstream; never from another peer (so disagreeing views cannot make a loop).
+    pub async fn blob_for_peer(
+        &self,
+        client: &Arc<RegistryClient>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(BlobHandle, Outcome), Error> {
+        self.blob_via(client, repo, digest, false).await
+    }
+
+    async fn blob_via(
+        &self,
+        client: &Arc<RegistryClient>,
+        repo: &RepoName,
+        digest: &Digest,
+        forward: bool,
     ) -> Result<(BlobHandle, Outcome), Error> {
         let guard = self.guard(digest);
         let shared = self.shared.clone();
@@ -209,14 +267,21 @@ impl Cache {
                 let source = reader::Source::Committed(Arc::new(file));
                 return Ok((BlobHandle { source, size: Some(size), guard }, Outcome::Hit));
             }
+            Lookup::Joined(fill) if !forward && fill.via_peer() => return Err(Error::ViaPeer),
             Lookup::Joined(fill) => (fill, Outcome::Coalesced),
             Lookup::Owner(claim) => {
                 let this = self.clone();
                 let fill = claim.fill.clone();
-                let (client, repo) = (client.clone(), repo.clone());
                 fill.set_origin(client.clone(), repo.clone());
+                let cluster = self.shared.cluster.get().filter(|_| forward);
+                let origins = Origins {
+                    registry: client.clone(),
+                    repo: repo.clone(),
+                    peers: cluster.map(|c| c.sources(&digest.to_string())).unwrap_or_default(),
+                    cluster: cluster.cloned(),
+                };
                 // The claim moves into the task: if the task panics, unwinding drops it and fails the fill.
-                self.shared.tasks.spawn(async move { this.run_fill(claim, &client, &repo).await });
+                self.shared.tasks.spawn(async move { this.run_fill(claim, origins).await });
                 (fill, Outcome::Miss)
             }
         };
@@ -289,7 +354,8 @@ impl Cache {
     }
 
     /// Runs a claimed fill to its end; dropping `claim` at the end (or on a panic) frees the digest.
-    async fn run_fill(&self, mut claim: Claim, client: &RegistryClient, repo: &RepoName) {
+    async fn run_fill(&self, mut claim: Claim, origins: Origins) {
+        let (client, repo) = (&*origins.registry, &origins.repo);
         // Queued, not failed: waiting clients see the fill start when a slot frees (or their deadline passes).
         let _slot = self.shared.fill_slots.acquire().await.expect("the fill semaphore is never closed");
         let fill = claim.fill.clone();
@@ -304,11 +370,8 @@ impl Cache {
         // Room is made (or the blob refused) once its size is known, before its first byte is written.
         let this = self.clone();
         let admit = |size| async move { this.admit(size).await };
-        let result = fill.download(&temp, (client, repo), self.shared.plan, &self.shared.reserve, admit).await;
+        let result = fill.download(&temp, &origins, self.shared.plan, &self.shared.reserve, admit).await;
         let mut temp = Some(temp);
-        if let Ok(Some(size)) = &result {
-            client.count_fetched(*size);
-        }
         let result = match result {
             Ok(Some(size)) => self.commit(temp.take().expect("not yet used"), &digest, size, client, repo).await,
             Ok(None) => {
