@@ -1,9 +1,10 @@
 //! The Kubernetes and container artefacts: `deploy/kustomize` (rendered by `kubectl kustomize`), the Helm chart
 //! `deploy/helm/wharf` (rendered by Helm's own engine with default, non-default and invalid values) and the
 //! `Dockerfile`. Every rendered object is validated strictly against the Kubernetes OpenAPI schemas (1.26, the
-//! chart's minimum, and 1.37) by `tests/deploy/k8s.py`; then the fields that matter are checked, the chart's
-//! defaults must equal the kustomize base, and the container arguments and the rendered wharf.toml must be
-//! accepted by the wharf binary built here (node-setup runs against a temporary host tree).
+//! chart's minimum, and 1.37; 1.30, the cluster tier's minimum, for the cluster renderings) by
+//! `tests/deploy/k8s.py`; then the fields that matter are checked, the chart's defaults must equal the kustomize
+//! base (and the chart with the cluster on the cluster overlay), and the container arguments and the rendered
+//! wharf.toml must be accepted by the wharf binary built here (node-setup runs against a temporary host tree).
 
 use crate::support::images::run;
 use crate::support::tools::require;
@@ -17,6 +18,10 @@ use std::time::Duration;
 /// Kubernetes versions every object must validate against: the chart's `kubeVersion` floor and the newest
 /// schema kubernetes-validate bundles.
 const KUBE_VERSIONS: [&str; 2] = ["1.26.0", "1.37.0"];
+/// The same for the cluster tier, whose preStop `sleep` action needs Kubernetes 1.30 (beta, on by default).
+const CLUSTER_KUBE_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
+/// The namespace the tests render the chart into, and the kustomize base's.
+const NAMESPACE: &str = "wharf";
 /// The image's user (Dockerfile `USER`), which the manifests must run wharf as and hand the cache to.
 const IMAGE_USER: i64 = 65532;
 const CHART: &str = "deploy/helm/wharf";
@@ -44,10 +49,32 @@ fn python() -> Command {
 }
 
 fn kustomize(dir: &str) -> String {
-    require("kubectl");
-    let out = run(Command::new("kubectl").arg("kustomize").arg(repo().join(dir)), Duration::from_secs(120));
+    let out = try_kustomize(&repo().join(dir));
     assert!(out.status.success(), "kubectl kustomize {dir} failed\n{}", text(&out));
     String::from_utf8(out.stdout).unwrap()
+}
+
+fn try_kustomize(dir: &Path) -> Output {
+    require("kubectl");
+    run(Command::new("kubectl").arg("kustomize").arg(dir), Duration::from_secs(120))
+}
+
+/// A copy of `deploy/kustomize` in a temporary directory, for the overlays that read a file the user creates.
+fn kustomize_copy() -> tempfile::TempDir {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy(&e.path(), &to.join(e.file_name()))
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    copy(&repo().join("deploy/kustomize"), tmp.path());
+    tmp
 }
 
 /// `helm template`-equivalent (release `wharf` in namespace `wharf`); `Err` carries the lint or render error.
@@ -70,11 +97,16 @@ fn helm(values: &[&str], set: &[&str]) -> Result<String, String> {
 
 /// Validates every object of a YAML stream (strict: unknown fields fail) and returns them as JSON.
 fn validate(yaml: &str) -> Objects {
+    validate_at(yaml, &KUBE_VERSIONS)
+}
+
+/// `validate` against the given Kubernetes versions.
+fn validate_at(yaml: &str, versions: &[&str]) -> Objects {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), yaml).unwrap();
     let mut cmd = python();
     cmd.arg("validate").arg(file.path());
-    for v in KUBE_VERSIONS {
+    for v in versions {
         cmd.args(["--kube-version", v]);
     }
     let out = run(&mut cmd, Duration::from_secs(120));
@@ -99,6 +131,22 @@ impl Objects {
 
     fn one(&self, kind: &str) -> &Value {
         self.find(kind).unwrap_or_else(|| panic!("no {kind} in {:?}", self.kinds()))
+    }
+
+    /// The Service clients use (the cluster's headless peer Service aside).
+    fn client_service(&self) -> Option<&Value> {
+        let mut it = self.0.iter().filter(|o| o["kind"] == "Service" && o["spec"]["clusterIP"] != "None");
+        let first = it.next();
+        assert!(it.next().is_none(), "more than one client Service");
+        first
+    }
+
+    /// The headless Service whose DNS records are the cluster's peers.
+    fn peer_service(&self) -> Option<&Value> {
+        let mut it = self.0.iter().filter(|o| o["kind"] == "Service" && o["spec"]["clusterIP"] == "None");
+        let first = it.next();
+        assert!(it.next().is_none(), "more than one headless Service");
+        first
     }
 }
 
@@ -264,7 +312,7 @@ fn check_workload(objs: &Objects, expect: &Expect) -> toml::Table {
     }
 
     // Service and PodDisruptionBudget select the pods; the Service stays on the client's node.
-    match objs.find("Service") {
+    match objs.client_service() {
         Some(svc) => {
             assert!(expect.service);
             assert_eq!(svc["spec"]["internalTrafficPolicy"], "Local");
@@ -279,7 +327,7 @@ fn check_workload(objs: &Objects, expect: &Expect) -> toml::Table {
         assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     }
     if let Some(sm) = objs.find("ServiceMonitor") {
-        let svc = objs.one("Service");
+        let svc = objs.client_service().unwrap();
         let svc_labels = svc["metadata"]["labels"].as_object().unwrap();
         let sel = sm["spec"]["selector"]["matchLabels"].as_object().unwrap();
         assert!(sel.iter().all(|(k, v)| svc_labels.get(k) == Some(v)), "ServiceMonitor does not select the Service");
@@ -333,11 +381,41 @@ fn run_containers_here(objs: &Objects, config: &toml::Table) {
     } else {
         assert!(!host.exists(), "--only-data-dir wrote host files");
     }
-    let mut serve = local(args_of(named(&pod["containers"], "wharf")));
-    assert_eq!(serve[0], "serve");
-    serve[0] = "config".into();
-    let out = wharf(&serve, &[]);
-    assert!(out.status.success(), "wharf {serve:?}\n{}", text(&out));
+    serve_config(objs, tmp.path());
+}
+
+/// The address the tests give the downward API's `status.podIP` (TEST-NET-1).
+const POD_IP: &str = "192.0.2.10";
+
+/// The effective configuration (`wharf config`) of the wharf container's `serve` arguments as the kubelet
+/// passes them on a node: `$(VAR)` of a `status.podIP` variable expanded to [`POD_IP`] (any other `$(…)` is
+/// left, and fails), the files they name moved into `dir`.
+fn serve_config(objs: &Objects, dir: &Path) -> toml::Table {
+    let main = named(&objs.one("DaemonSet")["spec"]["template"]["spec"]["containers"], "wharf");
+    let config_file = dir.join("serve-wharf.toml");
+    std::fs::write(&config_file, config_toml(objs)).unwrap();
+    let key_file = dir.join("peer-keys");
+    std::fs::write(&key_file, format!("{}\n", "k".repeat(48))).unwrap();
+    let pod_ip_vars: Vec<String> = main["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP")
+        .map(|e| format!("$({})", str_at(e, "/name")))
+        .collect();
+    let mut args: Vec<String> = args_of(main)
+        .into_iter()
+        .map(|a| match a.split_once('=') {
+            Some(("--config", _)) => format!("--config={}", config_file.display()),
+            Some(("--peer-key-file", _)) => format!("--peer-key-file={}", key_file.display()),
+            _ => pod_ip_vars.iter().fold(a, |a, var| a.replace(var, POD_IP)),
+        })
+        .collect();
+    assert_eq!(args[0], "serve");
+    args[0] = "config".into();
+    let out = wharf(&args, &[]);
+    assert!(out.status.success(), "wharf {args:?}\n{}", text(&out));
+    String::from_utf8(out.stdout).unwrap().parse().unwrap()
 }
 
 #[test]
@@ -399,17 +477,39 @@ fn comparable(o: &Value) -> Value {
             s.remove("app.kubernetes.io/instance");
         }
     }
+    // Order means nothing in these lists (env's does: it is compared as is), and kustomize's strategic merge
+    // puts an overlay's entries first.
+    if let Some(pod) = o.pointer_mut("/spec/template/spec") {
+        let by_name = |list: &mut Value| {
+            if let Some(a) = list.as_array_mut() {
+                a.sort_by_key(|x| x["name"].as_str().unwrap_or_default().to_string())
+            }
+        };
+        by_name(&mut pod["volumes"]);
+        for key in ["containers", "initContainers"] {
+            for c in pod[key].as_array_mut().into_iter().flatten() {
+                by_name(&mut c["ports"]);
+                by_name(&mut c["volumeMounts"]);
+            }
+        }
+    }
     if o["kind"] == "ConfigMap" {
         o["data"] = Value::Null; // compared as effective configuration
+    }
+    if o["kind"] == "Secret" {
+        // Keys are the user's (kustomize) or random (Helm): compare which entries there are.
+        let entries: Vec<&String> = o["data"].as_object().map(|d| d.keys().collect()).unwrap_or_default();
+        o["data"] = json!(entries);
     }
     o
 }
 
-/// Drops the content-hash suffix kustomize's configMapGenerator gives ConfigMap names (and their references),
-/// checking on the way that the suffix is there: it is what rolls the DaemonSet when wharf.toml changes.
+/// Drops the content-hash suffix kustomize's generators give ConfigMap and Secret names (and their references),
+/// checking on the way that the suffix is there: it is what rolls the DaemonSet when wharf.toml or the peer
+/// keys change.
 fn unhash(mut objs: Objects) -> Objects {
     let mut renamed = BTreeMap::new();
-    for o in objs.0.iter_mut().filter(|o| o["kind"] == "ConfigMap") {
+    for o in objs.0.iter_mut().filter(|o| o["kind"] == "ConfigMap" || o["kind"] == "Secret") {
         let name = str_at(o, "/metadata/name");
         let (stem, hash) = name.rsplit_once('-').unwrap();
         assert!(hash.len() == 10 && hash.chars().all(|c| c.is_ascii_alphanumeric()), "no hash suffix: {name}");
@@ -418,7 +518,8 @@ fn unhash(mut objs: Objects) -> Objects {
     }
     for o in objs.0.iter_mut().filter(|o| o["kind"] == "DaemonSet") {
         for v in o["spec"]["template"]["spec"]["volumes"].as_array_mut().unwrap() {
-            if let Some(name) = v.pointer_mut("/configMap/name") {
+            let pointer = if v["configMap"].is_object() { "/configMap/name" } else { "/secret/secretName" };
+            if let Some(name) = v.pointer_mut(pointer) {
                 *name = json!(renamed[name.as_str().unwrap()]);
             }
         }
@@ -430,15 +531,21 @@ fn unhash(mut objs: Objects) -> Objects {
 fn helm_chart_defaults_equal_the_kustomize_base() {
     let chart = validate(&helm(&[], &[]).unwrap());
     let config = check_workload(&chart, &Expect { node_setup: true, service: true, loopback: false });
+    assert!(chart.peer_service().is_none() && chart.find("Secret").is_none(), "the cluster is off by default");
     let base = unhash(validate(&kustomize("deploy/kustomize/base")));
+    assert_same_objects(&chart, &config, &base);
+}
+
+/// The chart renders the same objects as kustomize (`base`, hash suffixes dropped) and the same configuration.
+fn assert_same_objects(chart: &Objects, config: &toml::Table, base: &Objects) {
     let mut base_kinds = base.kinds();
     base_kinds.remove(&("Namespace".into(), "wharf".into())); // `helm install --create-namespace` makes it
     assert_eq!(chart.kinds(), base_kinds, "the chart and the base define different objects");
-    assert_eq!(config, effective_config(&config_toml(&base)), "effective wharf configuration differs");
+    assert_eq!(config, &effective_config(&config_toml(base)), "effective wharf configuration differs");
     let by_key = |objs: &Objects| -> BTreeMap<(String, String), Value> {
         objs.0.iter().map(|o| ((str_at(o, "/kind"), str_at(o, "/metadata/name")), comparable(o))).collect()
     };
-    let (a, b) = (by_key(&chart), by_key(&base));
+    let (a, b) = (by_key(chart), by_key(base));
     for (key, object) in &a {
         assert_eq!(object, &b[key], "{key:?} differs between the chart (left) and the base (right)");
     }
@@ -513,7 +620,7 @@ fn helm_chart_loopback_values_without_node_setup() {
 
 #[test]
 fn helm_chart_rejects_invalid_values() {
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 14] = [
         (&["port=abc"], "/port"),
         (&["cache.highWatermark=150"], "highWatermark"),
         (&["registries.internal.url=ftp://internal"], "url"),
@@ -524,6 +631,13 @@ fn helm_chart_rejects_invalid_values() {
         (&["shutdownGrace=60"], "terminationGracePeriodSeconds must be larger"),
         (&["listenAddress=127.0.0.1"], "service.enabled needs a listenAddress"),
         (&["access.privateAnswer=maybe"], "privateAnswer"),
+        (&["cluster.enabled=true"], "larger than cluster.preStopSleep + shutdownGrace (45)"),
+        (
+            &["cluster.enabled=true", "terminationGracePeriodSeconds=60", "cluster.port=5000"],
+            "cluster.port must differ",
+        ),
+        (&["cluster.dnsDomain=Cluster Local"], "dnsDomain"),
+        (&["cluster.existingsecret=x"], "existingsecret"),
     ];
     for (set, wanted) in cases {
         match helm(&[], set) {
@@ -533,7 +647,165 @@ fn helm_chart_rejects_invalid_values() {
     }
 }
 
-/// Dockerfile instructions: (keyword, arguments), continuation lines joined, comments dropped.
+/// The cluster tier's invariants: a headless Service of the ready pods on the peer port, the peer API on the
+/// node's address and a port of its own, the key Secret mounted where `--peer-key-file` points, cluster DNS to
+/// find the peers, and a preStop sleep that fits the grace period with wharf's drain. `secret` is the Secret
+/// the pods must mount (rendered or not); returns the peer port.
+fn check_cluster(objs: &Objects, dns_domain: &str, secret: &str) -> i64 {
+    let ds = objs.one("DaemonSet");
+    let labels = ds["spec"]["template"]["metadata"]["labels"].as_object().unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    let main = named(&pod["containers"], "wharf");
+    let args = args_of(main);
+    let client_port = named(&main["ports"], "http")["containerPort"].as_i64().unwrap();
+
+    // The headless Service: DNS answers with the ready pods' addresses, nothing else.
+    let svc = objs.peer_service().expect("no headless Service for the peers");
+    assert_eq!(svc["spec"]["publishNotReadyAddresses"], false, "starting and terminating pods are no peers");
+    let sel = svc["spec"]["selector"].as_object().unwrap();
+    assert!(!sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v)), "peer Service selector");
+    let svc_port = named(&svc["spec"]["ports"], "peer");
+    assert_eq!(svc_port["targetPort"], "peer");
+    let peer_port = svc_port["port"].as_i64().unwrap();
+    let port = named(&main["ports"], "peer");
+    assert_eq!((&port["containerPort"], &port["hostPort"]), (&json!(peer_port), &json!(peer_port)), "peer port");
+    assert_ne!(peer_port, client_port, "the peer API never shares the client port");
+    if let Some(client) = objs.client_service() {
+        assert!(client["spec"]["ports"].as_array().unwrap().iter().all(|p| p["port"] != peer_port));
+    }
+
+    // The flags: the node's own address (the downward API's pod IP is the node's on the host network), the
+    // Service's fully qualified name (trailing dot: no search list), and the mounted keys.
+    assert_eq!(pod["hostNetwork"], true);
+    let pod_ip = named(&main["env"], "POD_IP");
+    assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    assert_eq!(flag(&args, "peer-listen"), Some(format!("$(POD_IP):{peer_port}")));
+    let ns = svc["metadata"]["namespace"].as_str().unwrap_or(NAMESPACE);
+    let svc_name = str_at(svc, "/metadata/name");
+    assert_eq!(flag(&args, "peers-dns"), Some(format!("{svc_name}.{ns}.svc.{dns_domain}.:{peer_port}")));
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet", "the node's resolver cannot resolve {svc_name}");
+    let key_file = PathBuf::from(flag(&args, "peer-key-file").expect("--peer-key-file"));
+    let mount = main["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| Path::new(m["mountPath"].as_str().unwrap()) == key_file.parent().unwrap())
+        .unwrap_or_else(|| panic!("nothing mounted at {}", key_file.display()));
+    assert_eq!(mount["readOnly"], true);
+    let volume = named(&pod["volumes"], mount["name"].as_str().unwrap());
+    assert_eq!(str_at(volume, "/secret/secretName"), secret);
+    let file_name = key_file.file_name().unwrap().to_str().unwrap();
+    let item = volume["secret"]["items"].as_array().unwrap().iter().find(|i| i["path"] == file_name);
+    let key = str_at(item.unwrap_or_else(|| panic!("{file_name} is not in {volume}")), "/key");
+    if let Some(rendered) = objs.0.iter().find(|o| o["kind"] == "Secret" && o["metadata"]["name"] == secret) {
+        assert!(rendered["data"].get(&key).is_some(), "Secret {secret} has no {key}");
+    }
+
+    // Going away: out of DNS first (the preStop sleep), then wharf's drain, within the grace period.
+    let sleep = main["lifecycle"]["preStop"]["sleep"]["seconds"].as_i64().expect("a preStop sleep");
+    let grace = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
+    let shutdown_grace = effective_config(&config_toml(objs))["shutdown_grace"].as_integer().unwrap();
+    // At least two of wharf's 5 s re-resolutions after the endpoint went.
+    assert!(sleep >= 10, "preStop sleep of {sleep} s: DNS has no time to move");
+    assert!(sleep + shutdown_grace < grace, "preStop {sleep} s + drain {shutdown_grace} s vs grace period {grace} s");
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"], 1, "one node at a time");
+
+    // wharf takes the flags as the kubelet expands them (needs wharf's [cluster] settings).
+    let tmp = tempfile::tempdir().unwrap();
+    let effective = serve_config(objs, tmp.path());
+    let cluster = effective["cluster"].as_table().unwrap_or_else(|| panic!("no [cluster] in {effective:#?}"));
+    assert_eq!(cluster["peer_listen"].as_str(), Some(format!("{POD_IP}:{peer_port}").as_str()));
+    assert_eq!(cluster["peers_dns"].as_str(), flag(&args, "peers-dns").as_deref());
+    assert!(cluster["key_file"].as_str().is_some_and(|f| f.ends_with("peer-keys")), "{cluster:#?}");
+    peer_port
+}
+
+/// Renders `deploy/kustomize/overlays/cluster` with a key file as the user creates it; returns the key too.
+fn kustomize_cluster() -> (Objects, String) {
+    let tree = kustomize_copy();
+    let overlay = tree.path().join("overlays/cluster");
+    let key = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL".to_string();
+    std::fs::write(overlay.join("peer-keys"), format!("{key}\n")).unwrap();
+    let out = try_kustomize(&overlay);
+    assert!(out.status.success(), "kubectl kustomize overlays/cluster failed\n{}", text(&out));
+    (validate_at(&String::from_utf8(out.stdout).unwrap(), &CLUSTER_KUBE_VERSIONS), key)
+}
+
+#[test]
+fn kustomize_cluster_overlay_adds_peers_keys_and_a_prestop_sleep() {
+    let (objs, key) = kustomize_cluster();
+    check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
+    for o in &objs.0 {
+        let cluster_scoped = ["Namespace", "PriorityClass"].contains(&o["kind"].as_str().unwrap());
+        assert_eq!(o["metadata"]["namespace"].is_null(), cluster_scoped, "{} {}", o["kind"], o["metadata"]["name"]);
+    }
+    let secret = objs.one("Secret");
+    let name = str_at(secret, "/metadata/name");
+    assert!(name.starts_with("wharf-peer-keys-"), "a generated name, hashed so that new keys roll the pods: {name}");
+    let data = str_at(secret, "/data/keys");
+    assert_eq!(base64_decode(&data), format!("{key}\n").into_bytes(), "the user's file, as it is");
+    check_cluster(&objs, "cluster.local", &name);
+}
+
+#[test]
+fn kustomize_cluster_overlay_ships_no_key() {
+    let dir = repo().join("deploy/kustomize/overlays/cluster");
+    // The key file is the user's: ignored by git, and without it there is nothing to apply.
+    let ignored = std::fs::read_to_string(dir.join(".gitignore")).unwrap();
+    assert!(ignored.lines().any(|l| l.trim() == "peer-keys"), "{ignored}");
+    let tree = kustomize_copy();
+    let _ = std::fs::remove_file(tree.path().join("overlays/cluster/peer-keys"));
+    let out = try_kustomize(&tree.path().join("overlays/cluster"));
+    assert!(!out.status.success(), "rendered without a key file:\n{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("peer-keys"), "{}", text(&out));
+    // The example, copied as it is, is refused: its placeholder is shorter than a key may be.
+    let example = std::fs::read_to_string(dir.join("peer-keys.example")).unwrap();
+    assert!(!example.trim().is_empty() && example.lines().all(|l| l.trim().len() < 32), "{example}");
+}
+
+/// A Secret's value (standard base64).
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+#[test]
+fn helm_chart_with_cluster_equals_the_kustomize_cluster_overlay() {
+    let chart = validate_at(&helm(&["ci/cluster-values.yaml"], &[]).unwrap(), &CLUSTER_KUBE_VERSIONS);
+    let config = check_workload(&chart, &Expect { node_setup: true, service: true, loopback: false });
+    check_cluster(&chart, "cluster.local", "wharf-peer-keys");
+    // A generated key: random, long, printable, one line.
+    let key = base64_decode(&str_at(chart.one("Secret"), "/data/keys"));
+    assert!(key.len() >= 48 && key.iter().all(u8::is_ascii_alphanumeric), "{}", String::from_utf8_lossy(&key));
+    let again = validate_at(&helm(&["ci/cluster-values.yaml"], &[]).unwrap(), &CLUSTER_KUBE_VERSIONS);
+    assert_ne!(chart.one("Secret")["data"], again.one("Secret")["data"], "the same key twice is no random key");
+    let (base, _) = kustomize_cluster();
+    assert_same_objects(&chart, &config, &unhash(base));
+}
+
+#[test]
+fn helm_chart_cluster_values_follow_the_release() {
+    let objs = validate_at(
+        &helm(
+            &["ci/cluster-values.yaml"],
+            &[
+                "fullnameOverride=node-mirror",
+                "cluster.port=7001",
+                "cluster.dnsDomain=k8s.example",
+                "cluster.existingSecret=my-keys",
+                "cluster.preStopSleep=20",
+                "terminationGracePeriodSeconds=51",
+            ],
+        )
+        .unwrap(),
+        &CLUSTER_KUBE_VERSIONS,
+    );
+    check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
+    assert_eq!(check_cluster(&objs, "k8s.example", "my-keys"), 7001);
+    assert!(objs.find("Secret").is_none(), "an existing Secret is used as it is");
+    assert_eq!(str_at(objs.peer_service().unwrap(), "/metadata/name"), "node-mirror-peers");
+}
+
 fn dockerfile() -> Vec<(String, String)> {
     let text = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
     let mut out = Vec::new();
