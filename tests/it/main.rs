@@ -6,6 +6,7 @@ mod access;
 mod admin;
 mod api;
 mod chaos;
+mod cluster;
 mod coalesce;
 mod containerd;
 mod dashboard;

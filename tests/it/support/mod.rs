@@ -1,5 +1,6 @@
 //! Test harness: real processes (wharf, docker-registry, containerd) and an in-process fake upstream.
 
+pub mod cluster;
 pub mod containerd;
 pub mod data_dir;
 pub mod fake_upstream;

@@ -29,6 +29,8 @@ pub struct Request {
     /// Path and query, as sent.
     pub uri: String,
     pub status: u16,
+    /// Response body bytes sent (the log's size field; 0 for `-`).
+    pub bytes: u64,
 }
 
 /// A running `docker-registry`.
@@ -185,6 +187,11 @@ impl Registry {
         self.requests().iter().filter(|r| r.method == method && r.uri.contains(path_contains)).count()
     }
 
+    /// Body bytes sent for `GET` requests whose path contains `path_contains`.
+    pub fn bytes_sent(&self, path_contains: &str) -> u64 {
+        self.requests().iter().filter(|r| r.method == "GET" && r.uri.contains(path_contains)).map(|r| r.bytes).sum()
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -223,8 +230,10 @@ fn parse_access_line(line: &str) -> Option<Request> {
     quoted.next()?;
     let mut request = quoted.next()?.split(' ');
     let (method, uri) = (request.next()?.to_string(), request.next()?.to_string());
-    let status = quoted.next()?.split_whitespace().next()?.parse().ok()?;
-    Some(Request { method, uri, status })
+    let mut fields = quoted.next()?.split_whitespace();
+    let status = fields.next()?.parse().ok()?;
+    let bytes = fields.next().and_then(|b| b.parse().ok()).unwrap_or(0);
+    Some(Request { method, uri, status, bytes })
 }
 
 /// Arranges for the child to get SIGKILL when the thread that spawns it exits.

@@ -21,6 +21,11 @@ impl Wharf {
     /// Starts wharf with `--listen 127.0.0.1:0 --data-dir DIR` plus `args` (and no `WHARF_*` variables), and
     /// waits for its start-up line.
     pub fn start(data_dir: &Path, args: &[String]) -> Wharf {
+        Wharf::start_at("127.0.0.1:0", data_dir, args)
+    }
+
+    /// [`Wharf::start`] with the client API on `listen` (e.g. `127.0.0.3:0` for one node of a cluster).
+    pub fn start_at(listen: &str, data_dir: &Path, args: &[String]) -> Wharf {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("WHARF_") {
@@ -32,7 +37,7 @@ impl Wharf {
         let mut child = cmd
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)
@@ -54,6 +59,10 @@ impl Wharf {
                     let mut l = log2.lock().unwrap();
                     l.push_str(&line);
                     l.push('\n');
+                }
+                // The peer API's line comes first and is not the client API's address.
+                if line.contains("peer API") {
+                    continue;
                 }
                 if let Some(rest) =
                     line.split("listening on http://").nth(1).or(line.split("listening on https://").nth(1))
@@ -101,6 +110,14 @@ impl Wharf {
     /// Whether the process is still running (false once it exited on its own, or was killed).
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT…) to the process.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: a plain kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
     }
 
     /// SIGKILL, as a crash would.
