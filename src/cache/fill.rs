@@ -359,9 +359,8 @@ impl Fill {
             return Ok(Step::Refused);
         }
         resume.senders.push(peer.to_owned());
-        let result = self.write_resumable(temp, resume, total, answer.body, reserve).await;
+        let result = self.write_resumable(temp, resume, total, answer.body, reserve, Some(cluster)).await;
         let got = resume.written.load(Ordering::Relaxed) - from;
-        cluster.count_bytes("in", got);
         match result {
             Ok(()) if from + got == total => {}
             Ok(()) => return next("short", false),
@@ -400,7 +399,7 @@ impl Fill {
         let blob = client.get_blob(&origins.repo, &self.digest, Some((from, total - 1))).await?;
         // An upstream that ignores the range sends the whole blob: the first `from` bytes are dropped.
         let skip = if blob.partial.is_some() { 0 } else { from };
-        let result = self.write_resumable(temp, resume, total, skip_bytes(blob.body, skip), reserve).await;
+        let result = self.write_resumable(temp, resume, total, skip_bytes(blob.body, skip), reserve, None).await;
         client.count_fetched(resume.written.load(Ordering::Relaxed) - from + skip);
         result?;
         let written = resume.written.load(Ordering::Relaxed);
@@ -418,7 +417,7 @@ impl Fill {
     }
 
     /// Writes `body` at the resume point, hashing and publishing as it goes; `resume` keeps what landed
-    /// even when the body breaks.
+    /// even when the body breaks. Bytes from a peer are counted as they land (`peer`).
     async fn write_resumable(
         self: &Arc<Self>,
         temp: &TempFile,
@@ -426,10 +425,14 @@ impl Fill {
         total: u64,
         body: futures_util::stream::BoxStream<'static, Result<Bytes, upstream::Error>>,
         reserve: &Reserve,
+        peer: Option<&crate::cluster::Cluster>,
     ) -> Result<(), Error> {
         let from = resume.written.load(Ordering::Relaxed);
-        let (me, v, w) = (self.clone(), resume.verifier.clone(), resume.written.clone());
+        let (me, v, w, peer) = (self.clone(), resume.verifier.clone(), resume.written.clone(), peer.cloned());
         write_at(&temp.file, from, Some(total - from), reserve, body, move |bytes, written| {
+            if let Some(cluster) = &peer {
+                cluster.count_bytes("in", bytes.len() as u64);
+            }
             v.lock().unwrap().update(bytes);
             w.store(from + written, Ordering::Relaxed);
             me.publish_prefix(from + written);

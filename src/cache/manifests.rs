@@ -240,8 +240,7 @@ impl Cache {
         }
         // The tag's owner keeps it fresh for the cluster: one upstream request per tag, not one per node.
         let owner_key = format!("{}/{repo}:{tag}", client.name);
-        if forward && let Some((info, bytes)) = self.ask_owner(client, repo, tag, &owner_key, accept, want_body).await
-        {
+        if forward && let Some((info, bytes)) = self.ask_owner(client, repo, tag, &owner_key, accept, want_body).await {
             let outcome = match &known {
                 Some(e) if e.digest == info.digest => Outcome::Revalidated,
                 _ => Outcome::Miss,
