@@ -648,7 +648,9 @@ impl Config {
         }
         let listen: SocketAddr =
             c.peer_listen.parse().map_err(|_| bad("peer_listen", "not an address such as 10.0.0.5:5001"))?;
-        if listen == self.listen {
+        let overlaps =
+            listen.ip() == self.listen.ip() || listen.ip().is_unspecified() || self.listen.ip().is_unspecified();
+        if listen.port() == self.listen.port() && listen.port() != 0 && overlaps {
             return Err(bad("peer_listen", "the peer API needs a listener of its own, not the client API's"));
         }
         if c.self_addr.is_empty() && listen.ip().is_unspecified() {
@@ -700,6 +702,37 @@ mod tests {
             .extract()
             .expect("config/wharf.toml parses");
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn the_cluster_needs_its_own_listener_peers_and_a_key() {
+        let cluster = |c: ClusterOverrides| Config::load(None, &Overrides { cluster: c, ..Default::default() });
+        let ok = || ClusterOverrides {
+            peer_listen: Some("10.0.0.5:5001".into()),
+            peers: Some(vec!["10.0.0.5:5001".into()]),
+            key_file: Some("/keys".into()),
+            ..Default::default()
+        };
+        let c = cluster(ok()).unwrap().cluster;
+        assert!(c.enabled());
+        assert_eq!(c.peers, ["10.0.0.5:5001"]);
+        let refused = |o: ClusterOverrides, key: &str| match cluster(o) {
+            Err(Error::Value { key: k, .. }) => assert_eq!(k, key),
+            other => panic!("{key}: {other:?}"),
+        };
+        refused(ClusterOverrides { peer_listen: Some("10.0.0.5:5000".into()), ..ok() }, "cluster.peer_listen");
+        refused(ClusterOverrides { peer_listen: Some("0.0.0.0:5001".into()), ..ok() }, "cluster.self");
+        refused(ClusterOverrides { peers: Some(vec![]), ..ok() }, "cluster.peers");
+        refused(ClusterOverrides { key_file: None, ..ok() }, "cluster.key_file");
+        refused(ClusterOverrides { peers_dns: Some("no-port".into()), ..ok() }, "cluster.peers_dns");
+        let wildcard = ClusterOverrides {
+            peer_listen: Some("0.0.0.0:5001".into()),
+            self_addr: Some("10.0.0.5:5001".into()),
+            ..ok()
+        };
+        assert!(cluster(wildcard).is_ok());
+        // Off unless peer_listen is set: the other keys alone change nothing.
+        assert!(!cluster(ClusterOverrides { peer_listen: None, ..ok() }).unwrap().cluster.enabled());
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub async fn get(
     };
     let metrics = state.metrics.clone();
     let filling = matches!(source, reader::Source::Filling(_));
+    let mut note = RequestNote::new(client.name.clone(), outcome);
+    if let reader::Source::Filling(fill) = &source
+        && fill.via_peer()
+    {
+        note.source = "peer";
+    }
     // The guard rides along with the body, so the blob is not evicted while it streams.
     let body = move |start, end| {
         reader::body(source, start, end, delivery).inspect_ok(move |chunk| {
@@ -79,7 +85,7 @@ pub async fn get(
         }
     };
     blob_headers(&mut resp, &digest, &etag);
-    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome });
+    resp.extensions_mut().insert(note);
     Ok(resp)
 }
 
@@ -125,7 +131,7 @@ pub async fn head(routed: Routed, digest: Digest) -> Result<Response, Error> {
     let mut resp = Response::new(Body::empty());
     set(&mut resp, header::CONTENT_LENGTH, size.to_string());
     blob_headers(&mut resp, &digest, &format!("\"{digest}\""));
-    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome });
+    resp.extensions_mut().insert(RequestNote::new(client.name.clone(), outcome));
     Ok(resp)
 }
 

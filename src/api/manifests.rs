@@ -58,6 +58,6 @@ pub async fn get_or_head(
     set(&mut resp, header::CONTENT_TYPE, info.media_type.clone());
     set(&mut resp, header::HeaderName::from_static("docker-content-digest"), info.digest.to_string());
     set(&mut resp, header::ETAG, etag);
-    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome: answer.outcome });
+    resp.extensions_mut().insert(RequestNote::new(client.name.clone(), answer.outcome));
     Ok(resp)
 }

@@ -37,6 +37,20 @@ pub struct RequestNote {
     pub registry: String,
     /// Cache outcome.
     pub outcome: Outcome,
+    /// Where the bytes came from: `disk`, `fill` (another request's fill in progress), `peer` or `upstream`.
+    pub source: &'static str,
+}
+
+impl RequestNote {
+    /// A note whose source follows from the outcome alone (a fill started here is an upstream fill).
+    pub fn new(registry: String, outcome: Outcome) -> RequestNote {
+        let source = match outcome {
+            Outcome::Hit | Outcome::Revalidated | Outcome::Stale => "disk",
+            Outcome::Coalesced => "fill",
+            Outcome::Miss | Outcome::Passthrough | Outcome::Uncached => "upstream",
+        };
+        RequestNote { registry, outcome, source }
+    }
 }
 
 /// A request routed to an upstream: the state, the registry client and the upstream repository name.
@@ -198,6 +212,7 @@ async fn log_request(State(state): State<AppState>, req: Request, next: Next) ->
         status = resp.status().as_u16(),
         upstream = note.map(|n| n.registry.as_str()).unwrap_or("-"),
         cache = note.map(|n| n.outcome.as_str()).unwrap_or("-"),
+        source = note.map(|n| n.source).unwrap_or("-"),
         bytes,
         ms = start.elapsed().as_millis() as u64,
         error,

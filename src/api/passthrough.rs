@@ -24,6 +24,6 @@ pub async fn forward(routed: Routed, tail: &str, query: Option<&str>) -> Result<
     let mut resp = Response::new(body);
     *resp.status_mut() = answer.status;
     *resp.headers_mut() = answer.headers;
-    resp.extensions_mut().insert(RequestNote { registry: client.name.clone(), outcome: Outcome::Passthrough });
+    resp.extensions_mut().insert(RequestNote::new(client.name.clone(), Outcome::Passthrough));
     Ok(resp)
 }

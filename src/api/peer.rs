@@ -6,7 +6,6 @@
 use super::error::{Error, OciCode};
 use super::path::{self, Endpoint};
 use super::{RequestNote, Routed, blobs, manifests, ns_param};
-use crate::cache::Outcome;
 use crate::cache::reader::Delivery;
 use crate::cluster::auth::{AUTH_HEADER, PEER_HEADER};
 use crate::oci::Digest;
@@ -88,13 +87,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         Err(Error::new(OciCode::Unavailable, format!("no answer from the upstream within {}s", deadline.as_secs())))
     });
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
-    let outcome = resp.extensions().get::<RequestNote>().map(|n| n.outcome);
-    let source = match outcome {
-        Some(Outcome::Hit) => "disk",
-        Some(Outcome::Coalesced) => "fill",
-        Some(_) => "upstream",
-        None => "-",
-    };
+    let source = resp.extensions().get::<RequestNote>().map_or("-", |n| n.source);
     resp.headers_mut().insert(SOURCE_HEADER, HeaderValue::from_static(source));
     tracing::info!(
         target: "wharf::peer",

@@ -420,3 +420,98 @@ async fn the_peer_api_refuses_unsigned_requests_before_any_upstream_work() {
     assert_eq!(fake.blob_gets(&digest), 1);
     drop(node);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edges_keep_waiting_while_the_owner_waits_for_its_own_upstream() {
+    let fake = FakeUpstream::start().await;
+    let size = 8 * MIB;
+    let (digest, data) = fake.add_random_blob(size);
+    let gate = fake.gate(&digest, size / 2);
+    let cluster = fake_cluster(&fake, "[cluster]\nstall_timeout = 1\n");
+    let owner = cluster.owner(&digest);
+    let edges: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+    let c = client();
+    let fetches: Vec<_> = edges
+        .iter()
+        .map(|e| spawn_fetch(&c, &format!("{}/v2/test/app/blobs/{digest}", cluster.nodes[*e].url()), &[]).0)
+        .collect();
+    gate.wait_reached().await;
+    // Each edge's stream has stalled twice, asked the owner, and been told its upstream is the slow part.
+    for e in &edges {
+        let node = &cluster.nodes[*e].wharf;
+        eventually("an edge checked the owner's fill twice", Duration::from_secs(30), || async {
+            node.log().matches("peer is waiting for its upstream").count() >= 2
+        })
+        .await;
+    }
+    assert_eq!(fake.blob_gets(&digest), 1, "an edge went to the upstream while the owner was only waiting for it");
+    gate.release();
+    for (i, f) in fetches.into_iter().enumerate() {
+        match f.await.unwrap() {
+            Outcome::Complete(200, _, body) => assert!(body == data, "client {i}: wrong bytes"),
+            other => panic!("client {i}: {other:?}"),
+        }
+    }
+    assert_eq!(fake.blob_gets(&digest), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn private_content_through_a_peer_gets_the_answer_a_single_node_gives() {
+    use crate::support::fake_upstream::{Auth, basic};
+    const TOKEN: &str = "team-token-0123456789abcdef";
+    let up = FakeUpstream::start().await;
+    up.set_auth(Auth::Bearer(Some(("alice".into(), "s3cret".into()))));
+    up.set_public_repos(&["pub/app"]);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("config.json");
+    let auth = basic("alice", "s3cret").to_str().unwrap().trim_start_matches("Basic ").to_string();
+    std::fs::write(&creds, serde_json::json!({"auths": {REGISTRY: {"auth": auth}}}).to_string()).unwrap();
+    let config = dir.path().join("wharf.toml");
+    let toml = format!("[[access.tokens]]\nname = \"team\"\ntoken = \"{TOKEN}\"\nread = [\"{REGISTRY}/team/*\"]\n");
+    std::fs::write(&config, toml).unwrap();
+    let mut args = up.wharf_args();
+    args.extend(["--config", config.to_str().unwrap(), "--credentials", creds.to_str().unwrap()].map(String::from));
+    let cluster = Cluster::start(2, &args, true);
+    // A private blob owned by node 0: node 1 is the edge that must fetch it through the peer API.
+    let (digest, data) = loop {
+        let (d, b) = up.add_random_blob_in(&["team/app"], 300_000);
+        if cluster.owner(&d) == 0 {
+            break (d, b);
+        }
+    };
+    let path = format!("/v2/team/app/blobs/{digest}");
+    let answer = |node: usize, auth: Option<String>| {
+        let url = format!("{}{path}", cluster.nodes[node].url());
+        async move {
+            let mut req = client().get(url);
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.bytes().await.unwrap();
+            let code = serde_json::from_slice::<serde_json::Value>(&body)
+                .map(|v| v["errors"][0]["code"].as_str().unwrap_or_default().to_owned())
+                .unwrap_or_default();
+            (status, code, body)
+        }
+    };
+    // Anonymous, and with a token for another repository's pattern: refused at the edge as at the owner.
+    for auth in [None, Some("Bearer not-a-known-token-000000".to_owned())] {
+        let (edge, owner) = (answer(1, auth.clone()).await, answer(0, auth.clone()).await);
+        assert_eq!((edge.0, &edge.1), (owner.0, &owner.1), "auth {auth:?}: edge and owner answer differently");
+        assert_eq!(edge.0, 401, "auth {auth:?}");
+    }
+    assert_eq!(cluster.nodes[1].wharf.metric("wharf_peer_bytes_total{direction=\"in\"}").await, 0.0);
+    // With the token: served through the peer, the same bytes.
+    let via_edge = answer(1, Some(format!("Bearer {TOKEN}"))).await;
+    assert_eq!(via_edge.0, 200);
+    assert!(via_edge.2 == data, "wrong bytes through the peer");
+    assert_eq!(
+        cluster.nodes[1].wharf.metric("wharf_peer_bytes_total{direction=\"in\"}").await,
+        data.len() as f64,
+        "the edge did not take the private blob from its owner"
+    );
+    let direct = answer(0, Some(format!("Bearer {TOKEN}"))).await;
+    assert_eq!((direct.0, direct.2 == data), (200, true));
+}
