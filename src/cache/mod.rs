@@ -281,7 +281,7 @@ impl Cache {
                     cluster: cluster.cloned(),
                 };
                 // The claim moves into the task: if the task panics, unwinding drops it and fails the fill.
-                self.shared.tasks.spawn(async move { this.run_fill(claim, origins).await });
+                self.shared.tasks.spawn(this.run_fill(claim, origins));
                 (fill, Outcome::Miss)
             }
         };
@@ -354,7 +354,17 @@ impl Cache {
     }
 
     /// Runs a claimed fill to its end; dropping `claim` at the end (or on a panic) frees the digest.
-    async fn run_fill(&self, mut claim: Claim, origins: Origins) {
+    /// Boxed with its `Send` bound spelled out: a fill may start another fill (a refetch after a peer's
+    /// wrong bytes), and an `async fn` cannot contain its own future.
+    fn run_fill(
+        self,
+        claim: Claim,
+        origins: Origins,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move { self.fill_to_end(claim, origins).await })
+    }
+
+    async fn fill_to_end(&self, mut claim: Claim, origins: Origins) {
         let (client, repo) = (&*origins.registry, &origins.repo);
         // Queued, not failed: waiting clients see the fill start when a slot frees (or their deadline passes).
         let _slot = self.shared.fill_slots.acquire().await.expect("the fill semaphore is never closed");
@@ -400,6 +410,18 @@ impl Cache {
             }
             Err(e) => {
                 let reason = match &e {
+                    Error::DigestMismatch { .. } if !origins.peers.is_empty() => {
+                        // The bytes came from a peer, now skipped: fetch the blob again from the next source
+                        // at once, so that the clients' retries find it.
+                        let (this, client, repo, digest) =
+                            (self.clone(), origins.registry.clone(), origins.repo.clone(), digest.clone());
+                        self.shared.tasks.spawn(async move {
+                            if let Err(e) = this.ensure_blob(&client, &repo, &digest).await {
+                                tracing::warn!(%digest, error = %e, "refetching a blob a peer sent wrong");
+                            }
+                        });
+                        "bad_content"
+                    }
                     Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => {
                         tracing::error!(%digest, registry = %client.name, %repo, error = %e, "upstream sent bad bytes; discarded");
                         "bad_content"
