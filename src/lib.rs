@@ -24,6 +24,7 @@ pub mod config;
 pub mod metrics;
 pub mod node_setup;
 pub mod oci;
+pub mod pages;
 pub mod prefetch;
 pub mod server;
 pub mod state;

@@ -6,10 +6,10 @@
 //! that prefix as it grows. An upstream that ignores ranges is streamed in one piece.
 
 use super::Error;
-use super::origin::{Origins, skip_bytes};
-use super::reader::map_chunk;
+use super::origin::{Origin, OriginError, Origins};
 use super::store::{BlobStore, TempFile};
 use crate::oci::{Digest, RepoName, Verifier};
+use crate::pages::map_chunk;
 use crate::upstream::{self, BlobStream, RegistryClient};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -281,9 +281,10 @@ impl Fill {
         });
     }
 
-    /// Downloads the blob into `temp` and checks size and digest: from the peers in `origins` first, each
-    /// resuming where the previous one stopped, then from the registry. Returns the size, or `None` when
-    /// `admit`, asked with the announced size before the first byte is written, said no.
+    /// Downloads the blob into `temp` and checks size and digest, from each origin in turn (the owner peers,
+    /// then the registry), each resuming where the previous one stopped with the hash state kept. Returns
+    /// the size, or `None` when `admit`, asked with the announced size before the first byte is written,
+    /// said no.
     pub async fn download<F: std::future::Future<Output = bool>>(
         self: &Arc<Self>,
         temp: &TempFile,
@@ -299,121 +300,113 @@ impl Fill {
             total: None,
             senders: Vec::new(),
         };
-        for peer in &origins.peers {
-            self.via_peer.store(true, Ordering::Relaxed);
-            match self.try_peer(temp, origins, peer, &mut resume, reserve, &mut admit).await? {
-                Step::Done(size) => return Ok(Some(size)),
-                Step::Refused => return Ok(None),
-                Step::Next => {}
+        for origin in origins.sequence() {
+            self.via_peer.store(matches!(origin, Origin::Peer(_)), Ordering::Relaxed);
+            if matches!(origin, Origin::Registry) && resume.written.load(Ordering::Relaxed) == 0 {
+                // From the first byte the registry is asked for several ranges at once.
+                let client = &*origins.registry;
+                let size = self.fetch_registry(temp, (client, &origins.repo), plan, reserve, admit).await;
+                let size = size.inspect_err(|e| self.blame_senders(origins, &resume, e))?;
+                if let Some(size) = size {
+                    client.count_fetched(size);
+                }
+                return Ok(size);
+            }
+            match self.try_origin(temp, origins, origin, &mut resume, reserve, &mut admit).await {
+                Ok(Step::Done(size)) => return Ok(Some(size)),
+                Ok(Step::Refused) => return Ok(None),
+                Ok(Step::Next) => {}
+                Err(e) => {
+                    self.blame_senders(origins, &resume, &e);
+                    return Err(e);
+                }
             }
         }
-        self.via_peer.store(false, Ordering::Relaxed);
-        let client = &*origins.registry;
-        if resume.written.load(Ordering::Relaxed) == 0 {
-            let size = self.fetch_registry(temp, (client, &origins.repo), plan, reserve, admit).await?;
-            if let Some(size) = size {
-                client.count_fetched(size);
-            }
-            return Ok(size);
-        }
-        self.resume_from_registry(temp, origins, &mut resume, reserve).await.map(Some)
+        unreachable!("the registry, the last origin, never says to try the next one")
     }
 
-    /// One attempt at `peer`, from where the previous source stopped.
-    async fn try_peer<F: std::future::Future<Output = bool>>(
+    /// One attempt at `origin`, from where the previous one stopped.
+    async fn try_origin<F: std::future::Future<Output = bool>>(
         self: &Arc<Self>,
         temp: &TempFile,
         origins: &Origins,
-        peer: &str,
+        origin: Origin<'_>,
         resume: &mut Resume,
         reserve: &Reserve,
         admit: &mut Option<impl FnOnce(Option<u64>) -> F>,
     ) -> Result<Step, Error> {
-        let cluster = origins.cluster.as_ref().expect("peer origins come with a cluster");
         let from = resume.written.load(Ordering::Relaxed);
-        let next = |reason: &'static str, suspect: bool| {
+        let peer = match origin {
+            Origin::Peer(p) => Some((p, origins.cluster.as_ref().expect("peer origins come with a cluster"))),
+            Origin::Registry => None,
+        };
+        let next = |reason: &'static str, suspect: bool| -> Result<Step, Error> {
+            let Some((p, cluster)) = peer else {
+                return Err(upstream::Error::Protocol(format!("the upstream's transfer failed: {reason}")).into());
+            };
             cluster.count_fallback(reason);
             if suspect {
-                cluster.suspect(peer, reason);
+                cluster.suspect(p, reason);
             }
             Ok(Step::Next)
         };
-        let answer = match origins.open_peer(peer, &self.digest, from).await {
+        let (announced, opened) = match origins.open(origin, &self.digest, from, resume.total).await {
             Ok(answer) => answer,
-            Err(e) => {
-                tracing::warn!(%peer, digest = %self.digest, error = %e, "peer could not supply the blob; next source");
-                return next(e.reason(), e.is_unreachable());
-            }
+            Err(OriginError::Next { reason, suspect }) => return next(reason, suspect),
+            Err(OriginError::Fail(e)) => return Err(e.into()),
         };
-        if resume.total.is_some_and(|t| t != answer.total) {
+        if let (Some(known), Some(now)) = (resume.total, announced)
+            && known != now
+        {
             return next("protocol", true);
         }
-        let total = answer.total;
         if resume.total.is_none() {
-            resume.total = Some(total);
-            self.state.send_replace(FillState::Streaming { written: from, total: Some(total) });
+            resume.total = announced;
+            self.state.send_replace(FillState::Streaming { written: from, total: announced });
         }
         if let Some(admit) = admit.take()
-            && !admit(Some(total)).await
+            && !admit(announced).await
         {
             return Ok(Step::Refused);
         }
-        resume.senders.push(peer.to_owned());
-        let result = self.write_resumable(temp, resume, total, answer.body, reserve, Some(cluster)).await;
+        if let Some((p, _)) = peer {
+            resume.senders.push(p.to_owned());
+        }
+        let counted = peer.map(|(_, c)| c);
+        let result = self.write_resumable(temp, resume, opened.total, opened.body, reserve, counted).await;
         let got = resume.written.load(Ordering::Relaxed) - from;
+        if peer.is_none() {
+            origins.registry.count_fetched(got);
+        }
+        let total = resume.total.unwrap_or(from + got);
         match result {
             Ok(()) if from + got == total => {}
-            Ok(()) => return next("short", false),
+            Ok(()) if peer.is_some() => return next("short", false),
+            Ok(()) => return Err(Error::SizeMismatch { announced: total, received: from + got }),
             Err(Error::Upstream(e)) => {
-                let stalled = answer.stalled.load(Ordering::Relaxed);
-                tracing::warn!(%peer, digest = %self.digest, error = %e, at = from + got, "peer transfer broke; resuming from the next source");
-                return next(if stalled { "stalled" } else { "broken" }, true);
+                let stalled = opened.stalled.load(Ordering::Relaxed);
+                tracing::warn!(?origin, digest = %self.digest, error = %e, at = from + got, "transfer broke; resuming from the next source");
+                return if peer.is_some() {
+                    next(if stalled { "stalled" } else { "broken" }, true)
+                } else {
+                    Err(e.into())
+                };
             }
-            Err(Error::SizeMismatch { .. }) => return next("protocol", true),
+            Err(Error::SizeMismatch { .. }) if peer.is_some() => return next("protocol", true),
             Err(e) => return Err(e),
         }
-        match self.finish(resume, total) {
-            Ok(size) => Ok(Step::Done(size)),
-            Err(e) => {
-                for sender in &resume.senders {
-                    cluster.suspect(sender, "sent bytes that failed verification");
-                }
-                cluster.count_corrupt();
-                tracing::error!(digest = %self.digest, peers = ?resume.senders, error = %e, "bytes from a peer failed verification; nothing committed");
-                Err(e)
-            }
-        }
+        self.finish(resume, total).map(Step::Done)
     }
 
-    /// The rest of a blob from the registry, after a peer stopped part way.
-    async fn resume_from_registry(
-        self: &Arc<Self>,
-        temp: &TempFile,
-        origins: &Origins,
-        resume: &mut Resume,
-        reserve: &Reserve,
-    ) -> Result<u64, Error> {
-        let from = resume.written.load(Ordering::Relaxed);
-        let total = resume.total.expect("a peer that sent bytes announced the size");
-        let client = &*origins.registry;
-        let blob = client.get_blob(&origins.repo, &self.digest, Some((from, total - 1))).await?;
-        // An upstream that ignores the range sends the whole blob: the first `from` bytes are dropped.
-        let skip = if blob.partial.is_some() { 0 } else { from };
-        let result = self.write_resumable(temp, resume, total, skip_bytes(blob.body, skip), reserve, None).await;
-        client.count_fetched(resume.written.load(Ordering::Relaxed) - from + skip);
-        result?;
-        let written = resume.written.load(Ordering::Relaxed);
-        if written != total {
-            return Err(Error::SizeMismatch { announced: total, received: written });
-        }
-        self.finish(resume, total).inspect_err(|_| {
-            if let Some(cluster) = &origins.cluster {
-                for sender in &resume.senders {
-                    cluster.suspect(sender, "sent bytes that failed verification");
-                }
-                cluster.count_corrupt();
+    /// After a failed verification: the peers that sent bytes are skipped and counted as corrupt.
+    fn blame_senders(&self, origins: &Origins, resume: &Resume, e: &Error) {
+        if let (Error::DigestMismatch { .. }, Some(cluster), false) = (e, &origins.cluster, resume.senders.is_empty()) {
+            for sender in &resume.senders {
+                cluster.suspect(sender, "sent bytes that failed verification");
             }
-        })
+            cluster.count_corrupt();
+            tracing::error!(digest = %self.digest, peers = ?resume.senders, error = %e, "bytes from a peer failed verification; nothing committed");
+        }
     }
 
     /// Writes `body` at the resume point, hashing and publishing as it goes; `resume` keeps what landed

@@ -26,32 +26,88 @@ pub struct Origins {
     pub cluster: Option<Cluster>,
 }
 
-/// A peer's answer: the blob's total size and its bytes from the offset asked for.
-pub(super) struct PeerBytes {
+/// One source of a blob's bytes. Closed: the registry, a peer, and later a bucket.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Origin<'a> {
+    /// Another wharf instance, by peer address.
+    Peer(&'a str),
+    /// The upstream registry itself: the last resort, whose errors are the answer.
+    Registry,
+}
+
+/// An origin's answer: the blob's total size and its bytes from the offset asked for.
+pub(super) struct Opened {
     pub total: u64,
     pub body: BoxStream<'static, Result<Bytes, upstream::Error>>,
-    /// Set when the body ended because the peer stalled (not because it broke).
+    /// Set when the body ended because the source stalled (not because it broke).
     pub stalled: Arc<AtomicBool>,
 }
 
+/// Why an origin could not (or could no longer) supply the blob.
+pub(super) enum OriginError {
+    /// Try the next origin; `suspect`: skip this one for a while (it looks down or lied).
+    Next { reason: &'static str, suspect: bool },
+    /// The last origin failed: this is the answer.
+    Fail(upstream::Error),
+}
+
 impl Origins {
-    /// Blob bytes from `peer`, from byte `from` on. A stall (no byte for the stall timeout) ends the body
-    /// with an error, unless the peer says its own fill is waiting for the upstream: then it was worth
-    /// waiting and the wait goes on.
-    pub(super) async fn open_peer(&self, peer: &str, digest: &Digest, from: u64) -> Result<PeerBytes, PeerError> {
-        let cluster = self.cluster.as_ref().expect("peer origins come with a cluster");
-        let blob = cluster.client().get_blob(peer, &self.registry.name, &self.repo, digest, from).await?;
-        let (total, skip) = match (blob.partial, blob.size) {
-            (Some((_, _, total)), _) => (total, 0),
-            // A peer that ignored the range sent the whole blob: drop what is already here.
-            (None, Some(size)) => (size, from),
-            (None, None) => return Err(PeerError::Protocol("no Content-Length".into())),
-        };
-        let stalled = Arc::new(AtomicBool::new(false));
-        let body = skip_bytes(blob.body, skip);
-        let body = watch_stalls(body, cluster.clone(), peer.to_owned(), digest.clone(), stalled.clone());
-        Ok(PeerBytes { total, body, stalled })
+    /// The origins in the order they are tried.
+    pub(super) fn sequence(&self) -> impl Iterator<Item = Origin<'_>> {
+        self.peers.iter().map(|p| Origin::Peer(p)).chain(std::iter::once(Origin::Registry))
     }
+
+    /// Blob bytes from byte `from` on, and the blob's size (which the registry may not announce for a
+    /// whole-blob answer: `None` then). A peer's stall (no byte for the stall timeout) ends its body with an
+    /// error, unless the peer says its own fill is waiting for the upstream: then the wait goes on.
+    pub(super) async fn open(
+        &self,
+        origin: Origin<'_>,
+        digest: &Digest,
+        from: u64,
+        total: Option<u64>,
+    ) -> Result<(Option<u64>, Opened), OriginError> {
+        let stalled = Arc::new(AtomicBool::new(false));
+        match origin {
+            Origin::Peer(peer) => {
+                let cluster = self.cluster.as_ref().expect("peer origins come with a cluster");
+                let blob = cluster
+                    .client()
+                    .get_blob(peer, &self.registry.name, &self.repo, digest, from)
+                    .await
+                    .map_err(|e| peer_error(peer, digest, &e))?;
+                let (total, skip) = match (blob.partial, blob.size) {
+                    (Some((_, _, total)), _) => (total, 0),
+                    // A peer that ignored the range sent the whole blob: drop what is already here.
+                    (None, Some(size)) => (size, from),
+                    (None, None) => return Err(OriginError::Next { reason: "protocol", suspect: true }),
+                };
+                let body = skip_bytes(blob.body, skip);
+                let body = watch_stalls(body, cluster.clone(), peer.to_owned(), digest.clone(), stalled.clone());
+                Ok((Some(total), Opened { total, body, stalled }))
+            }
+            Origin::Registry => {
+                let range = match (from, total) {
+                    (0, _) => None,
+                    (from, Some(total)) => Some((from, total - 1)),
+                    (_, None) => {
+                        return Err(OriginError::Fail(upstream::Error::Protocol("resume without a size".into())));
+                    }
+                };
+                let blob = self.registry.get_blob(&self.repo, digest, range).await.map_err(OriginError::Fail)?;
+                let announced = blob.partial.map(|(_, _, t)| t).or(blob.size.filter(|_| from == 0));
+                // An upstream that ignores the range sends the whole blob: the first `from` bytes are dropped.
+                let skip = if blob.partial.is_some() { 0 } else { from };
+                let total = announced.or(total).unwrap_or(u64::MAX);
+                Ok((announced, Opened { total, body: skip_bytes(blob.body, skip), stalled }))
+            }
+        }
+    }
+}
+
+fn peer_error(peer: &str, digest: &Digest, e: &PeerError) -> OriginError {
+    tracing::warn!(%peer, %digest, error = %e, "peer could not supply the blob; next source");
+    OriginError::Next { reason: e.reason(), suspect: e.is_unreachable() }
 }
 
 /// Drops the first `skip` bytes of `body`.

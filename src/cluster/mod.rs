@@ -1,6 +1,6 @@
 //! The cluster tier: wharf instances on several nodes fetch each blob from the upstream once per cluster.
 //!
-//! Membership comes from outside (a static list, a file, a headless Service's DNS name; see [`members`]);
+//! Membership comes from outside (a static list, a file, a headless Service's DNS name; see `members`);
 //! ownership is rendezvous hashing of a key over the current view ([`hrw`]); peers talk over signed HTTP
 //! ([`auth`], [`PeerClient`]). This room knows who to ask; the cache decides when to ask, and feeds a peer's
 //! bytes into the same fill (temporary file, hash, verify, commit) as an upstream's.
@@ -146,7 +146,7 @@ impl Cluster {
     }
 
     /// The peers to ask for `key`, best first: those ranked above this node, skipping suspects, at most
-    /// [`MAX_PEER_SOURCES`]. Empty when this node owns the key (or every better peer is suspect): fill from
+    /// two (the owner and one fallback). Empty when this node owns the key (or every better peer is suspect): fill from
     /// the upstream. This node always counts as a member of its own view.
     pub fn sources(&self, key: &str) -> Vec<String> {
         let view = self.view();

@@ -3,7 +3,7 @@
 
 use super::Listen;
 use super::tls::Acceptor;
-use crate::cache::reader::{Delivery, file_region};
+use crate::pages::{Delivery, file_region};
 use axum::body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
