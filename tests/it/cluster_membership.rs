@@ -408,8 +408,6 @@ async fn the_view_follows_a_real_dns_server() {
     get_ok(&http, &fetch_on(first, &seconds), &data).await;
     let moved = first.wharf.metric(PEER_BYTES_IN).await - bytes_in;
     assert_eq!(moved, data.len() as f64, "the blob did not come from its owner {second}");
-    drop(nodes);
-    drop(dns);
 }
 
 /// Pulls `image` (tag, child manifests, every blob) through `url`, checking every digest.
