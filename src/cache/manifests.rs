@@ -130,7 +130,8 @@ impl Cache {
                         .answer_from_entry(client, repo, &entry, accept, want_body, Outcome::Hit, forward)
                         .await;
                 }
-                let flight = flight_key(want_body, &client.name, repo, t, accept, forward);
+                let owner_key = format!("{}/{repo}:{t}", client.name);
+                let flight = flight_key(want_body, &client.name, repo, t, accept, self.asks_peers(forward, &owner_key));
                 let (this, client, repo, tag, accept) =
                     (self.clone(), client.clone(), repo.clone(), t.clone(), accept.clone());
                 self.share(&flight, move || async move {
@@ -159,6 +160,13 @@ impl Cache {
         Ok(answer)
     }
 
+    /// Whether a request for `key` (a digest, or `<registry>/<repo>:<tag>`) will ask a peer: a client's
+    /// request when some peer ranks above this node. One that will not (the owner's own clients) shares its
+    /// upstream request with the peers' requests for the same thing: one upstream request per cluster.
+    fn asks_peers(&self, forward: bool, key: &str) -> bool {
+        forward && self.shared.cluster.get().is_some_and(|c| !c.sources(key).is_empty())
+    }
+
     /// The tag's entry, if within the freshness window.
     fn fresh_tag(&self, key: &str) -> Result<Option<TagEntry>, Error> {
         Ok(self.shared.meta.tag(key)?.filter(|e| self.is_fresh(e, now_secs())))
@@ -179,7 +187,8 @@ impl Cache {
         want_body: bool,
         forward: bool,
     ) -> Result<ManifestAnswer, Error> {
-        let flight = flight_key(want_body, &client.name, repo, &digest.to_string(), accept, forward);
+        let key = digest.to_string();
+        let flight = flight_key(want_body, &client.name, repo, &key, accept, self.asks_peers(forward, &key));
         let (this, client, repo, digest, accept) =
             (self.clone(), client.clone(), repo.clone(), digest.clone(), accept.clone());
         self.share(&flight, move || async move {

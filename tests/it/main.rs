@@ -7,6 +7,7 @@ mod admin;
 mod api;
 mod chaos;
 mod cluster;
+mod cluster_membership;
 mod coalesce;
 mod containerd;
 mod dashboard;

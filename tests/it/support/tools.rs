@@ -8,6 +8,7 @@ pub fn require(bin: &str) -> PathBuf {
         "docker-registry" => "docker-registry",
         "skopeo" => "skopeo",
         "containerd" | "ctr" => "containerd",
+        "dnsmasq" => "dnsmasq-base",
         other => other,
     };
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
