@@ -2,7 +2,9 @@
 //! families wharf registers, so a renamed metric cannot leave a panel silently empty.
 
 use std::collections::BTreeSet;
-use wharf::metrics::{ImageLabel, KindLabel, Metrics, ReasonLabel, RegistryLabel, RequestLabels, UpstreamLabels};
+use wharf::metrics::{
+    DirectionLabel, ImageLabel, KindLabel, Metrics, ReasonLabel, RegistryLabel, RequestLabels, UpstreamLabels,
+};
 
 /// Metrics with a sample in every labelled family (an empty family is not exported at all).
 fn every_family() -> Metrics {
@@ -19,6 +21,8 @@ fn every_family() -> Metrics {
     m.warm_ready.get_or_create(&ImageLabel { image: "x".into() }).set(1);
     m.warm_last_success.get_or_create(&ImageLabel { image: "x".into() }).set(1);
     m.upstream_joined.get_or_create(&KindLabel { kind: "manifest" }).inc();
+    m.peer_bytes.get_or_create(&DirectionLabel { direction: "in" }).inc();
+    m.peer_fallbacks.get_or_create(&ReasonLabel { reason: "unreachable" }).inc();
     m
 }
 
@@ -63,6 +67,11 @@ fn grafana_dashboard_queries_only_exported_metrics() {
         "wharf_cache_used_bytes",
         "wharf_http_requests",
         "wharf_warm_image_ready",
+        "wharf_peer_bytes",
+        "wharf_peer_fallbacks",
+        "wharf_peer_corrupt",
+        "wharf_peers_ready",
+        "wharf_owner_changes",
     ] {
         assert!(used.contains(needed), "no panel plots {needed}");
     }
