@@ -518,3 +518,40 @@ async fn private_content_through_a_peer_gets_the_answer_a_single_node_gives() {
     let direct = answer(0, Some(format!("Bearer {TOKEN}"))).await;
     assert_eq!((direct.0, direct.2 == data), (200, true));
 }
+
+#[test]
+fn containerd_and_skopeo_through_different_nodes_take_each_blob_from_the_upstream_once() {
+    use crate::support::containerd::{Containerd, write_hosts_dir};
+    use crate::support::images::{run_ok, skopeo};
+    let seeded = shared();
+    let image = seeded.alias("test/multi");
+    let args = vec!["--upstream".to_string(), format!("registry.test={}", seeded.registry.url())];
+    let cluster = Cluster::start(3, &args, true);
+    let reference = format!("registry.test/{}", image.reference());
+    // containerd through node 0 (its hosts.toml names node 0 only; it adds `?ns=registry.test`).
+    let hosts = cluster.dir.path().join("hosts");
+    write_hosts_dir(&hosts, "registry.test", &cluster.nodes[0].url());
+    let ctd = Containerd::start();
+    ctd.fetch_ok(&hosts, &reference);
+    let store = ctd.content_digests();
+    let missing: Vec<_> = image.all_digests().into_iter().filter(|d| !store.contains(d)).collect();
+    assert!(missing.is_empty(), "not in containerd's content store: {missing:?}");
+    // skopeo through the other two, by path prefix.
+    for node in &cluster.nodes[1..] {
+        let out = cluster.dir.path().join(format!("oci-{}", node.ip));
+        let source = format!("docker://{}/registry.test/{}:{}", node.wharf.addr, image.repo, image.tag);
+        let mut cmd = skopeo();
+        cmd.args(["copy", "--all", "--src-tls-verify=false", "--dest-oci-accept-uncompressed-layers"]);
+        run_ok(cmd.arg(&source).arg(format!("oci:{}:{}", out.display(), image.tag)), Duration::from_secs(120));
+        crate::skopeo::check_layout(&out, &image, &source);
+    }
+    for (blob, size) in &image.blobs {
+        let sent = seeded.registry.bytes_sent(&format!("/v2/{}/blobs/{blob}", image.repo));
+        assert_eq!(sent, *size, "blob {blob}: the upstream sent {sent} bytes for {size}");
+    }
+    // Every manifest by digest left the upstream at most once for the whole cluster, too.
+    for m in &image.manifests {
+        let gets = seeded.registry.count("GET", &format!("/v2/{}/manifests/{}", image.repo, m.digest));
+        assert!(gets <= 1, "manifest {}: {gets} upstream GETs", m.digest);
+    }
+}
