@@ -1,9 +1,12 @@
-//! One upstream download into a temporary file, hashed as it lands, with progress published to every reader.
-//! A fill belongs to the cache, not to the request that started it: it runs to the end even if that client leaves.
+//! One download into a temporary file, hashed as it lands, with progress published to every reader. A fill
+//! belongs to the cache, not to the request that started it: it runs to the end even if that client leaves.
 //!
-//! Large blobs are fetched as several concurrent range requests written at their offsets (many upstreams and
-//! CDNs limit each connection's rate); readers see only the contiguous prefix, and the digest is computed over
-//! that prefix as it grows. An upstream that ignores ranges is streamed in one piece.
+//! Its bytes come from its origins in turn (the peers that own the blob, then the registry; see
+//! [`super::origin`]): when one stops part way, the next resumes at that offset and the hash goes on.
+//! From the registry's first byte, large blobs are fetched as several concurrent range requests written at
+//! their offsets (many upstreams and CDNs limit each connection's rate); readers see only the contiguous
+//! prefix, and the digest is computed over that prefix as it grows. An upstream that ignores ranges is
+//! streamed in one piece.
 
 use super::Error;
 use super::origin::{Origin, OriginError, Origins};
@@ -125,7 +128,7 @@ struct Resume {
     senders: Vec<String>,
 }
 
-/// What one peer attempt came to.
+/// What one attempt at an origin came to.
 enum Step {
     /// Verified: the size.
     Done(u64),
