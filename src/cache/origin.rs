@@ -71,10 +71,10 @@ impl Origins {
         match origin {
             Origin::Peer(peer) => {
                 let cluster = self.cluster.as_ref().expect("peer origins come with a cluster");
-                let blob = cluster
-                    .client()
-                    .get_blob(peer, &self.registry.name, &self.repo, digest, from)
+                let ask = cluster.client().get_blob(peer, &self.registry.name, &self.repo, digest, from);
+                let blob = answered(cluster, peer, digest, ask)
                     .await
+                    .ok_or(OriginError::Next { reason: "stalled", suspect: true })?
                     .map_err(|e| peer_error(peer, digest, &e))?;
                 let (total, skip) = match (blob.partial, blob.size) {
                     (Some((_, _, total)), _) => (total, 0),
@@ -102,6 +102,42 @@ impl Origins {
                 Ok((announced, Opened { total, body: skip_bytes(blob.body, skip), stalled }))
             }
         }
+    }
+}
+
+/// Waits for a peer's answer (its response head) as [`watch_stalls`] waits for its bytes: past the stall
+/// timeout, only as long as the peer says its own fill is waiting for the upstream. `None`: given up (a
+/// stopped or partitioned peer would otherwise hold the fill, and every request joined to it, forever).
+async fn answered<T>(
+    cluster: &Cluster,
+    peer: &str,
+    digest: &Digest,
+    ask: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let limit = cluster.stall_timeout();
+    let mut ask = std::pin::pin!(ask);
+    loop {
+        match tokio::time::timeout(limit, &mut ask).await {
+            Ok(answer) => return Some(answer),
+            Err(_) if owner_is_waiting(cluster, peer, digest, limit).await => continue,
+            Err(_) => {
+                tracing::warn!(%peer, %digest, "peer did not answer within {limit:?}; next source");
+                return None;
+            }
+        }
+    }
+}
+
+/// Whether `peer` says its own fill of `digest` is alive and waiting for its upstream (then waiting for the
+/// peer is no slower than going to the upstream ourselves). The question has its own short bound.
+async fn owner_is_waiting(cluster: &Cluster, peer: &str, digest: &Digest, limit: Duration) -> bool {
+    let probe = limit.min(Duration::from_secs(2));
+    match cluster.client().fill_status(peer, digest, probe).await {
+        Ok(s) if s.state == "filling" && s.stalled_ms >= limit.as_millis() as u64 / 2 => {
+            tracing::info!(%peer, %digest, "peer is waiting for its upstream; still waiting for it");
+            true
+        }
+        _ => false,
     }
 }
 
@@ -149,20 +185,11 @@ fn watch_stalls(
                 match tokio::time::timeout(limit, body.next()).await {
                     Ok(Some(item)) => return Some((item, Some(body))),
                     Ok(None) => return None,
+                    Err(_) if owner_is_waiting(&cluster, &peer, &digest, limit).await => continue,
                     Err(_) => {
-                        // A stopped or partitioned peer does not answer this either: its own bound.
-                        let probe = limit.min(Duration::from_secs(2));
-                        match cluster.client().fill_status(&peer, &digest, probe).await {
-                            Ok(s) if s.state == "filling" && s.stalled_ms >= limit.as_millis() as u64 / 2 => {
-                                tracing::info!(%peer, %digest, "peer is waiting for its upstream; still waiting for it");
-                                continue;
-                            }
-                            _ => {
-                                stalled.store(true, Ordering::Relaxed);
-                                let e = upstream::Error::Protocol(format!("no bytes from peer {peer} for {limit:?}"));
-                                return Some((Err(e), None));
-                            }
-                        }
+                        stalled.store(true, Ordering::Relaxed);
+                        let e = upstream::Error::Protocol(format!("no bytes from peer {peer} for {limit:?}"));
+                        return Some((Err(e), None));
                     }
                 }
             }

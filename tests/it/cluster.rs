@@ -555,3 +555,29 @@ fn containerd_and_skopeo_through_different_nodes_take_each_blob_from_the_upstrea
         assert!(gets <= 1, "manifest {}: {gets} upstream GETs", m.digest);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owner_stopped_before_it_answers_is_given_up_after_the_stall_timeout() {
+    let fake = FakeUpstream::start().await;
+    let (digest, data) = fake.add_random_blob(MIB);
+    let mut cluster = fake_cluster(&fake, "[cluster]\nstall_timeout = 2\nsuspect_for = 600\n");
+    let owner = cluster.owner(&digest);
+    let edge = (owner + 1) % 3;
+    // Stopped, its kernel still accepts connections: the request goes out and no answer comes.
+    cluster.nodes[owner].wharf.signal(libc::SIGSTOP);
+    let started = Instant::now();
+    let got = tokio::time::timeout(
+        Duration::from_secs(60),
+        fetch(&client(), &format!("{}/v2/test/app/blobs/{digest}", cluster.nodes[edge].url()), &[]),
+    )
+    .await;
+    let took = started.elapsed();
+    cluster.nodes[owner].wharf.signal(libc::SIGCONT);
+    match got.expect("the edge still waits for the stopped owner after 60 s") {
+        Outcome::Complete(200, _, body) => assert!(body == data, "wrong bytes"),
+        other => panic!("{other:?}"),
+    }
+    // stall_timeout = 2 s plus a status probe bounded by 2 s (and perhaps the fallback peer's own wait).
+    assert!(took < Duration::from_secs(12), "answered {took:?} after asking a stopped owner");
+    cluster.nodes.remove(owner).wharf.kill9();
+}
