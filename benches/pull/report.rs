@@ -444,6 +444,8 @@ pub fn cluster_checks(sections: &[Section]) -> Vec<Check> {
 
 /// The `mode` of scenario 8's warm row served by the blob's owner itself.
 pub const WARM_LOCAL: &str = "whole, local hit on the owner";
+/// The `mode` of scenario 8's reference row: the owner's own cold fill from the unthrottled upstream.
+pub const WARM_FILL: &str = "whole, cold fill on the owner";
 /// The `mode` of scenario 8's warm row served by another node, which streams it from the owner.
 pub const WARM_PEER: &str = "whole, through a peer";
 
