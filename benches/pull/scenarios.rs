@@ -743,10 +743,10 @@ async fn one_blob(url: &str, repo: &str, blob: &Blob) -> R<PullStats> {
     Ok(PullStats { wall: t.elapsed(), ttfb: s.ttfb, bytes: s.bytes, requests: s.requests })
 }
 
-/// 8. The cluster tier (issue 12). A cold herd spread over three clustered nodes (client `i` on node
-/// `i mod 3`), then the same herd over three independent wharfs, the reference proxy and one wharf, each
-/// cold; then a warm blob: GETs through its owner (a local hit) and through a node that has never had it
-/// (it streams the blob from the owner and caches it), taking turns.
+/// Scenario 8, the cluster tier (issue 12). A cold herd spread over three clustered nodes (client `i` on
+/// node `i mod 3`), then the same herd over three independent wharfs, the reference proxy and one wharf,
+/// each cold; then a warm blob: GETs through its owner (a local hit) and through a node that has never had
+/// it (it streams the blob from the owner and caches it), taking turns.
 pub async fn cluster(ctx: &mut Ctx) {
     let img = ctx.catalog.app.clone();
     let n = ctx.opts.cluster_clients;
