@@ -395,7 +395,8 @@ pub fn cluster_checks(sections: &[Section]) -> Vec<Check> {
                 .filter(|r| r.case == c.case && r.peer != PeerKind::Cluster)
                 .map(|r| format!("{} {:.2}", r.peer.name(), r.dedupe()))
                 .collect();
-            format!("{}: cluster {:.3} ({})", c.case, c.dedupe(), others.join(", "))
+            let others = if others.is_empty() { String::new() } else { format!(" ({})", others.join(", ")) };
+            format!("{}: cluster {:.3}{others}", c.case, c.dedupe())
         })
         .collect::<Vec<_>>()
         .join("; ");

@@ -780,7 +780,8 @@ pub async fn cluster(ctx: &mut Ctx) {
          wharf); each case starts cold. dedupe = upstream bytes / image bytes: the cluster and one wharf \
          should fetch every byte once, three independent wharfs three times. Completion is the slowest \
          client's wall time (the max column); the target is cluster ≤ 1.25× one wharf. Each figure is the \
-         median run by MB/s of the --repeat cold runs, the peers taking turns; the proxy runs once."
+         median run by MB/s of the --repeat cold runs, the peers taking turns; the proxy runs once. Peak RSS \
+         and CPU of the cluster and of the 3 wharfs are sums over the three nodes."
             .into(),
         format!(
             "Warm: the {large} layer, one client, whole GETs. A cold cluster first fetches it through its \
