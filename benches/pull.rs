@@ -32,8 +32,8 @@ cargo bench --bench pull -- [FLAGS]
 
   --quick               small smoke run (~1-2 min): 10 MiB + 4×25 MiB app, 200 MiB large layer, 200 MB/s,
                         herd 2,4, 10 repositories, ab 1 s
-  --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7)
-  --peers LIST          wharf,proxy,nginx,direct (default: all)
+  --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7,8)
+  --peers LIST          wharf,proxy,nginx,direct,cluster,independent (default: all)
   --rates LIST          per-connection upstream MB/s (default: 50,200; --quick: 200)
   --latency-ms N        added before every upstream response (default: 20)
   --herd LIST           cold-herd client counts (default: 2,4,8,16)
@@ -45,6 +45,7 @@ cargo bench --bench pull -- [FLAGS]
   --many-repos N        scenario 5 repositories (default: 50)
   --many-clients N      scenario 5 clients (default: 16)
   --large-clients N     scenario 6 clients (default: 4)
+  --cluster-clients N   scenario 8 herd, spread over the 3 nodes (default: 12)
   --ab-secs N           seconds per ab run (default: 5)
   --ab-concurrency N    ab -c (default: 16)
   --repeat N            runs per warm figure (scenarios 2, 6), the median reported (default: 3; --quick: 1)
@@ -70,6 +71,7 @@ pub struct Opts {
     pub many_clients: usize,
     pub many_pulls: usize,
     pub large_clients: usize,
+    pub cluster_clients: usize,
     pub ab_secs: u64,
     pub ab_concurrency: usize,
     pub ab_runs: usize,
@@ -99,8 +101,15 @@ impl Opts {
         let quick = args.iter().any(|a| a == "--quick");
         let mut o = Opts {
             quick,
-            scenarios: (1..=7).collect(),
-            peers: vec![PeerKind::Wharf, PeerKind::Proxy, PeerKind::Nginx, PeerKind::Direct],
+            scenarios: (1..=8).collect(),
+            peers: vec![
+                PeerKind::Wharf,
+                PeerKind::Proxy,
+                PeerKind::Nginx,
+                PeerKind::Direct,
+                PeerKind::Cluster,
+                PeerKind::Independent,
+            ],
             rates: if quick { vec![200] } else { vec![50, 200] },
             latency_ms: 20,
             herd: if quick { vec![2, 4] } else { vec![2, 4, 8, 16] },
@@ -120,6 +129,7 @@ impl Opts {
             many_clients: if quick { 4 } else { 16 },
             many_pulls: if quick { 2 } else { 3 },
             large_clients: 4,
+            cluster_clients: 12,
             ab_secs: if quick { 1 } else { 5 },
             ab_concurrency: 16,
             ab_runs: if quick { 1 } else { 2 },
@@ -163,6 +173,7 @@ impl Opts {
                 "--many-repos" => o.sizes.many_repos = num(value()) as usize,
                 "--many-clients" => o.many_clients = num(value()) as usize,
                 "--large-clients" => o.large_clients = num(value()) as usize,
+                "--cluster-clients" => o.cluster_clients = (num(value()) as usize).max(1),
                 "--ab-secs" => o.ab_secs = num(value()),
                 "--ab-concurrency" => o.ab_concurrency = num(value()) as usize,
                 "--repeat" => o.repeat = (num(value()) as usize).max(1),
@@ -196,13 +207,8 @@ fn main() {
     procs::install_cleanup();
     let opts = Opts::parse(&args);
     let mut missing = Vec::new();
-    for (bin, pkg) in [("docker-registry", "docker-registry"), ("nginx", "nginx"), ("ab", "apache2-utils")] {
-        let found = std::env::var("PATH")
-            .unwrap_or_default()
-            .split(':')
-            .chain(["/usr/sbin", "/sbin"])
-            .any(|d| Path::new(d).join(bin).is_file());
-        if !found {
+    for (bin, pkg) in needed_tools(&opts) {
+        if !installed(bin) {
             missing.push(pkg);
         }
     }
@@ -217,6 +223,28 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().event_interval(2).enable_all().build().expect("runtime");
     rt.block_on(run(opts));
     procs::kill_all();
+}
+
+/// Whether `bin` is on `PATH` (or in `/usr/sbin`, `/sbin`).
+fn installed(bin: &str) -> bool {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .any(|d| Path::new(d).join(bin).is_file())
+}
+
+/// `(binary, Debian package)` the chosen scenarios and peers run: the origin always, nginx for the warm
+/// and manifest scenarios (2, 6, 7) when it is a peer, `ab` for scenario 7.
+fn needed_tools(opts: &Opts) -> Vec<(&'static str, &'static str)> {
+    let mut tools = vec![("docker-registry", "docker-registry")];
+    if opts.peers.contains(&PeerKind::Nginx) && opts.scenarios.iter().any(|s| [2, 6, 7].contains(s)) {
+        tools.push(("nginx", "nginx"));
+    }
+    if opts.scenarios.contains(&7) {
+        tools.push(("ab", "apache2-utils"));
+    }
+    tools
 }
 
 fn target_dir() -> PathBuf {
@@ -252,14 +280,21 @@ async fn run(opts: Opts) {
             5 => scenarios::many_images(&mut ctx).await,
             6 => scenarios::large_layer(&mut ctx).await,
             7 => scenarios::manifests(&mut ctx).await,
+            8 => scenarios::cluster(&mut ctx).await,
             other => eprintln!("bench: no scenario {other}"),
         }
         timings.push(format!("{s}: {:.0} s", t.elapsed().as_secs_f64()));
     }
     let hwm = ctx.peers.wharf_peak_kib();
     ctx.peers.stop_all();
-    let checks = report::checks(&ctx.sections, hwm);
-    let checks_md = report::render_checks(&checks);
+    let mut checks_md = String::new();
+    if opts.scenarios.iter().any(|s| (1..=7).contains(s)) {
+        checks_md.push_str(&report::render_checks("Targets of issue 3", &report::checks(&ctx.sections, hwm)));
+    }
+    if opts.scenarios.contains(&8) {
+        let checks = report::cluster_checks(&ctx.sections);
+        checks_md.push_str(&report::render_checks("Targets of issue 12 (cluster)", &checks));
+    }
     println!("{checks_md}");
 
     let total = started.elapsed();
@@ -289,6 +324,11 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
     c.args(args);
     let (_, out, err) = procs::run_output(c, Duration::from_secs(10));
     format!("{out}{err}").lines().next().unwrap_or("?").trim().to_string()
+}
+
+/// The first line of `cmd args` (a version), or that `cmd` is not installed (the run did not need it).
+fn tool_version(cmd: &str, args: &[&str]) -> String {
+    if installed(cmd) { first_line(cmd, args) } else { format!("{cmd} not installed") }
 }
 
 /// `git` commit of the work tree and whether `src/` has uncommitted changes (read-only git commands).
@@ -337,9 +377,9 @@ fn header(opts: &Opts, total: Duration, load_before: &str, load_after: &str, tim
         load(load_before),
         load(load_after),
         wharf_revision(),
-        first_line("docker-registry", &["--version"]),
-        first_line("nginx", &["-v"]),
-        first_line("ab", &["-V"]),
+        tool_version("docker-registry", &["--version"]),
+        tool_version("nginx", &["-v"]),
+        tool_version("ab", &["-V"]),
         opts.rates.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" and "),
         opts.latency_ms,
         opts.downloads,

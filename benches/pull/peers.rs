@@ -7,6 +7,10 @@
 //!   `/v2/<name>/blobs/sha256:<hex>` to `<root>/docker/registry/v2/blobs/sha256/<2 hex>/<hex>/data`) and the
 //!   manifests as static files: the upper bound for serving a cached blob (never cold).
 //! * `direct`: the origin through the shim (no cache). Its "server" figures are the origin's.
+//! * `cluster` and `independent` (scenario 8): three wharf instances on 127.0.0.2, .3 and .4 (any 127/8
+//!   address binds without setup), each with its own data directory; `cluster` adds `--peer-listen`,
+//!   `--peers` (all three) and `--peer-key-file`, `independent` leaves them out. Peer traffic goes straight
+//!   from node to node, so the shim still sees only the upstream.
 //!
 //! [`Peers::cold`] gives a caching peer with an empty cache (stopped, new data directory, started again).
 
@@ -16,9 +20,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Which server.
+/// Which server. The order is the order of rows within a case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PeerKind {
+    /// Three wharf instances forming a cluster.
+    Cluster,
+    /// Three wharf instances that know nothing of each other.
+    Independent,
     Wharf,
     Proxy,
     Nginx,
@@ -33,6 +41,8 @@ impl PeerKind {
             PeerKind::Proxy => "registry-proxy",
             PeerKind::Nginx => "nginx",
             PeerKind::Direct => "direct",
+            PeerKind::Cluster => "wharf cluster (3 nodes)",
+            PeerKind::Independent => "3 wharfs, no cluster",
         }
     }
 
@@ -43,6 +53,8 @@ impl PeerKind {
             "proxy" | "registry-proxy" => Some(PeerKind::Proxy),
             "nginx" => Some(PeerKind::Nginx),
             "direct" => Some(PeerKind::Direct),
+            "cluster" => Some(PeerKind::Cluster),
+            "independent" => Some(PeerKind::Independent),
             _ => None,
         }
     }
@@ -53,14 +65,32 @@ impl PeerKind {
 pub struct Target {
     pub kind: PeerKind,
     pub url: String,
+    /// Every node's client API (`url` first); clients are spread over them.
+    pub urls: Vec<String>,
+    /// The nodes' peer addresses (`ip:port`, in `urls` order); empty unless `kind` is a cluster.
+    pub peer_addrs: Vec<String>,
     /// Processes whose CPU and RSS count as the server's (nginx: master and workers).
     pub pids: Vec<i32>,
+}
+
+impl Target {
+    fn single(kind: PeerKind, url: String, pids: Vec<i32>) -> Target {
+        Target { kind, urls: vec![url.clone()], url, peer_addrs: Vec::new(), pids }
+    }
 }
 
 struct WharfProc {
     proc: Proc,
     url: String,
     dir: PathBuf,
+}
+
+/// Three wharf instances, clustered or not.
+struct Trio {
+    kind: PeerKind,
+    nodes: Vec<WharfProc>,
+    /// Peer addresses (cluster only).
+    peers: Vec<String>,
 }
 
 struct Nginx {
@@ -80,6 +110,7 @@ pub struct Peers {
     wharf_bin: PathBuf,
     seq: u32,
     wharf: Option<WharfProc>,
+    trio: Option<Trio>,
     proxy: Option<(Registry, PathBuf)>,
     nginx: Option<Nginx>,
     /// Highest `VmHWM` (KiB) of any wharf instance stopped so far.
@@ -108,6 +139,7 @@ impl Peers {
             wharf_bin,
             seq: 0,
             wharf: None,
+            trio: None,
             proxy: None,
             nginx: None,
             wharf_hwm_kib: 0,
@@ -119,6 +151,7 @@ impl Peers {
         match kind {
             PeerKind::Wharf => self.stop_wharf(),
             PeerKind::Proxy => self.stop_proxy(),
+            PeerKind::Cluster | PeerKind::Independent => self.stop_trio(),
             PeerKind::Nginx | PeerKind::Direct => {}
         }
         self.current(kind).await
@@ -132,7 +165,7 @@ impl Peers {
                     self.wharf = Some(self.start_wharf());
                 }
                 let w = self.wharf.as_ref().expect("wharf");
-                Target { kind, url: w.url.clone(), pids: vec![w.proc.pid()] }
+                Target::single(kind, w.url.clone(), vec![w.proc.pid()])
             }
             PeerKind::Proxy => {
                 if self.proxy.is_none() {
@@ -141,7 +174,7 @@ impl Peers {
                     self.proxy = Some((Registry::start(&dir, Some(&self.shim_url)).await, dir));
                 }
                 let (p, _) = self.proxy.as_ref().expect("proxy");
-                Target { kind, url: p.url(), pids: vec![p.proc.pid()] }
+                Target::single(kind, p.url(), vec![p.proc.pid()])
             }
             PeerKind::Nginx => {
                 if self.nginx.is_none() {
@@ -150,9 +183,24 @@ impl Peers {
                 let n = self.nginx.as_ref().expect("nginx");
                 let mut pids = vec![n.proc.pid()];
                 pids.extend(&n.workers);
-                Target { kind, url: format!("http://127.0.0.1:{}", n.port), pids }
+                Target::single(kind, format!("http://127.0.0.1:{}", n.port), pids)
             }
-            PeerKind::Direct => Target { kind, url: self.shim_url.clone(), pids: vec![self.origin_pid] },
+            PeerKind::Direct => Target::single(kind, self.shim_url.clone(), vec![self.origin_pid]),
+            PeerKind::Cluster | PeerKind::Independent => {
+                if self.trio.as_ref().is_none_or(|t| t.kind != kind) {
+                    self.stop_trio();
+                    self.trio = Some(self.start_trio(kind).await);
+                }
+                let t = self.trio.as_ref().expect("trio");
+                let urls: Vec<String> = t.nodes.iter().map(|n| n.url.clone()).collect();
+                Target {
+                    kind,
+                    url: urls[0].clone(),
+                    urls,
+                    peer_addrs: t.peers.clone(),
+                    pids: t.nodes.iter().map(|n| n.proc.pid()).collect(),
+                }
+            }
         }
     }
 
@@ -163,19 +211,25 @@ impl Peers {
     }
 
     fn start_wharf(&mut self) -> WharfProc {
+        self.spawn_wharf("127.0.0.1", &[])
+    }
+
+    /// Starts one wharf with its client API on `ip:0` and `extra` flags; waits for its start-up line.
+    fn spawn_wharf(&mut self, ip: &str, extra: &[String]) -> WharfProc {
         self.seq += 1;
         let dir = self.run_dir.join(format!("wharf-{}", self.seq));
         std::fs::create_dir_all(&dir).expect("create wharf dir");
         let mut cmd = Command::new(&self.wharf_bin);
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(format!("{ip}:0"))
             .arg("--data-dir")
             .arg(&dir)
             .arg("--upstream")
             .arg(format!("origin.test={}", self.shim_url))
             .arg("--default-registry")
-            .arg("origin.test");
+            .arg("origin.test")
+            .args(extra);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("WHARF_") {
                 cmd.env_remove(key);
@@ -184,10 +238,75 @@ impl Peers {
         // The per-request log line is off unless asked for (nginx and the registries log no requests either).
         let filter = if self.request_log { "info" } else { "info,wharf::request=warn" };
         cmd.env("RUST_LOG", filter);
-        let mut proc = Proc::spawn("wharf", cmd, Some("listening on http://"));
+        // The client API's line names the version; a cluster node logs "peer API listening on" first.
+        let ready = format!("wharf {} listening on http://", env!("CARGO_PKG_VERSION"));
+        let mut proc = Proc::spawn("wharf", cmd, Some(&ready));
         let rest = proc.wait_ready(Duration::from_secs(30));
         let addr: String = rest.chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
         WharfProc { proc, url: format!("http://{addr}"), dir }
+    }
+
+    /// Three instances on 127.0.0.2–4 (a cluster of all three, or independent), each answering `/readyz`.
+    async fn start_trio(&mut self, kind: PeerKind) -> Trio {
+        let key_file = self.run_dir.join("peer-keys");
+        std::fs::write(&key_file, "wharf-bench-peer-key-0123456789abcdefghijklmnop\n").expect("write peer key");
+        let ips: Vec<String> = (2..=4).map(|i| format!("127.0.0.{i}")).collect();
+        let peers: Vec<String> = if kind == PeerKind::Cluster {
+            ips.iter().map(|ip| format!("{ip}:{}", procs::free_port_on(ip))).collect()
+        } else {
+            Vec::new()
+        };
+        let mut nodes = Vec::new();
+        for (i, ip) in ips.iter().enumerate() {
+            let extra: Vec<String> = match peers.get(i) {
+                Some(me) => vec![
+                    "--peer-listen".into(),
+                    me.clone(),
+                    "--peers".into(),
+                    peers.join(","),
+                    "--peer-key-file".into(),
+                    key_file.display().to_string(),
+                ],
+                None => Vec::new(),
+            };
+            nodes.push(self.spawn_wharf(ip, &extra));
+        }
+        let http = reqwest::Client::builder().no_proxy().build().expect("client");
+        for n in &nodes {
+            let url = format!("{}/readyz", n.url);
+            let mut ready = false;
+            for _ in 0..500 {
+                if matches!(http.get(&url).send().await, Ok(r) if r.status().is_success()) {
+                    ready = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(ready, "{} never became ready:\n{}", n.url, n.proc.log_tail(40));
+        }
+        Trio { kind, nodes, peers }
+    }
+
+    fn stop_trio(&mut self) {
+        if let Some(t) = self.trio.take() {
+            for mut n in t.nodes {
+                if self.request_log {
+                    eprintln!("bench: {}'s last log lines:\n{}", n.url, n.proc.log_tail(200));
+                }
+                n.proc.stop(libc::SIGKILL, Duration::from_secs(5));
+                self.wharf_hwm_kib = self.wharf_hwm_kib.max(n.proc.final_hwm_kib);
+                let _ = std::fs::remove_dir_all(&n.dir);
+            }
+        }
+    }
+
+    /// The last log lines of every running wharf (for a failed run's report).
+    pub fn wharf_logs(&self, n: usize) -> String {
+        let mut out = String::new();
+        for w in self.wharf.iter().chain(self.trio.iter().flat_map(|t| t.nodes.iter())) {
+            out.push_str(&format!("--- {}\n{}\n", w.url, w.proc.log_tail(n)));
+        }
+        out
     }
 
     fn stop_wharf(&mut self) {
@@ -201,10 +320,10 @@ impl Peers {
         }
     }
 
-    /// wharf's `VmHWM` (KiB) so far: stopped instances and the running one.
+    /// The highest `VmHWM` (KiB) of one wharf instance so far: stopped instances and the running ones.
     pub fn wharf_peak_kib(&self) -> u64 {
-        let running = self.wharf.as_ref().and_then(|w| procs::rss_kib(w.proc.pid())).map(|r| r.1).unwrap_or(0);
-        self.wharf_hwm_kib.max(running)
+        let running = self.wharf.iter().chain(self.trio.iter().flat_map(|t| t.nodes.iter()));
+        running.filter_map(|w| procs::rss_kib(w.proc.pid())).map(|r| r.1).fold(self.wharf_hwm_kib, u64::max)
     }
 
     fn stop_proxy(&mut self) {
@@ -270,6 +389,7 @@ impl Peers {
     /// Stops everything (wharf, proxy, nginx and its workers).
     pub fn stop_all(&mut self) {
         self.stop_wharf();
+        self.stop_trio();
         self.stop_proxy();
         if let Some(mut n) = self.nginx.take() {
             n.proc.stop(libc::SIGTERM, Duration::from_secs(5));

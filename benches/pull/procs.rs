@@ -321,6 +321,12 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// A free TCP port on `ip` (bound and released; the caller's server binds it right after).
+pub fn free_port_on(ip: &str) -> u16 {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"));
+    l.local_addr().expect("local addr").port()
+}
+
 /// Name of the file in a run directory listing pids that outlive their parent (nginx workers).
 pub const ORPHAN_PIDS_FILE: &str = "orphan-pids";
 

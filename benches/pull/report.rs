@@ -88,9 +88,11 @@ pub struct Section {
     pub title: String,
     pub notes: Vec<String>,
     pub table: Table,
+    /// The peer the ratio columns divide by the others (wharf; scenario 8: the cluster).
+    pub base: PeerKind,
 }
 
-/// A target from issue 3 and whether it held.
+/// A target of an issue and whether it held.
 pub struct Check {
     pub target: &'static str,
     /// None: not measured in this run.
@@ -121,19 +123,19 @@ fn mb(bytes: u64) -> String {
     if v < 10.0 { format!("{v:.2}") } else { format!("{v:.0}") }
 }
 
-/// The Markdown table of a transfer section.
-fn transfer_table(rows: &[Row], out: &mut String) {
-    out.push_str(
-        "| case | peer | clients | wall p50 / p90 / max (s) | TTFB p50 / max (ms) | MB/s | wharf/peer MB/s \
-         | upstream req | upstream MB | dedupe | CPU-s/GiB | wharf/peer CPU | peak RSS MB | errors |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+/// The Markdown table of a transfer section; the ratio columns divide `base`'s figures by each peer's.
+fn transfer_table(rows: &[Row], base: PeerKind, out: &mut String) {
+    let b = if base == PeerKind::Cluster { "cluster" } else { base.name() };
+    let _ = writeln!(
+        out,
+        "| case | peer | clients | wall p50 / p90 / max (s) | TTFB p50 / max (ms) | MB/s | {b}/peer MB/s \
+         | upstream req | upstream MB | dedupe | CPU-s/GiB | {b}/peer CPU | peak RSS MB | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     );
     for r in rows {
-        let w = rows.iter().find(|x| x.case == r.case && x.peer == PeerKind::Wharf && x.errors.is_empty());
+        let w = rows.iter().find(|x| x.case == r.case && x.peer == base && x.errors.is_empty());
         let (thr_ratio, cpu_ratio) = match w {
-            Some(w) if r.peer != PeerKind::Wharf => {
-                (fmt_ratio(w.mbps(), r.mbps()), fmt_ratio(w.cpu_per_gib(), r.cpu_per_gib()))
-            }
+            Some(w) if r.peer != base => (fmt_ratio(w.mbps(), r.mbps()), fmt_ratio(w.cpu_per_gib(), r.cpu_per_gib())),
             _ => ("—".into(), "—".into()),
         };
         let wall = dist(&r.wall)
@@ -202,7 +204,7 @@ pub fn render_section(s: &Section) -> String {
     let mut out = format!("### {}\n\n", s.title);
     match &s.table {
         Table::Transfer(rows) => {
-            transfer_table(rows, &mut out);
+            transfer_table(rows, s.base, &mut out);
             let mut details = Vec::new();
             for r in rows {
                 let mut d = format!("{} / {}: upstream {}", r.case, r.peer.name(), r.m.up.summary());
@@ -375,9 +377,82 @@ pub fn checks(sections: &[Section], wharf_hwm_kib: u64) -> Vec<Check> {
     out
 }
 
-/// Renders the target checks.
-pub fn render_checks(checks: &[Check]) -> String {
-    let mut out = String::from("### Targets of issue 3\n\n| target | holds | figures |\n|---|---|---|\n");
+/// Issue 12's targets for the cluster tier (scenario 8): upstream bytes 1.00× for a herd spread over the
+/// nodes; herd completion within 1.25× of one instance serving the same herd; a warm blob through a peer at
+/// ≥ 0.8× the throughput of a local warm hit.
+pub fn cluster_checks(sections: &[Section]) -> Vec<Check> {
+    let rows = transfer_rows(sections, 8);
+    let herd: Vec<&Row> = rows.iter().copied().filter(|r| r.image == "app").collect();
+    let completion = |r: &Row| r.wall.iter().copied().fold(f64::NAN, f64::max);
+    let mut out = Vec::new();
+
+    let clustered: Vec<&Row> = herd.iter().copied().filter(|r| r.peer == PeerKind::Cluster).collect();
+    let detail = clustered
+        .iter()
+        .map(|c| {
+            let others: Vec<String> = herd
+                .iter()
+                .filter(|r| r.case == c.case && r.peer != PeerKind::Cluster)
+                .map(|r| format!("{} {:.2}", r.peer.name(), r.dedupe()))
+                .collect();
+            let others = if others.is_empty() { String::new() } else { format!(" ({})", others.join(", ")) };
+            format!("{}: cluster {:.3}{others}", c.case, c.dedupe())
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    out.push(Check {
+        target: "Cluster: upstream bytes 1.00× the image for a herd spread over three nodes",
+        holds: (!clustered.is_empty()).then(|| clustered.iter().all(|r| r.errors.is_empty() && r.dedupe() <= 1.01)),
+        detail,
+    });
+
+    let mut holds = None;
+    let mut detail = Vec::new();
+    for c in &clustered {
+        if let Some(one) = herd.iter().find(|r| r.case == c.case && r.peer == PeerKind::Wharf) {
+            let ratio = completion(c) / completion(one);
+            let ok = c.errors.is_empty() && one.errors.is_empty() && ratio <= 1.25;
+            holds = Some(holds.unwrap_or(true) && ok);
+            detail.push(format!(
+                "{}: cluster {:.2} s, one instance {:.2} s: {ratio:.2}×",
+                c.case,
+                completion(c),
+                completion(one)
+            ));
+        }
+    }
+    out.push(Check {
+        target: "Cluster: herd completion within 1.25× of one instance serving the same herd",
+        holds,
+        detail: detail.join("; "),
+    });
+
+    let local = rows.iter().find(|r| r.mode == WARM_LOCAL);
+    let peer = rows.iter().find(|r| r.mode == WARM_PEER);
+    let (holds, detail) = match (local, peer) {
+        (Some(l), Some(p)) => {
+            let ratio = p.mbps() / l.mbps();
+            (
+                Some(l.errors.is_empty() && p.errors.is_empty() && ratio >= 0.8),
+                format!("through a peer {:.0} MB/s, local hit {:.0} MB/s: {ratio:.2}×", p.mbps(), l.mbps()),
+            )
+        }
+        _ => (None, String::new()),
+    };
+    out.push(Check { target: "Cluster: a warm blob through a peer at ≥ 0.8× a local warm hit", holds, detail });
+    out
+}
+
+/// The `mode` of scenario 8's warm row served by the blob's owner itself.
+pub const WARM_LOCAL: &str = "whole, local hit on the owner";
+/// The `mode` of scenario 8's reference row: the owner's own cold fill from the unthrottled upstream.
+pub const WARM_FILL: &str = "whole, cold fill on the owner";
+/// The `mode` of scenario 8's warm row served by another node, which streams it from the owner.
+pub const WARM_PEER: &str = "whole, through a peer";
+
+/// Renders the target checks under `title`.
+pub fn render_checks(title: &str, checks: &[Check]) -> String {
+    let mut out = format!("### {title}\n\n| target | holds | figures |\n|---|---|---|\n");
     for c in checks {
         let holds = match c.holds {
             Some(true) => "**yes**",

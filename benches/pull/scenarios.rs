@@ -1,6 +1,8 @@
-//! The seven scenarios of issue 3, each producing one report [`Section`]:
-//! 1 cold single pull, 2 warm single pull, 3 cold herd, 4 late joiners, 5 many images, 6 the large layer
-//! with 4 clients (cold and warm), 7 manifest requests per second with `ab -k`.
+//! The scenarios, each producing one report [`Section`]: issue 3's seven (1 cold single pull, 2 warm single
+//! pull, 3 cold herd, 4 late joiners, 5 many images, 6 the large layer with 4 clients (cold and warm),
+//! 7 manifest requests per second with `ab -k`) and issue 12's cluster tier (8: a herd spread over three
+//! clustered nodes against three independent wharfs, the reference proxy and one wharf; a warm blob through
+//! a peer against a local warm hit).
 //!
 //! Every measured run goes through [`Ctx::measured`]: server CPU (`/proc/PID/stat` deltas), sampled peak
 //! RSS, and the shim's counters, read after the shim has been quiet for 300 ms so that background fills
@@ -11,7 +13,7 @@ use crate::client::{self, BlobStats, Mode, Node, PullStats};
 use crate::origin::{ACCEPT_MANIFESTS, Blob, Catalog, GIB, Image, MIB, unique_bytes};
 use crate::peers::{PeerKind, Peers, Target};
 use crate::procs::{self, RssSampler};
-use crate::report::{Measure, Row, RpsRow, Section, Table};
+use crate::report::{Measure, Row, RpsRow, Section, Table, WARM_FILL, WARM_LOCAL, WARM_PEER};
 use crate::shim::Shim;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -93,7 +95,12 @@ impl Ctx {
         self.shim.set_rate(saved);
     }
 
-    fn push(&mut self, scenario: u32, title: String, mut rows: Vec<Row>, notes: Vec<String>) {
+    fn push(&mut self, scenario: u32, title: String, rows: Vec<Row>, notes: Vec<String>) {
+        self.push_vs(scenario, title, rows, notes, PeerKind::Wharf);
+    }
+
+    /// [`Ctx::push`] with the ratio columns relative to `base`.
+    fn push_vs(&mut self, scenario: u32, title: String, mut rows: Vec<Row>, notes: Vec<String>, base: PeerKind) {
         // Group rows by case (first appearance), peers in a fixed order within a case.
         let order: Vec<String> = rows.iter().fold(Vec::new(), |mut acc, r| {
             if !acc.contains(&r.case) {
@@ -102,7 +109,7 @@ impl Ctx {
             acc
         });
         rows.sort_by_key(|r| (order.iter().position(|c| *c == r.case), r.peer));
-        let section = Section { scenario, title, notes, table: Table::Transfer(rows) };
+        let section = Section { scenario, title, notes, table: Table::Transfer(rows), base };
         println!("{}", crate::report::render_section(&section));
         self.sections.push(section);
     }
@@ -124,10 +131,16 @@ fn image_label(img: &Image) -> String {
 
 /// One node per job, all started at once; each pulls its image.
 async fn pull_all(url: &str, jobs: Vec<(Image, Mode)>, downloads: usize) -> Vec<R<PullStats>> {
+    pull_spread(&[url.to_string()], jobs, downloads).await
+}
+
+/// [`pull_all`] with job `i` pulling from `urls[i % urls.len()]` (a herd spread over a cluster's nodes).
+async fn pull_spread(urls: &[String], jobs: Vec<(Image, Mode)>, downloads: usize) -> Vec<R<PullStats>> {
     let handles: Vec<_> = jobs
         .into_iter()
-        .map(|(img, mode)| {
-            let url = url.to_string();
+        .enumerate()
+        .map(|(i, (img, mode))| {
+            let url = urls[i % urls.len()].clone();
             tokio::spawn(async move {
                 let node = Node::new(downloads);
                 client::pull(&node, &url, &img, mode).await
@@ -297,7 +310,8 @@ fn median_row(mut runs: Vec<Row>) -> Option<Row> {
     runs.sort_by(|a, b| a.mbps().total_cmp(&b.mbps()));
     let all: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.mbps())).collect();
     let mut row = runs.remove(runs.len() / 2);
-    row.note = format!("median of {} runs, MB/s {}", all.len(), all.join(" / "));
+    let median = format!("median of {} runs, MB/s {}", all.len(), all.join(" / "));
+    row.note = if row.note.is_empty() { median } else { format!("{median}; this run: {}", row.note) };
     Some(row)
 }
 
@@ -618,6 +632,7 @@ pub async fn manifests(ctx: &mut Ctx) {
                 .into(),
         ],
         table: Table::Rps(rows),
+        base: PeerKind::Wharf,
     };
     println!("{}", crate::report::render_section(&section));
     ctx.sections.push(section);
@@ -699,4 +714,185 @@ async fn ab(url: &str, head: bool, secs: u64, concurrency: usize) -> R<AbResult>
         non_2xx: field("Non-2xx responses:").unwrap_or(0.0) as u64,
         keep_alive: field("Keep-Alive requests:").unwrap_or(0.0) as u64,
     })
+}
+
+/// Sum of the `/metrics` samples of every URL whose series starts with `prefix` (name, or name and labels).
+async fn metric_sum(urls: &[String], prefix: &str) -> f64 {
+    let http = reqwest::Client::builder().no_proxy().build().expect("client");
+    let mut sum = 0.0;
+    for url in urls {
+        let Ok(r) = http.get(format!("{url}/metrics")).send().await else { continue };
+        let text = r.text().await.unwrap_or_default();
+        sum += text
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    sum
+}
+
+const PEER_BYTES_IN: &str = "wharf_peer_bytes_total{direction=\"in\"}";
+const PEER_FALLBACKS: &str = "wharf_peer_fallbacks_total";
+
+/// One client GETs one blob from `url`, timed like a pull.
+async fn one_blob(url: &str, repo: &str, blob: &Blob) -> R<PullStats> {
+    let node = Node::new(1);
+    let t = Instant::now();
+    let s = client::fetch_blob(&node, url, repo, blob, Mode::Whole, None).await?;
+    Ok(PullStats { wall: t.elapsed(), ttfb: s.ttfb, bytes: s.bytes, requests: s.requests })
+}
+
+/// Scenario 8, the cluster tier (issue 12). A cold herd spread over three clustered nodes (client `i` on
+/// node `i mod 3`), then the same herd over three independent wharfs, the reference proxy and one wharf,
+/// each cold; then a warm blob: GETs through its owner (a local hit) and through a node that has never had
+/// it (it streams the blob from the owner and caches it), taking turns.
+pub async fn cluster(ctx: &mut Ctx) {
+    let img = ctx.catalog.app.clone();
+    let n = ctx.opts.cluster_clients;
+    let mut rows = Vec::new();
+    let peers = ctx.peers_of(&[PeerKind::Cluster, PeerKind::Independent, PeerKind::Proxy, PeerKind::Wharf]);
+    for rate in ctx.opts.rates.clone() {
+        ctx.set_rate(rate);
+        let case = format!("herd of {n}, {rate} MB/s");
+        let mut runs: Vec<Vec<Row>> = peers.iter().map(|_| Vec::new()).collect();
+        for round in 0..ctx.opts.repeat {
+            for (i, &peer) in peers.iter().enumerate() {
+                // The proxy's figures enter no target and its cold herd is the slowest case: once.
+                if peer == PeerKind::Proxy && round > 0 {
+                    continue;
+                }
+                runs[i].push(herd_run(ctx, peer, &case, &img, n).await);
+            }
+        }
+        rows.extend(runs.into_iter().filter_map(median_row));
+    }
+    if ctx.opts.peers.contains(&PeerKind::Cluster) {
+        rows.extend(warm_through_peer(ctx).await);
+    }
+    let large = size_label(ctx.catalog.large.layers[0].size);
+    let title = format!(
+        "8. Cluster: a herd of {n} spread over three nodes, and a warm blob through a peer ({})",
+        image_label(&img)
+    );
+    let notes = vec![
+        "Herd: client i pulls from node i mod 3 (cluster, 3 wharfs), or all from the one server (proxy, \
+         wharf); each case starts cold. dedupe = upstream bytes / image bytes: the cluster and one wharf \
+         should fetch every byte once, three independent wharfs three times. Completion is the slowest \
+         client's wall time (the max column); the target is cluster ≤ 1.25× one wharf. Each figure is the \
+         median run by MB/s of the --repeat cold runs, the peers taking turns; the proxy runs once. Peak RSS \
+         and CPU of the cluster and of the 3 wharfs are sums over the three nodes."
+            .into(),
+        format!(
+            "Warm: the {large} layer, one client, whole GETs. A cold cluster first fetches it through its \
+             owner (the node that ranks first for its digest) with the upstream unthrottled (row \"cold\": what \
+             one fill costs here); then GETs through the owner (a local warm hit) and through another node that \
+             has never had it (which streams it from the owner, verifies and caches it) take turns. Each of the \
+             two other nodes is the edge once; a new cold cluster is started for more runs. Each figure is the \
+             median run by MB/s of {}; the target is edge ≥ 0.8× local. CPU counts all three nodes (the \
+             details give each node's).",
+            ctx.opts.repeat
+        ),
+    ];
+    ctx.push_vs(8, title, rows, notes, PeerKind::Cluster);
+}
+
+/// One cold herd of `n` against `peer`, spread over its nodes.
+async fn herd_run(ctx: &mut Ctx, peer: PeerKind, case: &str, img: &Image, n: usize) -> Row {
+    let target = ctx.peers.cold(peer).await;
+    let jobs = vec![(img.clone(), Mode::Whole); n];
+    let (peer_in, fallbacks) =
+        (metric_sum(&target.urls, PEER_BYTES_IN).await, metric_sum(&target.urls, PEER_FALLBACKS).await);
+    let (res, m) = ctx.measured(&target, pull_spread(&target.urls, jobs, ctx.opts.downloads)).await;
+    let spec = RowSpec {
+        scenario: 8,
+        case: case.to_string(),
+        image: "app",
+        mode: "whole".into(),
+        peer,
+        reference_bytes: img.bytes(),
+    };
+    let mut row = pull_row(spec, &res, m);
+    row.note = format!("{} node(s), {} clients each", target.urls.len(), n.div_ceil(target.urls.len()));
+    if peer == PeerKind::Cluster {
+        let peer_in = metric_sum(&target.urls, PEER_BYTES_IN).await - peer_in;
+        let fallbacks = metric_sum(&target.urls, PEER_FALLBACKS).await - fallbacks;
+        row.note.push_str(&format!(
+            "; peer bytes in {:.0} MB ({:.2}× the image), peer fallbacks {fallbacks:.0}",
+            peer_in / 1e6,
+            peer_in / img.bytes() as f64
+        ));
+    }
+    if !row.errors.is_empty() {
+        eprintln!("bench: [8] errors; wharf logs:\n{}", ctx.peers.wharf_logs(40));
+    }
+    row
+}
+
+/// Scenario 8's warm part: `--repeat` runs of a local warm hit on the owner and of a GET through a node
+/// that has never had the blob; one median row of each.
+async fn warm_through_peer(ctx: &mut Ctx) -> Vec<Row> {
+    let img = ctx.catalog.large.clone();
+    let blob = img.layers[0].clone();
+    let case = format!("warm {} blob, 1 client", size_label(blob.size));
+    let (mut local, mut via_peer, mut fills) = (Vec::new(), Vec::new(), Vec::new());
+    while via_peer.len() < ctx.opts.repeat {
+        let target = ctx.peers.cold(PeerKind::Cluster).await;
+        let ranked = wharf::cluster::hrw::rank(target.peer_addrs.iter().map(String::as_str), &blob.digest);
+        let index = |addr: &str| target.peer_addrs.iter().position(|p| p == addr).expect("a node");
+        let owner = index(ranked[0]);
+        let edges: Vec<usize> = ranked[1..].iter().map(|p| index(p)).collect();
+        // The owner fills from the upstream itself (no peer ranks above it), unthrottled: a reference for
+        // what one fill (hash, write, serve) costs on this machine.
+        let saved = ctx.shim.rate();
+        ctx.shim.set_rate(0);
+        let (res, m) = ctx.measured(&target, one_blob(&target.urls[owner], &img.repo, &blob)).await;
+        if let Err(e) = &res {
+            eprintln!("bench: [8] warming the owner failed: {e}\n{}", ctx.peers.wharf_logs(40));
+        }
+        let spec = RowSpec {
+            scenario: 8,
+            case: format!("{case}, its owner, cold (upstream unthrottled)"),
+            image: "large",
+            mode: WARM_FILL.into(),
+            peer: PeerKind::Cluster,
+            reference_bytes: blob.size,
+        };
+        fills.push(pull_row(spec, &[res], m));
+        ctx.shim.set_rate(saved);
+        for edge in edges {
+            if via_peer.len() >= ctx.opts.repeat {
+                break;
+            }
+            for (mode, node, runs) in [(WARM_LOCAL, owner, &mut local), (WARM_PEER, edge, &mut via_peer)] {
+                let url = target.urls[node].clone();
+                let before = metric_sum(std::slice::from_ref(&url), PEER_BYTES_IN).await;
+                let cpu0: Vec<f64> = target.pids.iter().map(|&p| procs::cpu_seconds(p)).collect();
+                let (res, m) = ctx.measured(&target, one_blob(&url, &img.repo, &blob)).await;
+                let cpu: Vec<String> = target
+                    .pids
+                    .iter()
+                    .zip(&cpu0)
+                    .map(|(&p, c0)| format!("{:.2}", procs::cpu_seconds(p) - c0))
+                    .collect();
+                let spec = RowSpec {
+                    scenario: 8,
+                    case: format!("{case}, {}", if mode == WARM_LOCAL { "its owner" } else { "another node" }),
+                    image: "large",
+                    mode: mode.into(),
+                    peer: PeerKind::Cluster,
+                    reference_bytes: 0,
+                };
+                let mut row = pull_row(spec, &[res], m);
+                let peer_in = metric_sum(std::slice::from_ref(&url), PEER_BYTES_IN).await - before;
+                row.note = format!(
+                    "node {node} (owner: node {owner}), peer bytes in {:.0} MB, CPU-s by node {}",
+                    peer_in / 1e6,
+                    cpu.join(" / ")
+                );
+                runs.push(row);
+            }
+        }
+    }
+    [median_row(fills), median_row(local), median_row(via_peer)].into_iter().flatten().collect()
 }
