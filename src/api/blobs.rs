@@ -46,7 +46,10 @@ pub async fn get(
     let body = move |start, end| {
         reader::body(source, start, end, delivery).inspect_ok(move |chunk| {
             let _ = &guard;
-            metrics.served_bytes.inc_by(chunk.len() as u64);
+            // Bytes for a peer are counted as peer bytes instead (the peer counts them as served again).
+            if !from_peer {
+                metrics.served_bytes.inc_by(chunk.len() as u64);
+            }
         })
     };
     // A fill can fail before its first byte reaches this client, and hyper writes a response head together

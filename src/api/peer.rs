@@ -7,6 +7,7 @@ use super::error::{Error, OciCode};
 use super::path::{self, Endpoint};
 use super::{RequestNote, Routed, blobs, manifests, ns_param};
 use crate::cache::reader::Delivery;
+use crate::cluster::OUTCOME_HEADER;
 use crate::cluster::auth::{AUTH_HEADER, PEER_HEADER};
 use crate::oci::Digest;
 use crate::state::AppState;
@@ -87,8 +88,11 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         Err(Error::new(OciCode::Unavailable, format!("no answer from the upstream within {}s", deadline.as_secs())))
     });
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
-    let source = resp.extensions().get::<RequestNote>().map_or("-", |n| n.source);
+    let note = resp.extensions().get::<RequestNote>();
+    let (source, outcome) = note.map_or(("-", "-"), |n| (n.source, n.outcome.as_str()));
     resp.headers_mut().insert(SOURCE_HEADER, HeaderValue::from_static(source));
+    // A stale manifest (this node's upstream failed) must not look freshly checked on the asking node.
+    resp.headers_mut().insert(OUTCOME_HEADER, HeaderValue::from_static(outcome));
     tracing::info!(
         target: "wharf::peer",
         %method,
@@ -100,7 +104,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         ms = start.elapsed().as_millis() as u64,
         "peer request"
     );
-    if let Some(cluster) = state.cache.cluster().cloned() {
+    if let Some(cluster) = state.cache.cluster().cloned().filter(|_| rest.contains("/blobs/")) {
         let (parts, body) = resp.into_parts();
         let body = body.into_data_stream().inspect_ok(move |chunk| cluster.count_bytes("out", chunk.len() as u64));
         resp = Response::from_parts(parts, Body::from_stream(body));

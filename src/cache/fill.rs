@@ -114,6 +114,8 @@ pub struct Fill {
     refused: AtomicBool,
     /// Set while the bytes come from a peer (see [`Fill::via_peer`]).
     via_peer: AtomicBool,
+    /// Set when bytes from a peer failed verification (see [`Fill::peer_corrupt`]).
+    peer_corrupt: AtomicBool,
     /// When the fill started, and (in milliseconds after that) when its source last sent bytes.
     started: Instant,
     touched_ms: AtomicU64,
@@ -174,6 +176,7 @@ impl Fill {
             origin: OnceLock::new(),
             refused: AtomicBool::new(false),
             via_peer: AtomicBool::new(false),
+            peer_corrupt: AtomicBool::new(false),
             started: Instant::now(),
             touched_ms: AtomicU64::new(0),
         }
@@ -183,6 +186,12 @@ impl Fill {
     /// two nodes' views disagree, and serving it could have each wait on the other).
     pub fn via_peer(&self) -> bool {
         self.via_peer.load(Ordering::Relaxed)
+    }
+
+    /// Whether the fill failed because bytes from a peer did not verify (the blob is worth fetching again
+    /// from the upstream at once).
+    pub fn peer_corrupt(&self) -> bool {
+        self.peer_corrupt.load(Ordering::Relaxed)
     }
 
     /// Milliseconds since the source last sent bytes (since the start, before the first byte).
@@ -295,6 +304,7 @@ impl Fill {
         plan: FillPlan,
         reserve: &Reserve,
         admit: impl FnOnce(Option<u64>) -> F,
+        slots: &tokio::sync::Semaphore,
     ) -> Result<Option<u64>, Error> {
         let mut admit = Some(admit);
         let mut resume = Resume {
@@ -303,8 +313,14 @@ impl Fill {
             total: None,
             senders: Vec::new(),
         };
+        let mut _slot = None;
         for origin in origins.sequence() {
             self.via_peer.store(matches!(origin, Origin::Peer(_)), Ordering::Relaxed);
+            if matches!(origin, Origin::Registry) {
+                // Queued, not failed: waiting clients see the fill go on when a slot frees (or their deadline
+                // passes).
+                _slot = Some(slots.acquire().await.expect("the fill semaphore is never closed"));
+            }
             if matches!(origin, Origin::Registry) && resume.written.load(Ordering::Relaxed) == 0 {
                 // From the first byte the registry is asked for several ranges at once.
                 let client = &*origins.registry;
@@ -339,6 +355,10 @@ impl Fill {
         admit: &mut Option<impl FnOnce(Option<u64>) -> F>,
     ) -> Result<Step, Error> {
         let from = resume.written.load(Ordering::Relaxed);
+        if from > 0 && resume.total == Some(from) {
+            // Every byte landed before the last source failed: nothing to ask for, only to verify.
+            return self.finish(resume, from).map(Step::Done);
+        }
         let peer = match origin {
             Origin::Peer(p) => Some((p, origins.cluster.as_ref().expect("peer origins come with a cluster"))),
             Origin::Registry => None,
@@ -404,6 +424,7 @@ impl Fill {
     /// After a failed verification: the peers that sent bytes are skipped and counted as corrupt.
     fn blame_senders(&self, origins: &Origins, resume: &Resume, e: &Error) {
         if let (Error::DigestMismatch { .. }, Some(cluster), false) = (e, &origins.cluster, resume.senders.is_empty()) {
+            self.peer_corrupt.store(true, Ordering::Relaxed);
             for sender in &resume.senders {
                 cluster.suspect(sender, "sent bytes that failed verification");
             }

@@ -212,7 +212,7 @@ impl Cache {
         }
         let key = digest.to_string();
         if forward
-            && let Some((info, bytes)) = self.ask_owner(client, repo, &key, &key, accept, want_body).await
+            && let Some((info, bytes, _)) = self.ask_owner(client, repo, &key, &key, accept, want_body).await
             && info.digest == *digest
         {
             return Ok(ManifestAnswer { info, bytes, outcome: Outcome::Miss });
@@ -249,18 +249,25 @@ impl Cache {
         }
         // The tag's owner keeps it fresh for the cluster: one upstream request per tag, not one per node.
         let owner_key = format!("{}/{repo}:{tag}", client.name);
-        if forward && let Some((info, bytes)) = self.ask_owner(client, repo, tag, &owner_key, accept, want_body).await {
+        let asked = if forward { self.ask_owner(client, repo, tag, &owner_key, accept, want_body).await } else { None };
+        if let Some((info, bytes, stale)) = asked {
             let outcome = match &known {
+                _ if stale => Outcome::Stale,
                 Some(e) if e.digest == info.digest => Outcome::Revalidated,
                 _ => Outcome::Miss,
             };
-            let entry = TagEntry {
-                digest: info.digest.clone(),
-                media_type: info.media_type.clone(),
-                size: info.size,
-                checked_at: now,
-            };
-            self.shared.meta.put_tag(key, &entry)?;
+            // A stale answer (the owner's upstream failed) is no check: a known entry keeps its time, and a new
+            // one is recorded as due, so the next request asks again.
+            if !(stale && known.is_some()) {
+                let checked_at = if stale { 0 } else { now };
+                let entry = TagEntry {
+                    digest: info.digest.clone(),
+                    media_type: info.media_type.clone(),
+                    size: info.size,
+                    checked_at,
+                };
+                self.shared.meta.put_tag(key, &entry)?;
+            }
             return Ok(ManifestAnswer { info, bytes, outcome });
         }
         let Some(entry) = known else {
@@ -399,8 +406,9 @@ impl Cache {
         self.record_ref(&client.name, repo, &info.digest)
     }
 
-    /// A manifest from the peers that own `key` (best first), verified and stored; `None` when none could
-    /// answer, and the caller asks the upstream itself.
+    /// A manifest from the peers that own `key` (best first), verified and stored, and whether the peer
+    /// served it stale (its upstream failed); `None` when none could answer, and the caller asks the
+    /// upstream itself.
     async fn ask_owner(
         &self,
         client: &RegistryClient,
@@ -409,14 +417,14 @@ impl Cache {
         key: &str,
         accept: &AcceptSet,
         want_body: bool,
-    ) -> Option<(ManifestInfo, Option<Bytes>)> {
+    ) -> Option<(ManifestInfo, Option<Bytes>, bool)> {
         let cluster = self.shared.cluster.get()?;
         let accept_value = if accept.is_empty() { AcceptSet::all_manifests() } else { accept.clone() }.header_value();
         for peer in cluster.sources(key) {
             let answer =
                 cluster.client().manifest(&peer, &client.name, repo, reference, &accept_value, want_body).await;
-            let (head, bytes) = match answer {
-                Ok(answer) => answer,
+            let (head, bytes, stale) = match answer {
+                Ok(m) => (m.head, m.bytes, m.stale),
                 Err(e) => {
                     tracing::warn!(%peer, reference, error = %e, "owner could not supply the manifest; next source");
                     cluster.count_fallback(e.reason());
@@ -441,7 +449,7 @@ impl Cache {
                     tracing::warn!(digest = %info.digest, error = %e, "storing a manifest from a peer");
                 }
             }
-            return Some((info, bytes));
+            return Some((info, bytes, stale));
         }
         None
     }

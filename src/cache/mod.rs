@@ -366,8 +366,6 @@ impl Cache {
 
     async fn fill_to_end(&self, mut claim: Claim, origins: Origins) {
         let (client, repo) = (&*origins.registry, &origins.repo);
-        // Queued, not failed: waiting clients see the fill start when a slot frees (or their deadline passes).
-        let _slot = self.shared.fill_slots.acquire().await.expect("the fill semaphore is never closed");
         let fill = claim.fill.clone();
         let digest = fill.digest.clone();
         #[cfg(test)]
@@ -380,7 +378,10 @@ impl Cache {
         // Room is made (or the blob refused) once its size is known, before its first byte is written.
         let this = self.clone();
         let admit = |size| async move { this.admit(size).await };
-        let result = fill.download(&temp, &origins, self.shared.plan, &self.shared.reserve, admit).await;
+        // The fill slot (`server.max_fills`) is taken inside, only for the registry: a fill waiting on a peer
+        // must not hold one, or two nodes filling from each other could starve each other's slots.
+        let slots = &self.shared.fill_slots;
+        let result = fill.download(&temp, &origins, self.shared.plan, &self.shared.reserve, admit, slots).await;
         let mut temp = Some(temp);
         let result = match result {
             Ok(Some(size)) => self.commit(temp.take().expect("not yet used"), &digest, size, client, repo).await,
@@ -409,19 +410,9 @@ impl Cache {
                 fill.uncache();
             }
             Err(e) => {
+                let peer_corrupt = fill.peer_corrupt();
                 let reason = match &e {
-                    Error::DigestMismatch { .. } if !origins.peers.is_empty() => {
-                        // The bytes came from a peer, now skipped: fetch the blob again from the next source
-                        // at once, so that the clients' retries find it.
-                        let (this, client, repo, digest) =
-                            (self.clone(), origins.registry.clone(), origins.repo.clone(), digest.clone());
-                        self.shared.tasks.spawn(async move {
-                            if let Err(e) = this.ensure_blob(&client, &repo, &digest).await {
-                                tracing::warn!(%digest, error = %e, "refetching a blob a peer sent wrong");
-                            }
-                        });
-                        "bad_content"
-                    }
+                    Error::DigestMismatch { .. } if peer_corrupt => "bad_content",
                     Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => {
                         tracing::error!(%digest, registry = %client.name, %repo, error = %e, "upstream sent bad bytes; discarded");
                         "bad_content"
@@ -437,6 +428,27 @@ impl Cache {
                 };
                 metrics.fill_failures.get_or_create(&ReasonLabel { reason }).inc();
                 fill.fail(e);
+                if peer_corrupt {
+                    // A peer sent wrong bytes (it is skipped now): fetch the blob again at once, from the upstream
+                    // itself, so the clients' retries find it. The claim goes first, or the refetch would join
+                    // this failed fill. Once only: the refetch asks no peer.
+                    drop(claim);
+                    let (this, client, repo) = (self.clone(), origins.registry.clone(), origins.repo.clone());
+                    self.shared.tasks.spawn(async move {
+                        let refetched = match this.blob_via(&client, &repo, &digest, false).await {
+                            Ok((handle, _)) => match handle.source {
+                                reader::Source::Filling(fill) => {
+                                    fill.wait_done().await.map(drop).map_err(Error::unshare)
+                                }
+                                reader::Source::Committed(_) => Ok(()),
+                            },
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = refetched {
+                            tracing::warn!(%digest, error = %e, "refetching a blob a peer sent wrong");
+                        }
+                    });
+                }
             }
         }
     }

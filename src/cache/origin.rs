@@ -119,7 +119,8 @@ async fn answered<T>(
     loop {
         match tokio::time::timeout(limit, &mut ask).await {
             Ok(answer) => return Some(answer),
-            Err(_) if owner_is_waiting(cluster, peer, digest, limit).await => continue,
+            // Any live fill will do here: an owner whose upstream gave no size answers only at the end.
+            Err(_) if owner_is_waiting(cluster, peer, digest, limit, false).await => continue,
             Err(_) => {
                 tracing::warn!(%peer, %digest, "peer did not answer within {limit:?}; next source");
                 return None;
@@ -128,12 +129,13 @@ async fn answered<T>(
     }
 }
 
-/// Whether `peer` says its own fill of `digest` is alive and waiting for its upstream (then waiting for the
-/// peer is no slower than going to the upstream ourselves). The question has its own short bound.
-async fn owner_is_waiting(cluster: &Cluster, peer: &str, digest: &Digest, limit: Duration) -> bool {
+/// Whether `peer` says its own fill of `digest` is alive and (when `stalled`) itself waiting for its
+/// upstream: then waiting for the peer is no slower than going to the upstream ourselves. The question has
+/// its own short bound.
+async fn owner_is_waiting(cluster: &Cluster, peer: &str, digest: &Digest, limit: Duration, stalled: bool) -> bool {
     let probe = limit.min(Duration::from_secs(2));
     match cluster.client().fill_status(peer, digest, probe).await {
-        Ok(s) if s.state == "filling" && s.stalled_ms >= limit.as_millis() as u64 / 2 => {
+        Ok(s) if s.state == "filling" && (!stalled || s.stalled_ms >= limit.as_millis() as u64 / 2) => {
             tracing::info!(%peer, %digest, "peer is waiting for its upstream; still waiting for it");
             true
         }
@@ -185,7 +187,7 @@ fn watch_stalls(
                 match tokio::time::timeout(limit, body.next()).await {
                     Ok(Some(item)) => return Some((item, Some(body))),
                     Ok(None) => return None,
-                    Err(_) if owner_is_waiting(&cluster, &peer, &digest, limit).await => continue,
+                    Err(_) if owner_is_waiting(&cluster, &peer, &digest, limit, true).await => continue,
                     Err(_) => {
                         stalled.store(true, Ordering::Relaxed);
                         let e = upstream::Error::Protocol(format!("no bytes from peer {peer} for {limit:?}"));

@@ -59,9 +59,14 @@ impl std::fmt::Debug for Keys {
 impl Keys {
     /// Reads the key file: one key a line, blank lines and `#` comments skipped. Blocking.
     pub fn load(path: &Path) -> Result<Keys, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| KeyError::Read(path.display().to_string(), e))?;
+        Keys::parse_file(&text, path)
+    }
+
+    /// Keys from the text of the key file at `path` (named in errors).
+    pub fn parse_file(text: &str, path: &Path) -> Result<Keys, KeyError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| KeyError::Read(shown.clone(), e))?;
-        Keys::parse(&text).map_err(|line| match line {
+        Keys::parse(text).map_err(|line| match line {
             0 => KeyError::Empty(shown),
             n => KeyError::Weak(shown, n),
         })

@@ -51,6 +51,21 @@ impl From<reqwest::Error> for PeerError {
     }
 }
 
+/// The header on a peer's manifest answer that says how it answered (`hit`, `revalidated`, `stale`…): a
+/// stale answer (its upstream failed) must not be recorded as freshly checked.
+pub const OUTCOME_HEADER: &str = "x-wharf-outcome";
+
+/// A manifest from a peer.
+#[derive(Debug)]
+pub struct PeerManifest {
+    /// Digest, media type, size.
+    pub head: ManifestHead,
+    /// The bytes, for a GET.
+    pub bytes: Option<Bytes>,
+    /// The peer served its last known answer because its upstream failed.
+    pub stale: bool,
+}
+
 /// What a peer reports about its own fill of a blob (`GET /_wharf/fill/<digest>`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FillStatus {
@@ -95,14 +110,16 @@ impl PeerClient {
         Ok(PeerClient { http, me, keys })
     }
 
-    fn url(peer: &str, path: &str, registry: Option<&str>) -> url::Url {
-        let mut u =
-            url::Url::parse(&format!("http://{peer}")).unwrap_or_else(|_| url::Url::parse("http://invalid").unwrap());
+    /// A peer's URL; an address that does not parse is an error, never a made-up host that signed requests
+    /// could reach.
+    fn url(peer: &str, path: &str, registry: Option<&str>) -> Result<url::Url, PeerError> {
+        let mut u = url::Url::parse(&format!("http://{peer}"))
+            .map_err(|e| PeerError::Protocol(format!("peer address {peer:?}: {e}")))?;
         u.set_path(path);
         if let Some(r) = registry {
             u.query_pairs_mut().append_pair("ns", r);
         }
-        u
+        Ok(u)
     }
 
     /// A signed request: the signature covers method, path and query exactly as sent.
@@ -129,7 +146,7 @@ impl PeerClient {
         digest: &Digest,
         from: u64,
     ) -> Result<BlobStream, PeerError> {
-        let url = PeerClient::url(peer, &format!("/v2/{repo}/blobs/{digest}"), Some(registry));
+        let url = PeerClient::url(peer, &format!("/v2/{repo}/blobs/{digest}"), Some(registry))?;
         let mut headers = HeaderMap::new();
         if from > 0
             && let Ok(v) = HeaderValue::from_str(&format!("bytes={from}-"))
@@ -165,8 +182,8 @@ impl PeerClient {
         reference: &str,
         accept: &str,
         want_body: bool,
-    ) -> Result<(ManifestHead, Option<Bytes>), PeerError> {
-        let url = PeerClient::url(peer, &format!("/v2/{repo}/manifests/{reference}"), Some(registry));
+    ) -> Result<PeerManifest, PeerError> {
+        let url = PeerClient::url(peer, &format!("/v2/{repo}/manifests/{reference}"), Some(registry))?;
         let mut headers = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_str(accept) {
             headers.insert(header::ACCEPT, v);
@@ -186,9 +203,10 @@ impl PeerClient {
             .map(|s| s.split(';').next().unwrap_or("").trim().to_owned())
             .unwrap_or_default();
         let size = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+        let stale = h.get(OUTCOME_HEADER).is_some_and(|v| v == "stale");
         let head = ManifestHead { digest, media_type, size };
         if !want_body {
-            return Ok((head, None));
+            return Ok(PeerManifest { head, bytes: None, stale });
         }
         if size.is_some_and(|s| s > upstream::MAX_MANIFEST_SIZE as u64) {
             return Err(PeerError::Protocol("manifest larger than 4 MiB".into()));
@@ -201,12 +219,12 @@ impl PeerClient {
                 return Err(PeerError::Protocol("manifest larger than 4 MiB".into()));
             }
         }
-        Ok((head, Some(body.freeze())))
+        Ok(PeerManifest { head, bytes: Some(body.freeze()), stale })
     }
 
     /// How `peer`'s own fill of `digest` is going; bounded by `limit` (a stopped peer must not hold the caller).
     pub async fn fill_status(&self, peer: &str, digest: &Digest, limit: Duration) -> Result<FillStatus, PeerError> {
-        let url = PeerClient::url(peer, &format!("/_wharf/fill/{digest}"), None);
+        let url = PeerClient::url(peer, &format!("/_wharf/fill/{digest}"), None)?;
         let resp = self.request(Method::GET, url, HeaderMap::new()).timeout(limit).send().await?;
         if !resp.status().is_success() {
             return Err(PeerError::Status(resp.status()));

@@ -14,7 +14,7 @@ mod client;
 pub mod hrw;
 mod members;
 
-pub use client::{FillStatus, PeerClient, PeerError};
+pub use client::{FillStatus, OUTCOME_HEADER, PeerClient, PeerError, PeerManifest};
 
 use crate::config::ClusterSettings;
 use crate::metrics::Metrics;
@@ -206,18 +206,19 @@ impl Cluster {
         let this = self.clone();
         let every = Duration::from_secs(self.inner.settings.dns_interval.max(1));
         tokio::spawn(async move {
-            let mut keys_text = std::fs::read_to_string(&this.inner.key_file).ok();
+            let read = |path: PathBuf| async move {
+                tokio::task::spawn_blocking(move || std::fs::read_to_string(path)).await.ok().and_then(Result::ok)
+            };
+            let mut keys_text = read(this.inner.key_file.clone()).await;
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(every) => {}
                     () = stop.cancelled() => return,
                 }
                 this.set_view(sources.refresh().await);
-                let path = this.inner.key_file.clone();
-                let text =
-                    tokio::task::spawn_blocking(move || std::fs::read_to_string(path)).await.ok().and_then(Result::ok);
-                if text.is_some() && text != keys_text {
-                    match Keys::load(&this.inner.key_file) {
+                let text = read(this.inner.key_file.clone()).await;
+                if let Some(new) = text.as_deref().filter(|_| text != keys_text) {
+                    match Keys::parse_file(new, &this.inner.key_file) {
                         Ok(keys) => {
                             *this.inner.keys.write().unwrap() = keys;
                             tracing::info!("peer keys reloaded");

@@ -4,7 +4,7 @@
 
 use crate::support::cluster::{self, Cluster, Node, owner_of, peer_args, start_node};
 use crate::support::fake_upstream::{
-    FakeUpstream, Outcome, REPO, client, fetch, get_ok, headers_of, random_bytes, sha256_digest, spawn_fetch,
+    FakeUpstream, Outcome, REGISTRY, REPO, client, fetch, get_ok, headers_of, random_bytes, sha256_digest, spawn_fetch,
 };
 use crate::support::images::{OCI_MANIFEST, TestImage, sha256};
 use crate::support::registry::{die_with_parent_thread, shared};
@@ -533,4 +533,37 @@ async fn a_rolling_restart_fails_no_pull_and_keeps_the_cache() {
         pull(&http, &node.url(), &image).await.unwrap_or_else(|e| panic!("warm pull through {}: {e}", node.peer));
     }
     assert_eq!(registry.bytes_sent(&blobs), before, "a warm pull fetched blob bytes upstream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_answer_from_the_owner_is_not_recorded_as_checked() {
+    let up = FakeUpstream::start().await;
+    let manifest = format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","layers":[]}}"#);
+    let digest = up.put_manifest(REPO, "v1", OCI_MANIFEST, manifest);
+    let mut args = up.wharf_args();
+    args.extend(["--tag-ttl", "1"].map(String::from));
+    let c = Cluster::start(2, &args, true);
+    let owner = c.owner(&format!("{REGISTRY}/{REPO}:v1"));
+    let edge = 1 - owner;
+    let http = client();
+    let head = |node: usize| {
+        let req = http.head(format!("{}/v2/{REPO}/manifests/v1", c.nodes[node].url())).header("accept", OCI_MANIFEST);
+        async move {
+            let resp = req.send().await.unwrap();
+            let digest = resp.headers().get("docker-content-digest").map(|v| v.to_str().unwrap().to_owned());
+            (resp.status().as_u16(), digest)
+        }
+    };
+    // The owner knows the tag; then its upstream fails and the freshness window passes.
+    assert_eq!(head(owner).await, (200, Some(digest.clone())));
+    let_one_second_pass().await;
+    up.fail_with(Some(503));
+    // The edge asks the owner, which serves its last known answer.
+    assert_eq!(head(edge).await, (200, Some(digest.clone())));
+    up.fail_with(None);
+    // Within the same second: an answer recorded as checked now would still be fresh, and nobody would ask.
+    let before = up.manifest_heads() + up.manifest_gets();
+    assert_eq!(head(edge).await, (200, Some(digest.clone())));
+    let asked = up.manifest_heads() + up.manifest_gets() - before;
+    assert_eq!(asked, 1, "the edge took the owner's stale answer for a fresh check");
 }
