@@ -213,25 +213,43 @@ impl Drop for NftTable {
     }
 }
 
-/// Two clients on the two non-owners stream a blob while the owner fills it; half way the owner suffers
-/// `fault`. Every client must finish with the right bytes, from at most twice the blob's upstream bytes.
-/// Returns the time from the fault to the last client's end.
-async fn owner_fault(fault: Fault) -> Duration {
+/// An 8 MiB blob whose upstream answer is held half way by a gate, three nodes (with `extra_toml`), and a
+/// client on each non-owner streaming the blob; returns once the owner's fill has reached the gate.
+struct HalfWay {
+    fake: FakeUpstream,
+    cluster: Cluster,
+    digest: String,
+    data: bytes::Bytes,
+    gate: std::sync::Arc<crate::support::fake_upstream::Gate>,
+    owner: usize,
+    edges: Vec<usize>,
+    fetches: Vec<tokio::task::JoinHandle<Outcome>>,
+}
+
+async fn half_way(extra_toml: &str) -> HalfWay {
     let fake = FakeUpstream::start().await;
-    let size = 8 * MIB;
-    let (digest, data) = fake.add_random_blob(size);
-    let gate = fake.gate(&digest, size / 2);
-    // Everything else far away: only the stall timeout decides when a stopped owner is given up.
-    let cluster = fake_cluster(&fake, "[cluster]\nstall_timeout = 2\nsuspect_for = 600\n");
-    let mut cluster = cluster;
+    let (digest, data) = fake.add_random_blob(8 * MIB);
+    let gate = fake.gate(&digest, 4 * MIB);
+    let cluster = fake_cluster(&fake, extra_toml);
     let owner = cluster.owner(&digest);
     let edges: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
     let c = client();
-    let fetches: Vec<_> = edges
+    let fetches = edges
         .iter()
         .map(|e| spawn_fetch(&c, &format!("{}/v2/test/app/blobs/{digest}", cluster.nodes[*e].url()), &[]).0)
         .collect();
     gate.wait_reached().await;
+    HalfWay { fake, cluster, digest, data, gate, owner, edges, fetches }
+}
+
+/// Two clients on the two non-owners stream a blob while the owner fills it; half way the owner suffers
+/// `fault`. Every client must finish with the right bytes, from at most twice the blob's upstream bytes.
+/// Returns the time from the fault to the last client's end.
+async fn owner_fault(fault: Fault) -> Duration {
+    let size = 8 * MIB;
+    // Everything else far away: only the stall timeout decides when a stopped owner is given up.
+    let HalfWay { fake, mut cluster, digest, data, gate, owner, edges, fetches } =
+        half_way("[cluster]\nstall_timeout = 2\nsuspect_for = 600\n").await;
     // Both edges have the first half from the owner before the fault.
     for e in &edges {
         let e = *e;
@@ -426,19 +444,8 @@ async fn the_peer_api_refuses_unsigned_requests_before_any_upstream_work() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn edges_keep_waiting_while_the_owner_waits_for_its_own_upstream() {
-    let fake = FakeUpstream::start().await;
-    let size = 8 * MIB;
-    let (digest, data) = fake.add_random_blob(size);
-    let gate = fake.gate(&digest, size / 2);
-    let cluster = fake_cluster(&fake, "[cluster]\nstall_timeout = 1\n");
-    let owner = cluster.owner(&digest);
-    let edges: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
-    let c = client();
-    let fetches: Vec<_> = edges
-        .iter()
-        .map(|e| spawn_fetch(&c, &format!("{}/v2/test/app/blobs/{digest}", cluster.nodes[*e].url()), &[]).0)
-        .collect();
-    gate.wait_reached().await;
+    let HalfWay { fake, cluster, digest, data, gate, edges, fetches, .. } =
+        half_way("[cluster]\nstall_timeout = 1\n").await;
     // Each edge's stream has stalled twice, asked the owner, and been told its upstream is the slow part.
     for e in &edges {
         let node = &cluster.nodes[*e].wharf;
