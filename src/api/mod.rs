@@ -130,18 +130,22 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             Endpoint::Upload => unreachable!("refused above"),
         }
     };
-    // A stalled upstream must not hold a client forever: past the deadline the client gets a 503 and moves
-    // on to its next host. A fill that was started goes on in the background.
-    let deadline = Duration::from_secs(state.config.server.request_timeout.max(1));
-    let result = tokio::time::timeout(deadline, result).await.unwrap_or_else(|_| {
-        Err(Error::new(OciCode::Unavailable, format!("no answer from the upstream within {}s", deadline.as_secs())))
-    });
-    let mut resp = result.unwrap_or_else(IntoResponse::into_response);
+    let mut resp = within_deadline(&state, result).await;
     if let Some(ns) = ns.and_then(|ns| HeaderValue::from_str(&ns).ok()) {
         // distribution-spec "Registry Proxying": echo the namespace the request was scoped to.
         resp.headers_mut().insert("oci-namespace", ns);
     }
     resp
+}
+
+/// The answer of `work`, or a 503 past `server.request_timeout`: a stalled upstream (or peer) must not hold a
+/// client forever, who then moves on to its next host. A fill that was started goes on in the background.
+async fn within_deadline(state: &AppState, work: impl Future<Output = Result<Response, Error>>) -> Response {
+    let deadline = Duration::from_secs(state.config.server.request_timeout.max(1));
+    let result = tokio::time::timeout(deadline, work).await.unwrap_or_else(|_| {
+        Err(Error::new(OciCode::Unavailable, format!("no answer from the upstream within {}s", deadline.as_secs())))
+    });
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// The answer to a refused request: hidden content looks like content that does not exist.

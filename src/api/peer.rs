@@ -5,7 +5,7 @@
 
 use super::error::{Error, OciCode};
 use super::path::{self, Endpoint};
-use super::{RequestNote, Routed, blobs, manifests, ns_param};
+use super::{RequestNote, Routed, blobs, manifests, ns_param, within_deadline};
 use crate::cache::reader::Delivery;
 use crate::cluster::OUTCOME_HEADER;
 use crate::cluster::auth::{AUTH_HEADER, PEER_HEADER};
@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use futures_util::TryStreamExt;
 use http::{HeaderValue, Method};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Where a peer's answer came from, for the asking node's logs and for tests.
 pub const SOURCE_HEADER: &str = "x-wharf-source";
@@ -83,11 +83,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
             _ => unreachable!("refused above"),
         }
     };
-    let deadline = Duration::from_secs(state.config.server.request_timeout.max(1));
-    let result = tokio::time::timeout(deadline, result).await.unwrap_or_else(|_| {
-        Err(Error::new(OciCode::Unavailable, format!("no answer from the upstream within {}s", deadline.as_secs())))
-    });
-    let mut resp = result.unwrap_or_else(IntoResponse::into_response);
+    let mut resp = within_deadline(&state, result).await;
     let note = resp.extensions().get::<RequestNote>();
     let (source, outcome) = note.map_or(("-", "-"), |n| (n.source, n.outcome.as_str()));
     resp.headers_mut().insert(SOURCE_HEADER, HeaderValue::from_static(source));

@@ -105,9 +105,9 @@ impl Origins {
     }
 }
 
-/// Waits for a peer's answer (its response head) as [`watch_stalls`] waits for its bytes: past the stall
-/// timeout, only as long as the peer says its own fill is waiting for the upstream. `None`: given up (a
-/// stopped or partitioned peer would otherwise hold the fill, and every request joined to it, forever).
+/// Waits for a peer's answer (its response head): past the stall timeout, only as long as the peer says
+/// its own fill of the blob is alive. `None`: given up (a stopped or partitioned peer would otherwise hold
+/// the fill, and every request joined to it, forever).
 async fn answered<T>(
     cluster: &Cluster,
     peer: &str,
