@@ -57,6 +57,8 @@ pub struct Config {
     pub server: ServerSettings,
     /// Cooperation with the wharf instances on other nodes (off unless `peer_listen` is set).
     pub cluster: ClusterSettings,
+    /// A shared object-storage tier below the node's disk (off unless `[storage.s3]` is set).
+    pub storage: StorageSettings,
     /// Registries wharf mirrors, keyed by the name clients use (`docker.io`, `ghcr.io`, `myreg:5000`).
     pub registries: BTreeMap<String, RegistryConfig>,
 }
@@ -331,6 +333,57 @@ impl ClusterSettings {
     }
 }
 
+/// Storage tiers beside the node's disk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// An S3-compatible bucket shared by every node.
+    pub s3: Option<S3Settings>,
+}
+
+/// An S3-compatible bucket: blobs by digest, immutable, shared by every node (and cluster) that uses it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Settings {
+    /// The bucket's name.
+    pub bucket: String,
+    /// Key prefix inside the bucket (objects are `<prefix>/blobs/sha256/<hex>`).
+    #[serde(default)]
+    pub prefix: String,
+    /// Endpoint of an S3-compatible server; empty: AWS.
+    #[serde(default)]
+    pub endpoint: String,
+    /// Region.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Access key; unset: the standard AWS chain (environment, web identity / IRSA, instance profile).
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// Secret for `access_key_id`.
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// Allows a plain-HTTP endpoint (tests).
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+impl fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// Whether a registry's content may be private.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -424,6 +477,7 @@ impl Default for Config {
             access: AccessSettings::default(),
             server: ServerSettings::default(),
             cluster: ClusterSettings::default(),
+            storage: StorageSettings::default(),
             registries: BUILTIN_REGISTRIES.iter().map(|(n, u)| (n.to_string(), RegistryConfig::at(u))).collect(),
         }
     }
@@ -566,6 +620,11 @@ impl Config {
         }
         if !c.admin.token.is_empty() {
             c.admin.token = R.into();
+        }
+        if let Some(s3) = &mut c.storage.s3
+            && s3.secret_access_key.is_some()
+        {
+            s3.secret_access_key = Some(R.into());
         }
         c
     }

@@ -6,6 +6,7 @@
 //! - [`cache`]: the blob store, in-flight fills and their origins, manifests and tags, sled metadata.
 //! - [`cluster`]: the other wharf instances: membership, ownership by rendezvous hashing, the peer client.
 //! - [`pages`]: page-cache mappings of blob files (a leaf).
+//! - [`bucket`]: the shared S3-compatible bucket below the node's disk.
 //! - [`api`]: HTTP routes, OCI errors, `Range`.
 //! - [`warm`]: the warm list and the image walk; [`prefetch`]: `wharf prefetch`; [`admin`]: the admin API.
 //! - [`config`], [`state`], [`server`], [`telemetry`]: wiring.
@@ -20,6 +21,7 @@
 pub mod access;
 pub mod admin;
 pub mod api;
+pub mod bucket;
 pub mod cache;
 pub mod cli;
 pub mod cluster;

@@ -134,6 +134,14 @@ pub struct Metrics {
     pub peers_ready: Gauge,
     /// Changes of the peer view; each moves the owners of the keys of the peers that came or went.
     pub owner_changes: Counter,
+    /// Bucket bytes `read` and `written`.
+    pub bucket_bytes: Family<ReasonLabel, Counter>,
+    /// Bucket lookups by result: `hit`, `miss`, `error`.
+    pub bucket_requests: Family<ReasonLabel, Counter>,
+    /// Uploads to the bucket given up (and aborted).
+    pub bucket_abandoned: Counter,
+    /// 1 while the bucket is skipped after a failure, else 0.
+    pub bucket_breaker_open: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -183,6 +191,10 @@ impl Metrics {
             peer_corrupt: Counter::default(),
             peers_ready: Gauge::default(),
             owner_changes: Counter::default(),
+            bucket_bytes: Family::default(),
+            bucket_requests: Family::default(),
+            bucket_abandoned: Counter::default(),
+            bucket_breaker_open: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -284,6 +296,23 @@ impl Metrics {
             "owner_changes",
             "Changes of the peer view (each moves the owners of the peers that came or went)",
             m.owner_changes.clone(),
+        );
+        r.register_with_unit(
+            "bucket",
+            "Bytes read from and written to the shared bucket",
+            prometheus_client::registry::Unit::Bytes,
+            m.bucket_bytes.clone(),
+        );
+        r.register("bucket_requests", "Bucket lookups by result (hit, miss, error)", m.bucket_requests.clone());
+        r.register(
+            "bucket_uploads_abandoned",
+            "Uploads to the bucket given up and aborted",
+            m.bucket_abandoned.clone(),
+        );
+        r.register(
+            "bucket_breaker_open",
+            "1 while the bucket is skipped after a failure",
+            m.bucket_breaker_open.clone(),
         );
         Metrics { registry, ..m }
     }

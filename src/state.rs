@@ -32,6 +32,9 @@ pub enum OpenError {
     /// A client token's pattern is invalid.
     #[error(transparent)]
     Access(#[from] crate::access::PatternError),
+    /// The bucket could not be set up.
+    #[error(transparent)]
+    Bucket(#[from] crate::bucket::SetupError),
     /// The cluster tier could not be set up.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::SetupError),
@@ -49,6 +52,9 @@ impl AppState {
         let cache = Cache::open(&config, metrics.clone(), tasks)?;
         if let Some(cluster) = crate::cluster::Cluster::from_settings(&config.cluster, metrics.clone())? {
             cache.set_cluster(cluster);
+        }
+        if let Some(bucket) = crate::bucket::Bucket::from_settings(config.storage.s3.as_ref(), metrics.clone())? {
+            cache.set_bucket(bucket);
         }
         Ok(AppState { config: Arc::new(config), upstreams, cache, metrics, access })
     }

@@ -116,6 +116,8 @@ pub struct Fill {
     via_peer: AtomicBool,
     /// Set when bytes from a peer failed verification (see [`Fill::peer_corrupt`]).
     peer_corrupt: AtomicBool,
+    /// Set once the registry supplied bytes (see [`Fill::from_registry`]).
+    from_registry: AtomicBool,
     /// When the fill started, and (in milliseconds after that) when its source last sent bytes.
     started: Instant,
     touched_ms: AtomicU64,
@@ -177,6 +179,7 @@ impl Fill {
             refused: AtomicBool::new(false),
             via_peer: AtomicBool::new(false),
             peer_corrupt: AtomicBool::new(false),
+            from_registry: AtomicBool::new(false),
             started: Instant::now(),
             touched_ms: AtomicU64::new(0),
         }
@@ -192,6 +195,12 @@ impl Fill {
     /// from the upstream at once).
     pub fn peer_corrupt(&self) -> bool {
         self.peer_corrupt.load(Ordering::Relaxed)
+    }
+
+    /// Whether the registry supplied bytes of this fill: such a blob is new to the cluster and worth
+    /// uploading to the bucket.
+    pub fn from_registry(&self) -> bool {
+        self.from_registry.load(Ordering::Relaxed)
     }
 
     /// Milliseconds since the source last sent bytes (since the start, before the first byte).
@@ -317,6 +326,7 @@ impl Fill {
         for origin in origins.sequence() {
             self.via_peer.store(matches!(origin, Origin::Peer(_)), Ordering::Relaxed);
             if matches!(origin, Origin::Registry) {
+                self.from_registry.store(true, Ordering::Relaxed);
                 // Queued, not failed: waiting clients see the fill go on when a slot frees (or their deadline
                 // passes).
                 _slot = Some(slots.acquire().await.expect("the fill semaphore is never closed"));
@@ -361,17 +371,22 @@ impl Fill {
         }
         let peer = match origin {
             Origin::Peer(p) => Some((p, origins.cluster.as_ref().expect("peer origins come with a cluster"))),
-            Origin::Registry => None,
+            Origin::Registry | Origin::Bucket => None,
         };
         let next = |reason: &'static str, suspect: bool| -> Result<Step, Error> {
-            let Some((p, cluster)) = peer else {
-                return Err(upstream::Error::Protocol(format!("the upstream's transfer failed: {reason}")).into());
-            };
-            cluster.count_fallback(reason);
-            if suspect {
-                cluster.suspect(p, reason);
+            match (origin, peer) {
+                (Origin::Registry, _) => {
+                    Err(upstream::Error::Protocol(format!("the upstream's transfer failed: {reason}")).into())
+                }
+                (_, Some((p, cluster))) => {
+                    cluster.count_fallback(reason);
+                    if suspect {
+                        cluster.suspect(p, reason);
+                    }
+                    Ok(Step::Next)
+                }
+                (_, None) => Ok(Step::Next),
             }
-            Ok(Step::Next)
         };
         let (announced, opened) = match origins.open(origin, &self.digest, from, resume.total).await {
             Ok(answer) => answer,
@@ -398,24 +413,24 @@ impl Fill {
         let counted = peer.map(|(_, c)| c);
         let result = self.write_resumable(temp, resume, opened.total, opened.body, reserve, counted).await;
         let got = resume.written.load(Ordering::Relaxed) - from;
-        if peer.is_none() {
+        if matches!(origin, Origin::Registry) {
             origins.registry.count_fetched(got);
         }
         let total = resume.total.unwrap_or(from + got);
         match result {
             Ok(()) if from + got == total => {}
-            Ok(()) if peer.is_some() => return next("short", false),
+            Ok(()) if !matches!(origin, Origin::Registry) => return next("short", false),
             Ok(()) => return Err(Error::SizeMismatch { announced: total, received: from + got }),
             Err(Error::Upstream(e)) => {
                 let stalled = opened.stalled.load(Ordering::Relaxed);
                 tracing::warn!(?origin, digest = %self.digest, error = %e, at = from + got, "transfer broke; resuming from the next source");
-                return if peer.is_some() {
-                    next(if stalled { "stalled" } else { "broken" }, true)
-                } else {
+                return if matches!(origin, Origin::Registry) {
                     Err(e.into())
+                } else {
+                    next(if stalled { "stalled" } else { "broken" }, true)
                 };
             }
-            Err(Error::SizeMismatch { .. }) if peer.is_some() => return next("protocol", true),
+            Err(Error::SizeMismatch { .. }) if !matches!(origin, Origin::Registry) => return next("protocol", true),
             Err(e) => return Err(e),
         }
         self.finish(resume, total).map(Step::Done)

@@ -133,6 +133,8 @@ struct Shared {
     /// The other wharf instances, when the cluster tier is on: blobs and tags owned by another node are
     /// fetched from it.
     cluster: OnceLock<Cluster>,
+    /// The shared bucket, when configured: read before the upstream, written after an upstream fill.
+    bucket: OnceLock<crate::bucket::Bucket>,
 }
 
 impl Cache {
@@ -179,6 +181,7 @@ impl Cache {
             manifest_flights: manifests::flights(&metrics, crate::upstream::flight::limit(config)),
             metrics,
             cluster: OnceLock::new(),
+            bucket: OnceLock::new(),
         };
         Ok(Cache { shared: Arc::new(shared) })
     }
@@ -187,6 +190,11 @@ impl Cache {
     /// fetched from that node.
     pub fn set_cluster(&self, cluster: Cluster) {
         let _ = self.shared.cluster.set(cluster);
+    }
+
+    /// Puts the shared bucket below the disk (once, before serving).
+    pub fn set_bucket(&self, bucket: crate::bucket::Bucket) {
+        let _ = self.shared.bucket.set(bucket);
     }
 
     /// The cluster, when the tier is on.
@@ -279,6 +287,7 @@ impl Cache {
                     repo: repo.clone(),
                     peers: cluster.map(|c| c.sources(&digest.to_string())).unwrap_or_default(),
                     cluster: cluster.cloned(),
+                    bucket: self.shared.bucket.get().cloned(),
                 };
                 // The claim moves into the task: if the task panics, unwinding drops it and fails the fill.
                 self.shared.tasks.spawn(this.run_fill(claim, origins));
@@ -400,6 +409,18 @@ impl Cache {
                 metrics.fill_duration.observe(started.elapsed().as_secs_f64());
                 tracing::info!(%digest, size, registry = %client.name, %repo, "blob fill done");
                 fill.done(size);
+                if let Some(bucket) = self.shared.bucket.get().filter(|_| fill.from_registry()) {
+                    // New to the cluster: share it through the bucket, in the background, from the committed file.
+                    let (bucket, store, digest) = (bucket.clone(), self.shared.store.clone(), digest.clone());
+                    self.shared.tasks.spawn(async move {
+                        let d = digest.clone();
+                        if let Ok(Ok(Some((file, size)))) =
+                            tokio::task::spawn_blocking(move || store.open_blob(&d)).await
+                        {
+                            bucket.upload(&digest, file, size).await;
+                        }
+                    });
+                }
             }
             Err(Error::Io(e)) if is_disk_full(&e) => {
                 // The clients still get their bytes: readers continue from the upstream on their own.

@@ -2,6 +2,7 @@
 //! asked (the registry, the repository) is kept apart from where the bytes come from, so the one fill
 //! pipeline (claim, download, write at offset, hash, verify, commit) serves every origin.
 
+use crate::bucket::Bucket;
 use crate::cluster::{Cluster, PeerError};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::{self, RegistryClient};
@@ -24,6 +25,8 @@ pub struct Origins {
     pub peers: Vec<String>,
     /// The cluster, when `peers` is not empty.
     pub cluster: Option<Cluster>,
+    /// The shared bucket, asked after the peers and before the registry.
+    pub bucket: Option<Bucket>,
 }
 
 /// One source of a blob's bytes. Closed: the registry, a peer, and later a bucket.
@@ -31,6 +34,8 @@ pub struct Origins {
 pub(super) enum Origin<'a> {
     /// Another wharf instance, by peer address.
     Peer(&'a str),
+    /// The shared bucket.
+    Bucket,
     /// The upstream registry itself: the last resort, whose errors are the answer.
     Registry,
 }
@@ -54,7 +59,8 @@ pub(super) enum OriginError {
 impl Origins {
     /// The origins in the order they are tried.
     pub(super) fn sequence(&self) -> impl Iterator<Item = Origin<'_>> {
-        self.peers.iter().map(|p| Origin::Peer(p)).chain(std::iter::once(Origin::Registry))
+        let bucket = self.bucket.as_ref().filter(|b| b.is_usable()).map(|_| Origin::Bucket);
+        self.peers.iter().map(|p| Origin::Peer(p)).chain(bucket).chain(std::iter::once(Origin::Registry))
     }
 
     /// Blob bytes from byte `from` on, and the blob's size (which the registry may not announce for a
@@ -85,6 +91,14 @@ impl Origins {
                 let body = skip_bytes(blob.body, skip);
                 let body = watch_stalls(body, cluster.clone(), peer.to_owned(), digest.clone(), stalled.clone());
                 Ok((Some(total), Opened { total, body, stalled }))
+            }
+            Origin::Bucket => {
+                let bucket = self.bucket.as_ref().expect("the bucket origin comes with a bucket");
+                match bucket.open(digest, from).await {
+                    Ok(Some((total, body))) => Ok((Some(total), Opened { total, body, stalled })),
+                    Ok(None) => Err(OriginError::Next { reason: "bucket_miss", suspect: false }),
+                    Err(_) => Err(OriginError::Next { reason: "bucket_error", suspect: false }),
+                }
             }
             Origin::Registry => {
                 let range = match (from, total) {

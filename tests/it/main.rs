@@ -5,6 +5,7 @@ mod support;
 mod access;
 mod admin;
 mod api;
+mod bucket;
 mod chaos;
 mod cluster;
 mod cluster_membership;

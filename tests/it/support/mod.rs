@@ -5,6 +5,7 @@ pub mod containerd;
 pub mod data_dir;
 pub mod fake_upstream;
 pub mod images;
+pub mod moto;
 pub mod registry;
 pub mod tools;
 pub mod wharf;

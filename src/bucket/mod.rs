@@ -1,0 +1,186 @@
+//! The shared object-storage tier: an S3-compatible bucket below every node's disk and above the upstream.
+//! Objects are content-addressed and immutable (`<prefix>/blobs/sha256/<hex>`), so any node may read what
+//! any node wrote; tags never go to the bucket. Reads are bounded (short timeouts, few retries) and a
+//! circuit breaker skips a failing bucket for a while: a bucket that is down costs one pull a few seconds,
+//! not every pull.
+
+use crate::config::S3Settings;
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::oci::Digest;
+use crate::upstream;
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Bytes per multipart part (S3's minimum is 5 MiB).
+const PART: usize = 8 * 1024 * 1024;
+/// Parts in flight per upload: the bound on an upload's buffered memory.
+const PARTS_IN_FLIGHT: usize = 2;
+/// How long a failing bucket is skipped.
+const BREAKER_OPEN: Duration = Duration::from_secs(60);
+
+/// Why the bucket could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("storage.s3: {0}")]
+pub struct SetupError(#[from] object_store::Error);
+
+/// Cheap-clone handle to the bucket.
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    metrics: Arc<Metrics>,
+    /// Milliseconds after `epoch` until which the bucket is skipped (0: closed).
+    open_until_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Bucket {
+    /// The bucket of a configuration, or `None` when none is configured. Credentials come from the config
+    /// keys, else the standard AWS chain (environment, web identity, instance profile).
+    pub fn from_settings(s: Option<&S3Settings>, metrics: Arc<Metrics>) -> Result<Option<Bucket>, SetupError> {
+        let Some(s) = s else { return Ok(None) };
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(&s.bucket).with_region(&s.region);
+        if !s.endpoint.is_empty() {
+            b = b.with_endpoint(&s.endpoint);
+        }
+        if let (Some(id), Some(secret)) = (&s.access_key_id, &s.secret_access_key) {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+        }
+        // A bucket that does not answer quickly is not worth waiting for: the upstream is the fallback.
+        let retry = RetryConfig { max_retries: 1, retry_timeout: Duration::from_secs(5), ..RetryConfig::default() };
+        let options = ClientOptions::new()
+            .with_allow_http(s.allow_http)
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(30));
+        let store = b.with_retry(retry).with_client_options(options).build()?;
+        let prefix = s.prefix.trim_matches('/').to_owned();
+        let inner =
+            Inner { store: Arc::new(store), prefix, metrics, open_until_ms: AtomicU64::new(0), epoch: Instant::now() };
+        Ok(Some(Bucket { inner: Arc::new(inner) }))
+    }
+
+    fn path(&self, digest: &Digest) -> Path {
+        let key = format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex());
+        if self.inner.prefix.is_empty() { Path::from(key) } else { Path::from(format!("{}/{key}", self.inner.prefix)) }
+    }
+
+    /// Whether the breaker lets requests through now.
+    pub fn is_usable(&self) -> bool {
+        let now = self.inner.epoch.elapsed().as_millis() as u64;
+        let open = self.inner.open_until_ms.load(Ordering::Relaxed) > now;
+        self.inner.metrics.bucket_breaker_open.set(i64::from(open));
+        !open
+    }
+
+    fn trip(&self, what: &str, e: &object_store::Error) {
+        let until = (self.inner.epoch.elapsed() + BREAKER_OPEN).as_millis() as u64;
+        self.inner.open_until_ms.store(until, Ordering::Relaxed);
+        self.inner.metrics.bucket_breaker_open.set(1);
+        self.count("error");
+        tracing::warn!(error = %e, "bucket {what} failed; skipping the bucket for {}s", BREAKER_OPEN.as_secs());
+    }
+
+    fn count(&self, result: &'static str) {
+        self.inner.metrics.bucket_requests.get_or_create(&ReasonLabel { reason: result }).inc();
+    }
+
+    /// The blob's bytes from `from` on and its size, `Ok(None)` when the bucket does not hold it. Errors
+    /// open the breaker.
+    pub async fn open(
+        &self,
+        digest: &Digest,
+        from: u64,
+    ) -> Result<Option<(u64, BoxStream<'static, Result<Bytes, upstream::Error>>)>, object_store::Error> {
+        let path = self.path(digest);
+        let options = GetOptions { range: (from > 0).then_some(GetRange::Offset(from)), ..GetOptions::default() };
+        let got = match self.inner.store.get_opts(&path, options).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => {
+                self.count("miss");
+                return Ok(None);
+            }
+            Err(e) => {
+                self.trip("read", &e);
+                return Err(e);
+            }
+        };
+        self.count("hit");
+        let total = got.meta.size;
+        let metrics = self.inner.metrics.clone();
+        let body = got
+            .into_stream()
+            .inspect_ok(move |b| {
+                metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "read" }).inc_by(b.len() as u64);
+            })
+            .map_err(|e| upstream::Error::Protocol(format!("bucket read: {e}")))
+            .boxed();
+        Ok(Some((total, body)))
+    }
+
+    /// Uploads a committed (verified) blob from its file, unless the bucket holds it already. In parts, a
+    /// bounded number in flight; runs in the background and never delays a client. A failed upload is
+    /// aborted (no unfinished multipart upload is left behind) and counted.
+    pub async fn upload(&self, digest: &Digest, file: std::fs::File, size: u64) {
+        if !self.is_usable() {
+            return;
+        }
+        let path = self.path(digest);
+        match self.inner.store.head(&path).await {
+            Ok(_) => return,
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return self.trip("check", &e),
+        }
+        let upload = match self.inner.store.put_multipart(&path).await {
+            Ok(u) => u,
+            Err(e) => return self.trip("upload", &e),
+        };
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+        let file = Arc::new(file);
+        let mut pos = 0u64;
+        while pos < size {
+            let n = (size - pos).min(PART as u64) as usize;
+            let f = file.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; n];
+                std::os::unix::fs::FileExt::read_exact_at(&*f, &mut buf, pos).map(|()| buf)
+            })
+            .await;
+            let buf = match read {
+                Ok(Ok(buf)) => buf,
+                _ => {
+                    let _ = writer.abort().await;
+                    self.inner.metrics.bucket_abandoned.inc();
+                    return;
+                }
+            };
+            if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                self.inner.metrics.bucket_abandoned.inc();
+                return self.trip("upload", &e);
+            }
+            writer.write(&buf);
+            pos += n as u64;
+        }
+        match writer.finish().await {
+            Ok(_) => {
+                self.inner.metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "written" }).inc_by(size);
+                tracing::info!(%digest, size, "blob uploaded to the bucket");
+            }
+            Err(e) => {
+                self.inner.metrics.bucket_abandoned.inc();
+                self.trip("upload", &e);
+            }
+        }
+    }
+}
