@@ -365,6 +365,13 @@ pub struct S3Settings {
     /// Allows a plain-HTTP endpoint (tests).
     #[serde(default)]
     pub allow_http: bool,
+    /// Seconds a failing bucket is skipped before it is tried again.
+    #[serde(default = "default_breaker")]
+    pub breaker_seconds: u64,
+}
+
+fn default_breaker() -> u64 {
+    60
 }
 
 fn default_region() -> String {

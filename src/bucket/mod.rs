@@ -14,16 +14,19 @@ use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart};
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Longest wait for a bucket's answer, or for the next bytes of an object: past it the blob comes from the
+/// next source (the upstream), resumed where the bucket stopped.
+const STALL: Duration = Duration::from_secs(5);
 
 /// Bytes per multipart part (S3's minimum is 5 MiB).
 const PART: usize = 8 * 1024 * 1024;
 /// Parts in flight per upload: the bound on an upload's buffered memory.
 const PARTS_IN_FLIGHT: usize = 2;
-/// How long a failing bucket is skipped.
-const BREAKER_OPEN: Duration = Duration::from_secs(60);
 
 /// Why the bucket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,10 @@ struct Inner {
     /// Milliseconds after `epoch` until which the bucket is skipped (0: closed).
     open_until_ms: AtomicU64,
     epoch: Instant,
+    /// How long a failure opens the breaker.
+    breaker: Duration,
+    /// Objects whose bytes failed verification: not read again, and overwritten by the next upload.
+    corrupt: Mutex<HashSet<Digest>>,
 }
 
 impl Bucket {
@@ -60,14 +67,23 @@ impl Bucket {
         }
         // A bucket that does not answer quickly is not worth waiting for: the upstream is the fallback.
         let retry = RetryConfig { max_retries: 1, retry_timeout: Duration::from_secs(5), ..RetryConfig::default() };
+        // No whole-request timeout (a large blob takes as long as it takes): a stalled body is cut by
+        // `STALL` in `open`, and the answer's head by the same bound.
         let options = ClientOptions::new()
             .with_allow_http(s.allow_http)
             .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(30));
+            .with_timeout_disabled();
         let store = b.with_retry(retry).with_client_options(options).build()?;
         let prefix = s.prefix.trim_matches('/').to_owned();
-        let inner =
-            Inner { store: Arc::new(store), prefix, metrics, open_until_ms: AtomicU64::new(0), epoch: Instant::now() };
+        let inner = Inner {
+            store: Arc::new(store),
+            prefix,
+            metrics,
+            open_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            breaker: Duration::from_secs(s.breaker_seconds.max(1)),
+            corrupt: Mutex::default(),
+        };
         Ok(Some(Bucket { inner: Arc::new(inner) }))
     }
 
@@ -85,11 +101,23 @@ impl Bucket {
     }
 
     fn trip(&self, what: &str, e: &object_store::Error) {
-        let until = (self.inner.epoch.elapsed() + BREAKER_OPEN).as_millis() as u64;
+        let until = (self.inner.epoch.elapsed() + self.inner.breaker).as_millis() as u64;
         self.inner.open_until_ms.store(until, Ordering::Relaxed);
         self.inner.metrics.bucket_breaker_open.set(1);
         self.count("error");
-        tracing::warn!(error = %e, "bucket {what} failed; skipping the bucket for {}s", BREAKER_OPEN.as_secs());
+        tracing::warn!(error = %e, "bucket {what} failed; skipping the bucket for {}s", self.inner.breaker.as_secs());
+    }
+
+    /// Records that the object of `digest` failed verification: it is not read again, the refetched blob's
+    /// upload replaces it, and it is counted.
+    pub fn mark_corrupt(&self, digest: &Digest) {
+        self.inner.corrupt.lock().unwrap().insert(digest.clone());
+        self.count("corrupt");
+        tracing::error!(%digest, "the bucket's object failed verification; not read again, replaced by the next upload");
+    }
+
+    fn is_corrupt(&self, digest: &Digest) -> bool {
+        self.inner.corrupt.lock().unwrap().contains(digest)
     }
 
     fn count(&self, result: &'static str) {
@@ -103,9 +131,16 @@ impl Bucket {
         digest: &Digest,
         from: u64,
     ) -> Result<Option<(u64, BoxStream<'static, Result<Bytes, upstream::Error>>)>, object_store::Error> {
+        if self.is_corrupt(digest) {
+            return Ok(None);
+        }
         let path = self.path(digest);
         let options = GetOptions { range: (from > 0).then_some(GetRange::Offset(from)), ..GetOptions::default() };
-        let got = match self.inner.store.get_opts(&path, options).await {
+        let answer = tokio::time::timeout(STALL, self.inner.store.get_opts(&path, options)).await;
+        let answer = answer.unwrap_or_else(|_| {
+            Err(object_store::Error::Generic { store: "S3", source: "no answer within the stall bound".into() })
+        });
+        let got = match answer {
             Ok(got) => got,
             Err(object_store::Error::NotFound { .. }) => {
                 self.count("miss");
@@ -119,8 +154,19 @@ impl Bucket {
         self.count("hit");
         let total = got.meta.size;
         let metrics = self.inner.metrics.clone();
-        let body = got
-            .into_stream()
+        let stream = got.into_stream();
+        let body = futures_util::stream::unfold(Some(stream), |stream| async move {
+            let mut stream = stream?;
+            match tokio::time::timeout(STALL, stream.next()).await {
+                Ok(Some(item)) => Some((item, Some(stream))),
+                Ok(None) => None,
+                Err(_) => {
+                    let e = object_store::Error::Generic { store: "S3", source: "the object's bytes stalled".into() };
+                    Some((Err(e), None))
+                }
+            }
+        });
+        let body = body
             .inspect_ok(move |b| {
                 metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "read" }).inc_by(b.len() as u64);
             })
@@ -137,8 +183,10 @@ impl Bucket {
             return;
         }
         let path = self.path(digest);
+        let replace = self.is_corrupt(digest);
         match self.inner.store.head(&path).await {
-            Ok(_) => return,
+            Ok(_) if !replace => return,
+            Ok(_) => {}
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return self.trip("check", &e),
         }
@@ -174,6 +222,7 @@ impl Bucket {
         }
         match writer.finish().await {
             Ok(_) => {
+                self.inner.corrupt.lock().unwrap().remove(digest);
                 self.inner.metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "written" }).inc_by(size);
                 tracing::info!(%digest, size, "blob uploaded to the bucket");
             }

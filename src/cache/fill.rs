@@ -114,8 +114,8 @@ pub struct Fill {
     refused: AtomicBool,
     /// Set while the bytes come from a peer (see [`Fill::via_peer`]).
     via_peer: AtomicBool,
-    /// Set when bytes from a peer failed verification (see [`Fill::peer_corrupt`]).
-    peer_corrupt: AtomicBool,
+    /// Set when bytes from a peer or the bucket failed verification (see [`Fill::source_corrupt`]).
+    source_corrupt: AtomicBool,
     /// Set once the registry supplied bytes (see [`Fill::from_registry`]).
     from_registry: AtomicBool,
     /// When the fill started, and (in milliseconds after that) when its source last sent bytes.
@@ -130,6 +130,8 @@ struct Resume {
     verifier: Arc<Mutex<Verifier>>,
     total: Option<u64>,
     senders: Vec<String>,
+    /// Whether the bucket sent bytes.
+    from_bucket: bool,
 }
 
 /// What one attempt at an origin came to.
@@ -178,7 +180,7 @@ impl Fill {
             origin: OnceLock::new(),
             refused: AtomicBool::new(false),
             via_peer: AtomicBool::new(false),
-            peer_corrupt: AtomicBool::new(false),
+            source_corrupt: AtomicBool::new(false),
             from_registry: AtomicBool::new(false),
             started: Instant::now(),
             touched_ms: AtomicU64::new(0),
@@ -193,8 +195,8 @@ impl Fill {
 
     /// Whether the fill failed because bytes from a peer did not verify (the blob is worth fetching again
     /// from the upstream at once).
-    pub fn peer_corrupt(&self) -> bool {
-        self.peer_corrupt.load(Ordering::Relaxed)
+    pub fn source_corrupt(&self) -> bool {
+        self.source_corrupt.load(Ordering::Relaxed)
     }
 
     /// Whether the registry supplied bytes of this fill: such a blob is new to the cluster and worth
@@ -321,6 +323,7 @@ impl Fill {
             verifier: Arc::new(Mutex::new(Verifier::new(self.digest.algorithm()))),
             total: None,
             senders: Vec::new(),
+            from_bucket: false,
         };
         let mut _slot = None;
         for origin in origins.sequence() {
@@ -410,6 +413,7 @@ impl Fill {
         if let Some((p, _)) = peer {
             resume.senders.push(p.to_owned());
         }
+        resume.from_bucket |= matches!(origin, Origin::Bucket);
         let counted = peer.map(|(_, c)| c);
         let result = self.write_resumable(temp, resume, opened.total, opened.body, reserve, counted).await;
         let got = resume.written.load(Ordering::Relaxed) - from;
@@ -436,15 +440,23 @@ impl Fill {
         self.finish(resume, total).map(Step::Done)
     }
 
-    /// After a failed verification: the peers that sent bytes are skipped and counted as corrupt.
+    /// After a failed verification: the peers that sent bytes are skipped, a bucket object that did is not
+    /// read again, and each is counted as corrupt; the fill is marked for a refetch from the upstream.
     fn blame_senders(&self, origins: &Origins, resume: &Resume, e: &Error) {
-        if let (Error::DigestMismatch { .. }, Some(cluster), false) = (e, &origins.cluster, resume.senders.is_empty()) {
-            self.peer_corrupt.store(true, Ordering::Relaxed);
+        if !matches!(e, Error::DigestMismatch { .. }) {
+            return;
+        }
+        if let (Some(cluster), false) = (&origins.cluster, resume.senders.is_empty()) {
+            self.source_corrupt.store(true, Ordering::Relaxed);
             for sender in &resume.senders {
                 cluster.suspect(sender, "sent bytes that failed verification");
             }
             cluster.count_corrupt();
             tracing::error!(digest = %self.digest, peers = ?resume.senders, error = %e, "bytes from a peer failed verification; nothing committed");
+        }
+        if let (Some(bucket), true) = (&origins.bucket, resume.from_bucket) {
+            self.source_corrupt.store(true, Ordering::Relaxed);
+            bucket.mark_corrupt(&self.digest);
         }
     }
 

@@ -431,9 +431,9 @@ impl Cache {
                 fill.uncache();
             }
             Err(e) => {
-                let peer_corrupt = fill.peer_corrupt();
+                let source_corrupt = fill.source_corrupt();
                 let reason = match &e {
-                    Error::DigestMismatch { .. } if peer_corrupt => "bad_content",
+                    Error::DigestMismatch { .. } if source_corrupt => "bad_content",
                     Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => {
                         tracing::error!(%digest, registry = %client.name, %repo, error = %e, "upstream sent bad bytes; discarded");
                         "bad_content"
@@ -449,10 +449,11 @@ impl Cache {
                 };
                 metrics.fill_failures.get_or_create(&ReasonLabel { reason }).inc();
                 fill.fail(e);
-                if peer_corrupt {
-                    // A peer sent wrong bytes (it is skipped now): fetch the blob again at once, from the upstream
-                    // itself, so the clients' retries find it. The claim goes first, or the refetch would join
-                    // this failed fill. Once only: the refetch asks no peer.
+                if source_corrupt {
+                    // A peer or the bucket sent wrong bytes (now skipped for this blob): fetch it again at once,
+                    // from the upstream itself, so the clients' retries find it (and the bucket gets the right
+                    // bytes). The claim goes first, or the refetch would join this failed fill. Once only: the
+                    // refetch asks no peer, and the bucket no longer offers this blob.
                     drop(claim);
                     let (this, client, repo) = (self.clone(), origins.registry.clone(), origins.repo.clone());
                     self.shared.tasks.spawn(async move {

@@ -80,3 +80,81 @@ async fn a_fill_that_fails_verification_uploads_nothing() {
     assert_eq!(moto.keys(), vec![key(&good)], "bytes that failed verification reached the bucket");
     assert_eq!(moto.unfinished_uploads(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_object_is_not_committed_nor_read_again_and_is_replaced() {
+    let moto = tokio::task::spawn_blocking(Moto::start).await.unwrap();
+    let fake = FakeUpstream::start().await;
+    let (digest, data) = fake.add_random_blob(3 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = fake.wharf_args();
+    args.extend(moto.wharf_args(dir.path()));
+    let first = Wharf::start(&dir.path().join("first"), &args);
+    get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", first.url()), &data).await;
+    eventually("the blob is in the bucket", || moto.keys().contains(&key(&digest))).await;
+    drop(first);
+    // The bucket's copy goes bad.
+    let mut bad = data.to_vec();
+    bad[MIB] ^= 0xff;
+    moto.put(&key(&digest), &bad);
+
+    let second = Wharf::start(&dir.path().join("second"), &args);
+    let url = format!("{}/v2/test/app/blobs/{digest}", second.url());
+    let answer = fetch(&client(), &url, &[]).await;
+    assert!(
+        !matches!(&answer, Outcome::Complete(200, _, body) if *body != data),
+        "the bucket's wrong bytes were served complete"
+    );
+    assert_eq!(second.metric("wharf_bucket_requests_total{reason=\"corrupt\"}").await, 1.0);
+    // Fetched again from the upstream at once, verified, committed, and the bucket's copy replaced.
+    let committed = crate::support::fake_upstream::blob_path(&second.data_dir, &digest);
+    eventually("the blob is committed from the upstream", || committed.exists()).await;
+    assert_eq!(sha256_digest(&std::fs::read(&committed).unwrap()), digest);
+    assert_eq!(fake.blob_gets(&digest), 2, "one fetch by each node");
+    eventually("the bucket's copy is replaced", || moto.object(&key(&digest)) == data.to_vec()).await;
+    get_ok(&client(), &url, &data).await;
+    let read_before = second.metric("wharf_bucket_bytes_total{reason=\"read\"}").await;
+    assert!(read_before <= data.len() as f64, "the corrupt object was read more than once: {read_before}");
+    assert_eq!(moto.unfinished_uploads(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bucket_that_is_down_costs_little_and_is_used_again_when_back() {
+    let moto = tokio::task::spawn_blocking(Moto::start).await.unwrap();
+    let port = moto.port();
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = fake.wharf_args();
+    args.extend(moto.wharf_args_with(dir.path(), "breaker_seconds = 2\n"));
+    let wharf = Wharf::start(&dir.path().join("data"), &args);
+    drop(moto);
+    // Down: the pull comes from the upstream, a few seconds late at most, and the breaker opens.
+    let (digest, data) = fake.add_random_blob(MIB);
+    let started = Instant::now();
+    get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(6), "a pull took {took:?} with the bucket down");
+    assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 1.0);
+    assert!(wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await >= 1.0);
+    // While open, the bucket is not asked at all.
+    let errors = wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await;
+    let (other, other_data) = fake.add_random_blob(1000);
+    get_ok(&client(), &format!("{}/v2/test/app/blobs/{other}", wharf.url()), &other_data).await;
+    assert_eq!(wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await, errors);
+    // Back (an empty bucket): once the breaker has closed (2 s), a new blob goes to the bucket again.
+    let moto = tokio::task::spawn_blocking(move || Moto::start_on(port)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (digest, data) = fake.add_random_blob(1000);
+        get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
+        let uploaded = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < uploaded && !moto.keys().contains(&key(&digest)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if moto.keys().contains(&key(&digest)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bucket was not used again within 30 s of coming back");
+    }
+    assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 0.0);
+}

@@ -17,12 +17,17 @@ pub struct Moto {
 impl Moto {
     /// Starts moto on a free 127.0.0.1 port and creates bucket `wharf`.
     pub fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Moto::start_on(port)
+    }
+
+    /// Starts moto on `port` (a restart: moto keeps nothing) and creates bucket `wharf`.
+    pub fn start_on(port: u16) -> Moto {
         let venv = std::env::var_os("WHARF_S3_VENV")
             .map(std::path::PathBuf::from)
             .unwrap_or(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/s3-venv"));
         let bin = venv.join("bin/moto_server");
         assert!(bin.is_file(), "{} is missing: run scripts/test, which installs moto", bin.display());
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut cmd = Command::new(bin);
         cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
         die_with_parent_thread(&mut cmd);
@@ -41,9 +46,14 @@ impl Moto {
 
     /// `wharf serve` flags and a config file (written to `dir`) pointing at this bucket.
     pub fn wharf_args(&self, dir: &std::path::Path) -> Vec<String> {
+        self.wharf_args_with(dir, "")
+    }
+
+    /// [`Moto::wharf_args`] with more `[storage.s3]` keys.
+    pub fn wharf_args_with(&self, dir: &std::path::Path, extra: &str) -> Vec<String> {
         let config = dir.join("s3.toml");
         let toml = format!(
-            "[storage.s3]\nbucket = \"{}\"\nendpoint = \"http://{}\"\nallow_http = true\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n",
+            "[storage.s3]\nbucket = \"{}\"\nendpoint = \"http://{}\"\nallow_http = true\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\n{extra}",
             self.bucket, self.host
         );
         std::fs::write(&config, toml).unwrap();
@@ -65,6 +75,17 @@ impl Moto {
     /// Multipart uploads started and neither completed nor aborted.
     pub fn unfinished_uploads(&self) -> usize {
         self.get(&format!("/{}?uploads", self.bucket)).matches("<Upload>").count()
+    }
+
+    /// Replaces object `key` with `bytes` (moto checks no signature).
+    pub fn put(&self, key: &str, bytes: &[u8]) {
+        let r = http(&self.host, "PUT", &format!("/{}/{key}", self.bucket), &[], bytes).expect("moto PUT");
+        assert_eq!(r.status, 200, "PUT {key}: {}", String::from_utf8_lossy(&r.body));
+    }
+
+    /// The port moto listens on.
+    pub fn port(&self) -> u16 {
+        self.host.rsplit_once(':').unwrap().1.parse().unwrap()
     }
 
     /// The bytes of object `key`.
