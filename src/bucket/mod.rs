@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 /// next source (the upstream), resumed where the bucket stopped.
 const STALL: Duration = Duration::from_secs(5);
 
+/// Longest an upload part (or the upload's completion) may take before the upload is abandoned.
+const PART_TIME: Duration = Duration::from_secs(60);
+
 /// Bytes per multipart part (S3's minimum is 5 MiB).
 const PART: usize = 8 * 1024 * 1024;
 /// Parts in flight per upload: the bound on an upload's buffered memory.
@@ -136,11 +139,7 @@ impl Bucket {
         }
         let path = self.path(digest);
         let options = GetOptions { range: (from > 0).then_some(GetRange::Offset(from)), ..GetOptions::default() };
-        let answer = tokio::time::timeout(STALL, self.inner.store.get_opts(&path, options)).await;
-        let answer = answer.unwrap_or_else(|_| {
-            Err(object_store::Error::Generic { store: "S3", source: "no answer within the stall bound".into() })
-        });
-        let got = match answer {
+        let got = match bounded(STALL, self.inner.store.get_opts(&path, options)).await {
             Ok(got) => got,
             Err(object_store::Error::NotFound { .. }) => {
                 self.count("miss");
@@ -184,13 +183,13 @@ impl Bucket {
         }
         let path = self.path(digest);
         let replace = self.is_corrupt(digest);
-        match self.inner.store.head(&path).await {
+        match bounded(STALL, self.inner.store.head(&path)).await {
             Ok(_) if !replace => return,
             Ok(_) => {}
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return self.trip("check", &e),
         }
-        let upload = match self.inner.store.put_multipart(&path).await {
+        let upload = match bounded(STALL, self.inner.store.put_multipart(&path)).await {
             Ok(u) => u,
             Err(e) => return self.trip("upload", &e),
         };
@@ -205,22 +204,27 @@ impl Bucket {
                 std::os::unix::fs::FileExt::read_exact_at(&*f, &mut buf, pos).map(|()| buf)
             })
             .await;
-            let buf = match read {
-                Ok(Ok(buf)) => buf,
-                _ => {
-                    let _ = writer.abort().await;
-                    self.inner.metrics.bucket_abandoned.inc();
-                    return;
-                }
+            let failed = match read {
+                Ok(Ok(buf)) => match bounded(PART_TIME, writer.wait_for_capacity(PARTS_IN_FLIGHT)).await {
+                    Ok(()) => {
+                        writer.write(&buf);
+                        pos += n as u64;
+                        continue;
+                    }
+                    Err(e) => Some(e),
+                },
+                // The local file could not be read (evicted meanwhile): not the bucket's fault.
+                _ => None,
             };
-            if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                self.inner.metrics.bucket_abandoned.inc();
-                return self.trip("upload", &e);
+            // Aborted, so no unfinished multipart upload is left (and billed).
+            let _ = bounded(STALL, writer.abort()).await;
+            self.inner.metrics.bucket_abandoned.inc();
+            if let Some(e) = failed {
+                self.trip("upload", &e);
             }
-            writer.write(&buf);
-            pos += n as u64;
+            return;
         }
-        match writer.finish().await {
+        match bounded(PART_TIME, writer.finish()).await {
             Ok(_) => {
                 self.inner.corrupt.lock().unwrap().remove(digest);
                 self.inner.metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "written" }).inc_by(size);
@@ -232,4 +236,14 @@ impl Bucket {
             }
         }
     }
+}
+
+/// `work`, or an error past `limit`: no bucket call may hold its caller (or an upload task) forever.
+async fn bounded<T>(
+    limit: Duration,
+    work: impl std::future::Future<Output = Result<T, object_store::Error>>,
+) -> Result<T, object_store::Error> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(object_store::Error::Generic { store: "S3", source: format!("no answer within {limit:?}").into() })
+    })
 }
