@@ -136,6 +136,25 @@ impl PeerClient {
         self.http.request(method, url).headers(headers)
     }
 
+    /// Sends a signed request (bounded by `limit` when given); a status other than 2xx is an error.
+    async fn call(
+        &self,
+        method: Method,
+        url: url::Url,
+        headers: HeaderMap,
+        limit: Option<Duration>,
+    ) -> Result<reqwest::Response, PeerError> {
+        let mut req = self.request(method, url, headers);
+        if let Some(limit) = limit {
+            req = req.timeout(limit);
+        }
+        let resp = req.send().await?;
+        if !resp.status().is_success() {
+            return Err(PeerError::Status(resp.status()));
+        }
+        Ok(resp)
+    }
+
     /// Blob `digest` of `registry`'s `repo` from `peer`, from byte `from` on. The peer serves it from disk or
     /// from its own fill (which it may start), never from another peer.
     pub async fn get_blob(
@@ -153,11 +172,8 @@ impl PeerClient {
         {
             headers.insert(header::RANGE, v);
         }
-        let resp = self.request(Method::GET, url, headers).send().await?;
+        let resp = self.call(Method::GET, url, headers, None).await?;
         let status = resp.status();
-        if !status.is_success() {
-            return Err(PeerError::Status(status));
-        }
         let size = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
         let partial = if status == StatusCode::PARTIAL_CONTENT {
             let range = resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok());
@@ -190,11 +206,7 @@ impl PeerClient {
         }
         let method = if want_body { Method::GET } else { Method::HEAD };
         // A manifest is small: a peer that takes longer than this is not worth waiting for.
-        let send = self.request(method, url, headers).timeout(Duration::from_secs(30)).send();
-        let resp = send.await?;
-        if !resp.status().is_success() {
-            return Err(PeerError::Status(resp.status()));
-        }
+        let resp = self.call(method, url, headers, Some(Duration::from_secs(30))).await?;
         let h = resp.headers();
         let digest = h.get("docker-content-digest").and_then(|v| v.to_str().ok()?.trim().parse().ok());
         let media_type = h
@@ -225,10 +237,7 @@ impl PeerClient {
     /// How `peer`'s own fill of `digest` is going; bounded by `limit` (a stopped peer must not hold the caller).
     pub async fn fill_status(&self, peer: &str, digest: &Digest, limit: Duration) -> Result<FillStatus, PeerError> {
         let url = PeerClient::url(peer, &format!("/_wharf/fill/{digest}"), None)?;
-        let resp = self.request(Method::GET, url, HeaderMap::new()).timeout(limit).send().await?;
-        if !resp.status().is_success() {
-            return Err(PeerError::Status(resp.status()));
-        }
+        let resp = self.call(Method::GET, url, HeaderMap::new(), Some(limit)).await?;
         let body = resp.bytes().await.map_err(PeerError::Transport)?;
         serde_json::from_slice(&body).map_err(|e| PeerError::Protocol(e.to_string()))
     }
