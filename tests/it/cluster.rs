@@ -556,10 +556,12 @@ fn containerd_and_skopeo_through_different_nodes_take_each_blob_from_the_upstrea
         let sent = seeded.registry.bytes_sent(&format!("/v2/{}/blobs/{blob}", image.repo));
         assert_eq!(sent, *size, "blob {blob}: the upstream sent {sent} bytes for {size}");
     }
-    // Every manifest by digest left the upstream at most once for the whole cluster, too.
+    // Manifests by digest: at most twice for the whole cluster. The digest's owner fetches it once; the
+    // tag's owner, asked by a peer for the tag's body when it learnt the tag by a HEAD alone, fetches the
+    // body itself, since a peer's request is never passed on (so never more than two).
     for m in &image.manifests {
         let gets = seeded.registry.count("GET", &format!("/v2/{}/manifests/{}", image.repo, m.digest));
-        assert!(gets <= 1, "manifest {}: {gets} upstream GETs", m.digest);
+        assert!(gets <= 2, "manifest {}: {gets} upstream GETs", m.digest);
     }
 }
 
