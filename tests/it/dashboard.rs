@@ -23,6 +23,8 @@ fn every_family() -> Metrics {
     m.upstream_joined.get_or_create(&KindLabel { kind: "manifest" }).inc();
     m.peer_bytes.get_or_create(&DirectionLabel { direction: "in" }).inc();
     m.peer_fallbacks.get_or_create(&ReasonLabel { reason: "unreachable" }).inc();
+    m.bucket_bytes.get_or_create(&ReasonLabel { reason: "read" }).inc();
+    m.bucket_requests.get_or_create(&ReasonLabel { reason: "hit" }).inc();
     m
 }
 
@@ -72,6 +74,10 @@ fn grafana_dashboard_queries_only_exported_metrics() {
         "wharf_peer_corrupt",
         "wharf_peers_ready",
         "wharf_owner_changes",
+        "wharf_bucket_bytes",
+        "wharf_bucket_requests",
+        "wharf_bucket_uploads_abandoned",
+        "wharf_bucket_breaker_open",
     ] {
         assert!(used.contains(needed), "no panel plots {needed}");
     }
