@@ -283,6 +283,15 @@ fn check_workload(objs: &Objects, expect: &Expect) -> toml::Table {
         assert_eq!(secret["items"], json!([{"key": ".dockerconfigjson", "path": creds.file_name().unwrap().to_str()}]));
     }
 
+    // Bucket credentials: never in wharf.toml (a ConfigMap is readable by far more than a Secret), and in the
+    // environment only as references to a Secret.
+    if let Some(s3) = bucket_of(&config) {
+        assert!(s3.get("access_key_id").is_none() && s3.get("secret_access_key").is_none(), "keys in wharf.toml");
+    }
+    for e in main["env"].as_array().into_iter().flatten().filter(|e| str_at(e, "/name").starts_with("AWS_")) {
+        assert!(e.get("value").is_none() && e["valueFrom"]["secretKeyRef"].is_object(), "literal credential {e}");
+    }
+
     // The init container: root with CAP_CHOWN only, host paths mounted under --root.
     let init = named(&pod["initContainers"], "node-setup");
     let isc = &init["securityContext"];
@@ -532,6 +541,9 @@ fn helm_chart_defaults_equal_the_kustomize_base() {
     let chart = validate(&helm(&[], &[]).unwrap());
     let config = check_workload(&chart, &Expect { node_setup: true, service: true, loopback: false });
     assert!(chart.peer_service().is_none() && chart.find("Secret").is_none(), "the cluster is off by default");
+    assert!(bucket_of(&config).is_none(), "the bucket is off by default: {:#?}", config.get("storage"));
+    assert!(!config_toml(&chart).contains("[storage.s3]"));
+    assert!(aws_env(&chart).is_empty(), "no bucket credentials without a bucket");
     let base = unhash(validate(&kustomize("deploy/kustomize/base")));
     assert_same_objects(&chart, &config, &base);
 }
@@ -620,7 +632,7 @@ fn helm_chart_loopback_values_without_node_setup() {
 
 #[test]
 fn helm_chart_rejects_invalid_values() {
-    let cases: [(&[&str], &str); 14] = [
+    let cases: [(&[&str], &str); 19] = [
         (&["port=abc"], "/port"),
         (&["cache.highWatermark=150"], "highWatermark"),
         (&["registries.internal.url=ftp://internal"], "url"),
@@ -638,6 +650,11 @@ fn helm_chart_rejects_invalid_values() {
         ),
         (&["cluster.dnsDomain=Cluster Local"], "dnsDomain"),
         (&["cluster.existingsecret=x"], "existingsecret"),
+        (&["bucket.enabled=true"], "bucket.name is required"),
+        (&["bucket.enabled=true", "bucket.name=cache", "bucket.endpoint=http://minio:9000"], "set bucket.allowHttp"),
+        (&["bucket.name=Wharf_Cache"], "/bucket/name"),
+        (&["bucket.breakerSeconds=0"], "breakerSeconds"),
+        (&["bucket.secretName=x"], "secretName"),
     ];
     for (set, wanted) in cases {
         match helm(&[], set) {
@@ -804,6 +821,130 @@ fn helm_chart_cluster_values_follow_the_release() {
     assert_eq!(check_cluster(&objs, "k8s.example", "my-keys"), 7001);
     assert!(objs.find("Secret").is_none(), "an existing Secret is used as it is");
     assert_eq!(str_at(objs.peer_service().unwrap(), "/metadata/name"), "node-mirror-peers");
+}
+
+/// The `[storage.s3]` table of an effective configuration.
+fn bucket_of(config: &toml::Table) -> Option<&toml::Table> {
+    config.get("storage")?.get("s3")?.as_table()
+}
+
+/// The wharf container's `AWS_…` environment as (name, Secret, key, optional).
+fn aws_env(objs: &Objects) -> Vec<(String, String, String, bool)> {
+    let main = named(&objs.one("DaemonSet")["spec"]["template"]["spec"]["containers"], "wharf");
+    main["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| str_at(e, "/name").starts_with("AWS_"))
+        .map(|e| {
+            let r = &e["valueFrom"]["secretKeyRef"];
+            (str_at(e, "/name"), str_at(r, "/name"), str_at(r, "/key"), r["optional"] == true)
+        })
+        .collect()
+}
+
+/// The standard AWS chain's two static keys, each from the key of the same name in `secret`.
+fn assert_keys_from(objs: &Objects, secret: &str, optional: bool) {
+    let expected: Vec<_> = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+        .iter()
+        .map(|k| (k.to_string(), secret.to_string(), k.to_string(), optional))
+        .collect();
+    assert_eq!(aws_env(objs), expected);
+    assert!(objs.find("Secret").is_none(), "the credentials Secret is the user's, never rendered");
+}
+
+#[test]
+fn helm_chart_bucket_values_render_storage_s3_and_the_secret_env() {
+    let objs = validate(&helm(&["ci/bucket-values.yaml"], &[]).unwrap());
+    let config = check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
+    let s3 = bucket_of(&config).unwrap_or_else(|| panic!("no [storage.s3] in {config:#?}"));
+    assert_eq!(s3["bucket"].as_str(), Some("wharf-cache-example"));
+    assert_eq!(s3["prefix"].as_str(), Some("cluster-a"));
+    assert_eq!(s3["endpoint"].as_str(), Some("https://s3.storage.example.com:9000"));
+    assert_eq!(s3["region"].as_str(), Some("eu-west-1"));
+    assert_eq!((s3["allow_http"].as_bool(), s3["breaker_seconds"].as_integer()), (Some(false), Some(30)));
+    // A missing Secret named in the values fails the pod's start rather than falling back to another identity.
+    assert_keys_from(&objs, "wharf-bucket", false);
+    let sa = objs.one("ServiceAccount");
+    assert!(sa["metadata"]["annotations"].is_null(), "{sa:#}");
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    // The config checksum follows the bucket: another bucket rolls the pods.
+    let other = validate(&helm(&["ci/bucket-values.yaml"], &["bucket.name=another-cache"]).unwrap());
+    let checksum =
+        |o: &Objects| o.one("DaemonSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"].clone();
+    assert_ne!(checksum(&objs), checksum(&other));
+}
+
+#[test]
+fn helm_chart_bucket_with_irsa_annotates_the_service_account_and_passes_no_keys() {
+    const ROLE: &str = "arn:aws:iam::111122223333:role/wharf-bucket";
+    let objs = validate(
+        &helm(
+            &["ci/bucket-values.yaml"],
+            &[
+                "bucket.credentialsSecret=",
+                "bucket.endpoint=",
+                "bucket.prefix=",
+                &format!("serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn={ROLE}"),
+            ],
+        )
+        .unwrap(),
+    );
+    let config = check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
+    let s3 = bucket_of(&config).unwrap();
+    assert_eq!((s3["endpoint"].as_str(), s3["prefix"].as_str()), (Some(""), Some("")), "AWS itself, no prefix");
+    assert!(aws_env(&objs).is_empty(), "static keys would take precedence over the web identity");
+    let sa = objs.one("ServiceAccount");
+    assert_eq!(sa["metadata"]["annotations"], json!({"eks.amazonaws.com/role-arn": ROLE}));
+    // EKS's webhook mounts a token of its own; wharf still gets no Kubernetes API token.
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    assert_eq!(
+        str_at(&objs.one("DaemonSet")["spec"]["template"]["spec"], "/serviceAccountName"),
+        str_at(sa, "/metadata/name")
+    );
+}
+
+/// Renders `deploy/kustomize/overlays/bucket` from a copy whose kustomization.yaml went through `edit`.
+fn kustomize_bucket(edit: impl Fn(&str) -> String) -> Objects {
+    let tree = kustomize_copy();
+    let file = tree.path().join("overlays/bucket/kustomization.yaml");
+    std::fs::write(&file, edit(&std::fs::read_to_string(&file).unwrap())).unwrap();
+    let out = try_kustomize(&tree.path().join("overlays/bucket"));
+    assert!(out.status.success(), "kubectl kustomize overlays/bucket failed\n{}", text(&out));
+    validate(&String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn kustomize_bucket_overlay_adds_storage_s3_and_the_optional_secret_env() {
+    let objs = kustomize_bucket(str::to_string);
+    let config = check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
+    let s3 = bucket_of(&config).unwrap_or_else(|| panic!("no [storage.s3] in {config:#?}"));
+    assert_eq!(s3["bucket"].as_str(), Some("my-wharf-cache"));
+    assert_eq!((s3["endpoint"].as_str(), s3["allow_http"].as_bool()), (Some(""), Some(false)), "AWS, over https");
+    // Optional: without the Secret wharf starts with the rest of the AWS chain (IRSA, instance profile).
+    assert_keys_from(&objs, "wharf-bucket", true);
+    // The overlay's wharf.toml replaces the base's: it must be the base's plus the bucket, and keep the hash
+    // suffix that rolls the DaemonSet.
+    let base = validate(&kustomize("deploy/kustomize/base"));
+    let mut without_bucket = config.clone();
+    let mut base_config = effective_config(&config_toml(&base));
+    for c in [&mut without_bucket, &mut base_config] {
+        c.remove("storage");
+    }
+    assert_eq!(without_bucket, base_config, "the overlay's wharf.toml drifted from the base's");
+    let unhashed = unhash(kustomize_bucket(str::to_string));
+    assert_eq!(unhashed.kinds(), unhash(base).kinds());
+    // The commented IRSA patch works once uncommented.
+    let objs = kustomize_bucket(|k| {
+        let (head, tail) = k.split_once("  # IRSA").expect("the IRSA example in kustomization.yaml");
+        let tail: Vec<String> =
+            tail.lines().map(|l| l.strip_prefix("  # ").map(|r| format!("  {r}")).unwrap_or(l.into())).collect();
+        format!("{head}  # IRSA{}\n", tail.join("\n"))
+    });
+    let annotations = &objs.one("ServiceAccount")["metadata"]["annotations"];
+    let role = annotations["eks.amazonaws.com/role-arn"].as_str().unwrap_or_else(|| panic!("{annotations:#}"));
+    assert!(role.starts_with("arn:aws:iam::") && role.ends_with(":role/wharf-bucket"), "{role}");
+    assert_eq!(objs.one("ServiceAccount")["automountServiceAccountToken"], false);
 }
 
 fn dockerfile() -> Vec<(String, String)> {

@@ -77,6 +77,20 @@ image = {{ .image | toJson }}
 platforms = {{ toJson . }}
 {{- end }}
 {{- end }}
+{{- with .Values.bucket }}
+{{- if .enabled }}
+
+# The shared bucket. No keys here: credentials come from the environment (bucket.credentialsSecret) or the
+# standard AWS chain (IRSA, Pod Identity, instance profile).
+[storage.s3]
+bucket = {{ .name | toJson }}
+prefix = {{ .prefix | toJson }}
+endpoint = {{ .endpoint | toJson }}
+region = {{ .region | toJson }}
+allow_http = {{ .allowHttp }}
+breaker_seconds = {{ int64 .breakerSeconds }}
+{{- end }}
+{{- end }}
 {{- range $name, $reg := .Values.registries }}
 
 [registries.{{ $name | toJson }}]
