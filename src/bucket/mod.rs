@@ -13,7 +13,9 @@ use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
-use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart};
+use object_store::{
+    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, RetryConfig, WriteMultipart,
+};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +32,9 @@ const PART_TIME: Duration = Duration::from_secs(60);
 const PART: usize = 8 * 1024 * 1024;
 /// Parts in flight per upload: the bound on an upload's buffered memory.
 const PARTS_IN_FLIGHT: usize = 2;
+/// Multipart uploads at once: with `PARTS_IN_FLIGHT`, the bound on all uploads' memory. An upload waiting
+/// for its turn costs nothing: its bytes are read back from the fill's file when it runs.
+const UPLOADS: usize = 4;
 
 /// Why the bucket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +59,8 @@ struct Inner {
     breaker: Duration,
     /// Objects whose bytes failed verification: not read again, and overwritten by the next upload.
     corrupt: Mutex<HashSet<Digest>>,
+    /// Turns for multipart uploads (see `UPLOADS`).
+    uploads: tokio::sync::Semaphore,
 }
 
 impl Bucket {
@@ -86,6 +93,7 @@ impl Bucket {
             epoch: Instant::now(),
             breaker: Duration::from_secs(s.breaker_seconds.max(1)),
             corrupt: Mutex::default(),
+            uploads: tokio::sync::Semaphore::new(UPLOADS),
         };
         Ok(Some(Bucket { inner: Arc::new(inner) }))
     }
@@ -127,18 +135,24 @@ impl Bucket {
         self.inner.metrics.bucket_requests.get_or_create(&ReasonLabel { reason: result }).inc();
     }
 
-    /// The blob's bytes from `from` on and its size, `Ok(None)` when the bucket does not hold it. Errors
-    /// open the breaker.
+    /// The blob's bytes from `from` on (through `end`, inclusive, when given) and the object's size,
+    /// `Ok(None)` when the bucket does not hold it. The first ranged GET doubles as the existence check, so a
+    /// hit costs no extra round trip. Errors open the breaker.
     pub async fn open(
         &self,
         digest: &Digest,
         from: u64,
+        end: Option<u64>,
     ) -> Result<Option<(u64, BoxStream<'static, Result<Bytes, upstream::Error>>)>, object_store::Error> {
         if self.is_corrupt(digest) {
             return Ok(None);
         }
         let path = self.path(digest);
-        let options = GetOptions { range: (from > 0).then_some(GetRange::Offset(from)), ..GetOptions::default() };
+        let range = match end {
+            Some(end) => Some(GetRange::Bounded(from..end + 1)),
+            None => (from > 0).then_some(GetRange::Offset(from)),
+        };
+        let options = GetOptions { range, ..GetOptions::default() };
         let got = match bounded(STALL, self.inner.store.get_opts(&path, options)).await {
             Ok(got) => got,
             Err(object_store::Error::NotFound { .. }) => {
@@ -150,7 +164,10 @@ impl Bucket {
                 return Err(e);
             }
         };
-        self.count("hit");
+        if from == 0 {
+            // One hit per blob, not one per range.
+            self.count("hit");
+        }
         let total = got.meta.size;
         let metrics = self.inner.metrics.clone();
         let stream = got.into_stream();
@@ -174,68 +191,149 @@ impl Bucket {
         Ok(Some((total, body)))
     }
 
-    /// Uploads a committed (verified) blob from its file, unless the bucket holds it already. In parts, a
-    /// bounded number in flight; runs in the background and never delays a client. A failed upload is
-    /// aborted (no unfinished multipart upload is left behind) and counted.
-    pub async fn upload(&self, digest: &Digest, file: std::fs::File, size: u64) {
+    /// Uploads a blob while it is being filled, from the fill's file, following `progress`: parts of the
+    /// verified-in-order prefix go up as it grows (a bounded number in flight, read back from the file, so
+    /// the fill and its clients never wait for the bucket), and the upload is completed only once the fill
+    /// reports the blob verified; aborted if it fails, so an object never holds unverified bytes and no
+    /// unfinished multipart upload is left behind. A blob of one part or less is put in one create-only
+    /// request after verification. Skipped when the bucket holds the blob already (unless its copy failed
+    /// verification: then it is replaced). An upload the bucket cannot keep up with is abandoned and counted.
+    pub async fn upload_following(
+        &self,
+        digest: &Digest,
+        file: Arc<std::fs::File>,
+        mut progress: impl futures_util::Stream<Item = Progress> + Unpin + Send,
+    ) {
         if !self.is_usable() {
             return;
         }
         let path = self.path(digest);
         let replace = self.is_corrupt(digest);
-        match bounded(STALL, self.inner.store.head(&path)).await {
-            Ok(_) if !replace => return,
-            Ok(_) => {}
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return self.trip("check", &e),
-        }
-        let upload = match bounded(STALL, self.inner.store.put_multipart(&path)).await {
-            Ok(u) => u,
-            Err(e) => return self.trip("upload", &e),
-        };
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
-        let file = Arc::new(file);
-        let mut pos = 0u64;
-        while pos < size {
-            let n = (size - pos).min(PART as u64) as usize;
-            let f = file.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; n];
-                std::os::unix::fs::FileExt::read_exact_at(&*f, &mut buf, pos).map(|()| buf)
-            })
-            .await;
-            let failed = match read {
-                Ok(Ok(buf)) => match bounded(PART_TIME, writer.wait_for_capacity(PARTS_IN_FLIGHT)).await {
-                    Ok(()) => {
-                        writer.write(&buf);
-                        pos += n as u64;
-                        continue;
-                    }
-                    Err(e) => Some(e),
-                },
-                // The local file could not be read (evicted meanwhile): not the bucket's fault.
-                _ => None,
-            };
-            // Aborted, so no unfinished multipart upload is left (and billed).
-            let _ = bounded(STALL, writer.abort()).await;
-            self.inner.metrics.bucket_abandoned.inc();
-            if let Some(e) = failed {
-                self.trip("upload", &e);
+        if !replace {
+            match bounded(STALL, self.inner.store.head(&path)).await {
+                Ok(_) => return,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return self.trip("check", &e),
             }
-            return;
         }
-        match bounded(PART_TIME, writer.finish()).await {
-            Ok(_) => {
-                self.inner.corrupt.lock().unwrap().remove(digest);
-                self.inner.metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "written" }).inc_by(size);
-                tracing::info!(%digest, size, "blob uploaded to the bucket");
+        // Until a whole part has landed, the blob may turn out small enough for one put.
+        let mut latest = Progress::Written(0);
+        while let Progress::Written(n) = latest {
+            if n >= PART as u64 {
+                break;
             }
+            latest = progress.next().await.unwrap_or(Progress::Failed);
+        }
+        match latest {
+            Progress::Failed => {}
+            Progress::Verified(0) => {}
+            Progress::Verified(size) if size <= PART as u64 => self.put_small(digest, &path, file, size, replace).await,
+            _ => self.put_parts(digest, &path, file, latest, progress).await,
+        }
+    }
+
+    async fn put_small(&self, digest: &Digest, path: &Path, file: Arc<std::fs::File>, size: u64, replace: bool) {
+        let Some(bytes) = read_part(file, 0, size as usize).await else { return };
+        let mode = if replace { PutMode::Overwrite } else { PutMode::Create };
+        match bounded(PART_TIME, self.inner.store.put_opts(path, bytes.into(), mode.into())).await {
+            // Another node (or cluster) uploaded it first: the same bytes, by construction.
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => self.uploaded(digest, size),
             Err(e) => {
                 self.inner.metrics.bucket_abandoned.inc();
                 self.trip("upload", &e);
             }
         }
     }
+
+    async fn put_parts(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        file: Arc<std::fs::File>,
+        mut latest: Progress,
+        mut progress: impl futures_util::Stream<Item = Progress> + Unpin + Send,
+    ) {
+        let _turn = self.inner.uploads.acquire().await.expect("the upload semaphore is never closed");
+        let upload = match bounded(STALL, self.inner.store.put_multipart(path)).await {
+            Ok(u) => u,
+            Err(e) => return self.trip("upload", &e),
+        };
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut sent = 0u64;
+        let failed = loop {
+            let (ready, verified) = match latest {
+                Progress::Written(n) => (n, None),
+                Progress::Verified(size) => (size, Some(size)),
+                // The fill failed (or was abandoned): these bytes must never become an object.
+                Progress::Failed => break None,
+            };
+            // Whole parts while the fill goes on; the tail once it is verified.
+            let until = if verified.is_some() { ready } else { ready - ready % PART as u64 };
+            let mut broke = None;
+            while sent < until {
+                let n = (until - sent).min(PART as u64) as usize;
+                if let Err(e) = bounded(PART_TIME, writer.wait_for_capacity(PARTS_IN_FLIGHT)).await {
+                    broke = Some(Some(e));
+                    break;
+                }
+                // The local file could not be read: not the bucket's fault.
+                let Some(buf) = read_part(file.clone(), sent, n).await else {
+                    broke = Some(None);
+                    break;
+                };
+                writer.put(buf);
+                sent += n as u64;
+            }
+            if let Some(broke) = broke {
+                break broke;
+            }
+            if let Some(size) = verified {
+                match bounded(PART_TIME, writer.finish()).await {
+                    Ok(_) => return self.uploaded(digest, size),
+                    Err(e) => {
+                        self.inner.metrics.bucket_abandoned.inc();
+                        return self.trip("upload", &e);
+                    }
+                }
+            }
+            latest = progress.next().await.unwrap_or(Progress::Failed);
+        };
+        // Aborted, so no unfinished multipart upload is left (and billed).
+        let _ = bounded(STALL, writer.abort()).await;
+        if let Some(e) = failed {
+            self.inner.metrics.bucket_abandoned.inc();
+            self.trip("upload", &e);
+        } else {
+            tracing::info!(%digest, "bucket upload aborted: the fill did not end with a verified blob");
+        }
+    }
+
+    fn uploaded(&self, digest: &Digest, size: u64) {
+        self.inner.corrupt.lock().unwrap().remove(digest);
+        self.inner.metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "written" }).inc_by(size);
+        tracing::info!(%digest, size, "blob uploaded to the bucket");
+    }
+}
+
+/// Where the fill an upload follows stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The first `n` bytes of the file are final (written in order; not yet verified).
+    Written(u64),
+    /// The blob is verified and committed: `size` bytes.
+    Verified(u64),
+    /// The fill failed or was abandoned.
+    Failed,
+}
+
+/// `n` bytes of `file` from `offset`, read on the blocking pool.
+async fn read_part(file: Arc<std::fs::File>, offset: u64, n: usize) -> Option<Bytes> {
+    let read = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; n];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, offset).map(|()| Bytes::from(buf))
+    })
+    .await;
+    read.ok()?.ok()
 }
 
 /// `work`, or an error past `limit`: no bucket call may hold its caller (or an upload task) forever.

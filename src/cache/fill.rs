@@ -13,7 +13,7 @@ use super::origin::{Origin, OriginError, Origins};
 use super::store::{BlobStore, TempFile};
 use crate::oci::{Digest, RepoName, Verifier};
 use crate::pages::map_chunk;
-use crate::upstream::{self, BlobStream, RegistryClient};
+use crate::upstream::{self, RegistryClient};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use std::fs::File;
@@ -205,6 +205,28 @@ impl Fill {
         self.from_registry.load(Ordering::Relaxed)
     }
 
+    /// The fill's progress as an upload following it sees it: the final prefix as it grows, then whether
+    /// the blob was verified. Changes in between are coalesced, so a slow follower never holds any back.
+    pub fn progress(&self) -> impl futures_util::Stream<Item = crate::bucket::Progress> + Unpin + Send + 'static {
+        use crate::bucket::Progress;
+        let mut rx = self.subscribe();
+        rx.mark_changed();
+        futures_util::stream::unfold(Some(rx), |rx| async move {
+            let mut rx = rx?;
+            loop {
+                rx.changed().await.ok()?;
+                let now = match &*rx.borrow_and_update() {
+                    FillState::Starting => continue,
+                    FillState::Streaming { written, .. } => Progress::Written(*written),
+                    FillState::Done { size } => return Some((Progress::Verified(*size), None)),
+                    FillState::Failed(_) | FillState::Uncached { .. } => return Some((Progress::Failed, None)),
+                };
+                return Some((now, Some(rx)));
+            }
+        })
+        .boxed()
+    }
+
     /// Milliseconds since the source last sent bytes (since the start, before the first byte).
     pub fn stalled_ms(&self) -> u64 {
         (self.started.elapsed().as_millis() as u64).saturating_sub(self.touched_ms.load(Ordering::Relaxed))
@@ -334,17 +356,7 @@ impl Fill {
                 // passes).
                 _slot = Some(slots.acquire().await.expect("the fill semaphore is never closed"));
             }
-            if matches!(origin, Origin::Registry) && resume.written.load(Ordering::Relaxed) == 0 {
-                // From the first byte the registry is asked for several ranges at once.
-                let client = &*origins.registry;
-                let size = self.fetch_registry(temp, (client, &origins.repo), plan, reserve, admit).await;
-                let size = size.inspect_err(|e| self.blame_senders(origins, &resume, e))?;
-                if let Some(size) = size {
-                    client.count_fetched(size);
-                }
-                return Ok(size);
-            }
-            match self.try_origin(temp, origins, origin, &mut resume, reserve, &mut admit).await {
+            match self.try_origin(temp, origins, origin, plan, &mut resume, reserve, &mut admit).await {
                 Ok(Step::Done(size)) => return Ok(Some(size)),
                 Ok(Step::Refused) => return Ok(None),
                 Ok(Step::Next) => {}
@@ -357,12 +369,16 @@ impl Fill {
         unreachable!("the registry, the last origin, never says to try the next one")
     }
 
-    /// One attempt at `origin`, from where the previous one stopped.
+    /// One attempt at `origin`, from where the previous one stopped. From the first byte, the registry and
+    /// the bucket are asked for several ranges at once (many upstreams, CDNs and object stores limit each
+    /// connection's rate); a peer sends its growing file in one stream.
+    #[allow(clippy::too_many_arguments)]
     async fn try_origin<F: std::future::Future<Output = bool>>(
         self: &Arc<Self>,
         temp: &TempFile,
         origins: &Origins,
         origin: Origin<'_>,
+        plan: FillPlan,
         resume: &mut Resume,
         reserve: &Reserve,
         admit: &mut Option<impl FnOnce(Option<u64>) -> F>,
@@ -391,7 +407,9 @@ impl Fill {
                 (_, None) => Ok(Step::Next),
             }
         };
-        let (announced, opened) = match origins.open(origin, &self.digest, from, resume.total).await {
+        let parallel = from == 0 && !matches!(origin, Origin::Peer(_)) && plan.concurrency > 1 && plan.chunk_size > 0;
+        let end = parallel.then(|| plan.chunk_size - 1);
+        let (announced, opened) = match origins.open(origin, &self.digest, from, end, resume.total).await {
             Ok(answer) => answer,
             Err(OriginError::Next { reason, suspect }) => return next(reason, suspect),
             Err(OriginError::Fail(e)) => return Err(e.into()),
@@ -414,6 +432,10 @@ impl Fill {
             resume.senders.push(p.to_owned());
         }
         resume.from_bucket |= matches!(origin, Origin::Bucket);
+        if opened.end < opened.total {
+            // Only the first range came: the rest in ranges, several at once.
+            return self.download_ranges(temp, origins, origin, opened, plan, resume, reserve).await;
+        }
         let counted = peer.map(|(_, c)| c);
         let result = self.write_resumable(temp, resume, opened.total, opened.body, reserve, counted).await;
         let got = resume.written.load(Ordering::Relaxed) - from;
@@ -490,98 +512,67 @@ impl Fill {
         self.check(verifier.finish(), size)
     }
 
-    /// The registry path from the first byte: several range requests at once for a large blob.
-    async fn fetch_registry<F: std::future::Future<Output = bool>>(
-        self: &Arc<Self>,
-        temp: &TempFile,
-        (client, repo): (&RegistryClient, &RepoName),
-        plan: FillPlan,
-        reserve: &Reserve,
-        admit: Option<impl FnOnce(Option<u64>) -> F>,
-    ) -> Result<Option<u64>, Error> {
-        let ranged = plan.concurrency > 1 && plan.chunk_size > 0;
-        let first_range = ranged.then(|| (0, plan.chunk_size - 1));
-        let first = client.get_blob(repo, &self.digest, first_range).await?;
-        let total = first.partial.map(|(_, _, t)| t).or(first.size);
-        // Readers learn the size (their response headers) while the cache decides.
-        self.state.send_replace(FillState::Streaming { written: 0, total });
-        if let Some(admit) = admit
-            && !admit(total).await
-        {
-            return Ok(None);
-        }
-        let size = match first.partial {
-            Some((_, _, total)) if total > plan.chunk_size => {
-                self.download_ranges(temp, (client, repo), first, total, plan, reserve).await?
-            }
-            // The first range holds the whole blob, or the upstream ignored the range: one stream.
-            _ => self.download_stream(temp, first, total, reserve).await?,
-        };
-        Ok(Some(size))
-    }
-
-    /// One stream, written and hashed in order on the blocking pool; this task only moves `Bytes`.
-    async fn download_stream(
-        self: &Arc<Self>,
-        temp: &TempFile,
-        blob: BlobStream,
-        total: Option<u64>,
-        reserve: &Reserve,
-    ) -> Result<u64, Error> {
-        let verifier = Arc::new(Mutex::new(Verifier::new(self.digest.algorithm())));
-        let (me, v) = (self.clone(), verifier.clone());
-        let received = write_at(&temp.file, 0, total, reserve, blob.body, move |bytes, written| {
-            v.lock().unwrap().update(bytes);
-            me.publish_prefix(written);
-        })
-        .await?;
-        if let Some(announced) = total.filter(|t| *t != received) {
-            return Err(Error::SizeMismatch { announced, received });
-        }
-        let actual = Arc::try_unwrap(verifier).map_err(|_| Error::Io(std::io::Error::other("verifier shared")))?;
-        self.check(actual.into_inner().unwrap().finish(), received)
-    }
-
-    /// Concurrent range requests written at their offsets; a hasher follows the contiguous prefix.
+    /// The rest of a blob whose first range `first` holds, as concurrent range requests to `origin` written
+    /// at their offsets, while a hasher follows the contiguous prefix. If the bucket fails part way, what is
+    /// contiguous and hashed is kept and the next origin resumes there; the registry's failure is the answer.
+    #[allow(clippy::too_many_arguments)]
     async fn download_ranges(
         self: &Arc<Self>,
         temp: &TempFile,
-        (client, repo): (&RegistryClient, &RepoName),
-        first: BlobStream,
-        total: u64,
+        origins: &Origins,
+        origin: Origin<'_>,
+        first: super::origin::Opened,
         plan: FillPlan,
+        resume: &Resume,
         reserve: &Reserve,
-    ) -> Result<u64, Error> {
+    ) -> Result<Step, Error> {
+        let total = first.total;
         let chunks = total.div_ceil(plan.chunk_size) as usize;
         let progress =
             Arc::new(Mutex::new(Progress { chunk_size: plan.chunk_size, total, written: vec![0; chunks], prefix: 0 }));
-        let hasher = self.hash_prefix(total);
-        let mut first = Some(first);
+        let mut first = Some(first.body);
         let fetches = futures_util::stream::iter(0..chunks)
             .map(|i| {
                 let body = if i == 0 { first.take() } else { None };
-                self.fetch_chunk(temp, (client, repo), i, body, &progress, reserve)
+                self.fetch_chunk(temp, origins, origin, i, body, &progress, reserve)
             })
             .buffer_unordered(plan.concurrency)
             .try_for_each(|()| async { Ok(()) });
-        // try_join: a chunk that fails for good ends the fill at once instead of leaving the hasher waiting.
-        let ((), digest) = futures_util::future::try_join(fetches, hasher).await?;
-        self.check(digest, total)
+        // try_join: a chunk that fails for good ends the attempt at once instead of leaving the hasher waiting.
+        let fetched = futures_util::future::try_join(fetches, self.hash_prefix(total, resume)).await;
+        match fetched {
+            Ok(_) => {
+                if matches!(origin, Origin::Registry) {
+                    origins.registry.count_fetched(total);
+                }
+                self.finish(resume, total).map(Step::Done)
+            }
+            Err(e) if !matches!(origin, Origin::Registry) => {
+                let prefix = progress.lock().unwrap().prefix;
+                tracing::warn!(?origin, digest = %self.digest, error = %e, at = prefix, "ranged transfer broke; resuming from the next source");
+                // The hash catches up with the published prefix: those bytes are final, and readers had them.
+                self.hash_prefix(prefix, resume).await?;
+                Ok(Step::Next)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Fetches chunk `i` (reusing `body` for the first), retrying a broken transfer twice from where it stopped.
+    #[allow(clippy::too_many_arguments)]
     async fn fetch_chunk(
         self: &Arc<Self>,
         temp: &TempFile,
-        (client, repo): (&RegistryClient, &RepoName),
+        origins: &Origins,
+        origin: Origin<'_>,
         i: usize,
-        mut body: Option<BlobStream>,
+        mut body: Option<futures_util::stream::BoxStream<'static, Result<Bytes, upstream::Error>>>,
         progress: &Arc<Mutex<Progress>>,
         reserve: &Reserve,
     ) -> Result<(), Error> {
-        let (start, len) = {
+        let (start, len, total) = {
             let p = progress.lock().unwrap();
-            (i as u64 * p.chunk_size, p.chunk_len(i))
+            (i as u64 * p.chunk_size, p.chunk_len(i), p.total)
         };
         let mut got = 0u64;
         let mut attempts = 0;
@@ -589,16 +580,23 @@ impl Fill {
             let stream = match body.take() {
                 Some(b) => b,
                 None => {
-                    let b = client.get_blob(repo, &self.digest, Some((start + got, start + len - 1))).await?;
-                    if b.partial.is_none() {
-                        return Err(upstream::Error::Protocol("upstream stopped honouring ranges".into()).into());
+                    let (from, end) = (start + got, start + len - 1);
+                    let (_, b) = match origins.open(origin, &self.digest, from, Some(end), Some(total)).await {
+                        Ok(answer) => answer,
+                        Err(OriginError::Fail(e)) => return Err(e.into()),
+                        Err(OriginError::Next { reason, .. }) => {
+                            return Err(upstream::Error::Protocol(format!("range request failed: {reason}")).into());
+                        }
+                    };
+                    if b.end != end + 1 {
+                        return Err(upstream::Error::Protocol("the origin stopped honouring ranges".into()).into());
                     }
-                    b
+                    b.body
                 }
             };
             let (me, p) = (self.clone(), progress.clone());
             let mut last = 0;
-            let result = write_at(&temp.file, start + got, Some(len - got), reserve, stream.body, move |_, written| {
+            let result = write_at(&temp.file, start + got, Some(len - got), reserve, stream, move |_, written| {
                 let moved = p.lock().unwrap().add(i, written - last);
                 last = written;
                 if let Some(prefix) = moved {
@@ -623,40 +621,44 @@ impl Fill {
         }
     }
 
-    /// Hashes the file's contiguous prefix as it grows (reads hit the page cache), until `total` bytes.
-    async fn hash_prefix(self: &Arc<Self>, total: u64) -> Result<Digest, Error> {
+    /// Hashes the file's contiguous prefix as it grows (reads hit the page cache) into `resume`, until `until`
+    /// bytes. Cancel-safe: the hash and its length move together under the verifier's lock, so a hash cut
+    /// short is resumed by the next call.
+    async fn hash_prefix(self: &Arc<Self>, until: u64, resume: &Resume) -> Result<(), Error> {
         let mut rx = self.subscribe();
-        let mut verifier = Verifier::new(self.digest.algorithm());
-        let mut hashed = 0u64;
-        while hashed < total {
+        loop {
+            let hashed = resume.written.load(Ordering::Acquire);
+            if hashed >= until {
+                return Ok(());
+            }
             let available = match &*rx.borrow_and_update() {
-                FillState::Streaming { written, .. } => *written,
+                FillState::Streaming { written, .. } => (*written).min(until),
                 FillState::Failed(_) | FillState::Uncached { .. } => {
                     return Err(Error::Io(std::io::Error::other("fill ended early")));
                 }
                 _ => hashed,
             };
-            if available == hashed {
+            if available <= hashed {
                 if rx.changed().await.is_err() {
                     return Err(Error::Io(std::io::Error::other("fill vanished")));
                 }
                 continue;
             }
-            let file = self.file.clone();
-            verifier = tokio::task::spawn_blocking(move || -> std::io::Result<Verifier> {
+            let (file, verifier, written) = (self.file.clone(), resume.verifier.clone(), resume.written.clone());
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let mut verifier = verifier.lock().unwrap();
                 // Hashed straight from the page cache through a mapping: no copy, no buffer to allocate.
-                let mut pos = hashed;
+                let mut pos = written.load(Ordering::Acquire);
                 while pos < available {
                     let n = (available - pos).min(HASH_PIECE);
                     verifier.update(&map_chunk(&file, pos, n as usize)?);
                     pos += n;
+                    written.store(pos, Ordering::Release);
                 }
-                Ok(verifier)
+                Ok(())
             })
             .await??;
-            hashed = available;
         }
-        Ok(verifier.finish())
     }
 
     fn check(&self, actual: Digest, size: u64) -> Result<u64, Error> {

@@ -390,6 +390,9 @@ impl Cache {
         // The fill slot (`server.max_fills`) is taken inside, only for the registry: a fill waiting on a peer
         // must not hold one, or two nodes filling from each other could starve each other's slots.
         let slots = &self.shared.fill_slots;
+        if let Some(bucket) = self.shared.bucket.get() {
+            self.shared.tasks.spawn(share(bucket.clone(), fill.clone()));
+        }
         let result = fill.download(&temp, &origins, self.shared.plan, &self.shared.reserve, admit, slots).await;
         let mut temp = Some(temp);
         let result = match result {
@@ -409,18 +412,6 @@ impl Cache {
                 metrics.fill_duration.observe(started.elapsed().as_secs_f64());
                 tracing::info!(%digest, size, registry = %client.name, %repo, "blob fill done");
                 fill.done(size);
-                if let Some(bucket) = self.shared.bucket.get().filter(|_| fill.from_registry()) {
-                    // New to the cluster: share it through the bucket, in the background, from the committed file.
-                    let (bucket, store, digest) = (bucket.clone(), self.shared.store.clone(), digest.clone());
-                    self.shared.tasks.spawn(async move {
-                        let d = digest.clone();
-                        if let Ok(Ok(Some((file, size)))) =
-                            tokio::task::spawn_blocking(move || store.open_blob(&d)).await
-                        {
-                            bucket.upload(&digest, file, size).await;
-                        }
-                    });
-                }
             }
             Err(Error::Io(e)) if is_disk_full(&e) => {
                 // The clients still get their bytes: readers continue from the upstream on their own.
@@ -565,6 +556,27 @@ impl Cache {
         }
         Ok(out)
     }
+}
+
+/// Uploads a blob new to the cluster (its fill went to the registry) to the bucket while it is filled:
+/// from the fill's file, completed once the fill has verified and committed it. A blob that came from a peer
+/// or the bucket is already shared and is left alone.
+async fn share(bucket: crate::bucket::Bucket, fill: Arc<Fill>) {
+    let mut rx = fill.subscribe();
+    loop {
+        // The state first: a fill that went to the registry says so before it can end.
+        let ended = matches!(
+            *rx.borrow_and_update(),
+            FillState::Done { .. } | FillState::Failed(_) | FillState::Uncached { .. }
+        );
+        if fill.from_registry() {
+            break;
+        }
+        if ended || rx.changed().await.is_err() {
+            return;
+        }
+    }
+    bucket.upload_following(&fill.digest, fill.file.clone(), fill.progress()).await;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! Where a fill's bytes come from: the peers that own the blob, in order, then the upstream registry. Who
-//! asked (the registry, the repository) is kept apart from where the bytes come from, so the one fill
-//! pipeline (claim, download, write at offset, hash, verify, commit) serves every origin.
+//! Where a fill's bytes come from: the peers that own the blob, in order, then the shared bucket, then the
+//! upstream registry. Who asked (the registry, the repository) is kept apart from where the bytes come
+//! from, so the one fill pipeline (claim, download, write at offset, hash, verify, commit) serves every
+//! origin.
 
 use crate::bucket::Bucket;
 use crate::cluster::{Cluster, PeerError};
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The sources of one fill, tried in order: `peers` (empty without a cluster, when this node owns the blob,
-/// or when a peer asked), then the registry.
+/// or when a peer asked), then the bucket (when configured and not skipped), then the registry.
 #[derive(Clone)]
 pub struct Origins {
     /// The registry the blob comes from, and whose name and credentials a peer uses to fetch it.
@@ -29,7 +30,7 @@ pub struct Origins {
     pub bucket: Option<Bucket>,
 }
 
-/// One source of a blob's bytes. Closed: the registry, a peer, and later a bucket.
+/// One source of a blob's bytes. Closed: a peer, the bucket, the registry.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Origin<'a> {
     /// Another wharf instance, by peer address.
@@ -43,6 +44,8 @@ pub(super) enum Origin<'a> {
 /// An origin's answer: the blob's total size and its bytes from the offset asked for.
 pub(super) struct Opened {
     pub total: u64,
+    /// Where the body's bytes end (exclusive): `total`, or less when only a range was sent.
+    pub end: u64,
     pub body: BoxStream<'static, Result<Bytes, upstream::Error>>,
     /// Set when the body ended because the source stalled (not because it broke).
     pub stalled: Arc<AtomicBool>,
@@ -63,14 +66,16 @@ impl Origins {
         self.peers.iter().map(|p| Origin::Peer(p)).chain(bucket).chain(std::iter::once(Origin::Registry))
     }
 
-    /// Blob bytes from byte `from` on, and the blob's size (which the registry may not announce for a
-    /// whole-blob answer: `None` then). A peer's stall (no byte for the stall timeout) ends its body with an
+    /// Blob bytes from byte `from` on (through `end`, inclusive, when given and the origin honours it: see
+    /// [`Opened::end`]), and the blob's size (which the registry may not announce for a whole-blob answer:
+    /// `None` then). A peer always sends everything from `from`. A peer's stall (no byte for the stall timeout) ends its body with an
     /// error, unless the peer says its own fill is waiting for the upstream: then the wait goes on.
     pub(super) async fn open(
         &self,
         origin: Origin<'_>,
         digest: &Digest,
         from: u64,
+        end: Option<u64>,
         total: Option<u64>,
     ) -> Result<(Option<u64>, Opened), OriginError> {
         let stalled = Arc::new(AtomicBool::new(false));
@@ -90,21 +95,25 @@ impl Origins {
                 };
                 let body = skip_bytes(blob.body, skip);
                 let body = watch_stalls(body, cluster.clone(), peer.to_owned(), digest.clone(), stalled.clone());
-                Ok((Some(total), Opened { total, body, stalled }))
+                Ok((Some(total), Opened { total, end: total, body, stalled }))
             }
             Origin::Bucket => {
                 let bucket = self.bucket.as_ref().expect("the bucket origin comes with a bucket");
-                match bucket.open(digest, from).await {
-                    Ok(Some((total, body))) => Ok((Some(total), Opened { total, body, stalled })),
+                match bucket.open(digest, from, end).await {
+                    Ok(Some((total, body))) => {
+                        let end = end.map_or(total, |e| (e + 1).min(total));
+                        Ok((Some(total), Opened { total, end, body, stalled }))
+                    }
                     Ok(None) => Err(OriginError::Next { reason: "bucket_miss", suspect: false }),
                     Err(_) => Err(OriginError::Next { reason: "bucket_error", suspect: false }),
                 }
             }
             Origin::Registry => {
-                let range = match (from, total) {
-                    (0, _) => None,
-                    (from, Some(total)) => Some((from, total - 1)),
-                    (_, None) => {
+                let range = match (from, end, total) {
+                    (from, Some(end), _) => Some((from, end)),
+                    (0, None, _) => None,
+                    (from, None, Some(total)) => Some((from, total - 1)),
+                    (_, None, None) => {
                         return Err(OriginError::Fail(upstream::Error::Protocol("resume without a size".into())));
                     }
                 };
@@ -113,7 +122,8 @@ impl Origins {
                 // An upstream that ignores the range sends the whole blob: the first `from` bytes are dropped.
                 let skip = if blob.partial.is_some() { 0 } else { from };
                 let total = announced.or(total).unwrap_or(u64::MAX);
-                Ok((announced, Opened { total, body: skip_bytes(blob.body, skip), stalled }))
+                let end = blob.partial.map_or(total, |(_, end, _)| end + 1);
+                Ok((announced, Opened { total, end, body: skip_bytes(blob.body, skip), stalled }))
             }
         }
     }

@@ -50,7 +50,12 @@ async fn a_pull_fills_the_bucket_once_and_an_empty_node_refills_from_it() {
     }
     drop(first);
 
-    // A node with an empty disk and the same bucket: no upstream blob request, the bucket's bytes verified.
+    // A node with an empty disk and the same bucket: no upstream blob request, the bucket's bytes verified,
+    // the large blob read as 4 MiB ranges, several at once.
+    let second_dir = dir.path().join("second-config");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let mut args = fake.wharf_args();
+    args.extend(moto.wharf_args_with(&second_dir, "\n[upstream]\nfill_chunk_size = 4194304\nfill_concurrency = 4\n"));
     let second = Wharf::start(&dir.path().join("second"), &args);
     for (digest, data) in &blobs {
         get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", second.url()), data).await;
@@ -58,23 +63,64 @@ async fn a_pull_fills_the_bucket_once_and_an_empty_node_refills_from_it() {
     }
     let read: usize = blobs.iter().map(|(_, d)| d.len()).sum();
     assert_eq!(second.metric("wharf_bucket_bytes_total{reason=\"read\"}").await, read as f64);
+    let ranges = moto.gets(&key(&blobs[0].0)).into_iter().filter(|s| *s == 206).count();
+    assert_eq!(ranges, 6, "the large blob was not read as six ranges");
     assert_eq!(moto.keys().len(), 2, "the refill uploaded again");
 }
 
+/// `[storage.s3]` extra keys that make wharf fetch each blob as one stream, so a gate holds the whole fill.
+const ONE_STREAM: &str = "\n[upstream]\nfill_concurrency = 1\n";
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_fill_that_fails_verification_uploads_nothing() {
+async fn the_upload_runs_alongside_the_fill_and_completes_after_verification() {
     let moto = tokio::task::spawn_blocking(Moto::start).await.unwrap();
     let fake = FakeUpstream::start().await;
-    let (digest, _) = fake.add_random_blob(9 * MIB);
+    let (digest, data) = fake.add_random_blob(24 * MIB + 7);
+    // Held after two and a half 8 MiB parts.
+    let gate = fake.gate(&digest, 20 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = fake.wharf_args();
+    args.extend(moto.wharf_args_with(dir.path(), ONE_STREAM));
+    let wharf = Wharf::start(&dir.path().join("data"), &args);
+    let url = format!("{}/v2/test/app/blobs/{digest}", wharf.url());
+    let pull = tokio::spawn({
+        let data = data.clone();
+        async move { get_ok(&client(), &url, &data).await }
+    });
+    gate.wait_reached().await;
+    // While the upstream holds the rest: parts are up, the object does not exist yet.
+    eventually("two parts are uploaded while the fill waits", || moto.parts_in_progress() >= 2).await;
+    assert!(!moto.keys().contains(&key(&digest)), "the upload completed before the blob was verified");
+    gate.release();
+    pull.await.unwrap();
+    eventually("the upload is completed", || moto.keys().contains(&key(&digest))).await;
+    assert_eq!(moto.unfinished_uploads(), 0);
+    assert_eq!(moto.object(&key(&digest)), data.to_vec());
+    assert_eq!(wharf.metric("wharf_bucket_bytes_total{reason=\"written\"}").await, data.len() as f64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_that_fails_verification_never_completes_its_upload() {
+    let moto = tokio::task::spawn_blocking(Moto::start).await.unwrap();
+    let fake = FakeUpstream::start().await;
+    let (digest, _) = fake.add_random_blob(20 * MIB);
     fake.wrong_bytes(&digest, true);
+    let gate = fake.gate(&digest, 18 * MIB);
     let (good, good_data) = fake.add_random_blob(1000);
     let dir = tempfile::tempdir().unwrap();
     let mut args = fake.wharf_args();
-    args.extend(moto.wharf_args(dir.path()));
+    args.extend(moto.wharf_args_with(dir.path(), ONE_STREAM));
     let wharf = Wharf::start(&dir.path().join("data"), &args);
-    let wrong = fetch(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &[]).await;
+    let url = format!("{}/v2/test/app/blobs/{digest}", wharf.url());
+    let pull = tokio::spawn(async move { fetch(&client(), &url, &[]).await });
+    gate.wait_reached().await;
+    // The upload is under way with the (not yet known to be wrong) bytes.
+    eventually("two parts are uploaded while the fill waits", || moto.parts_in_progress() >= 2).await;
+    gate.release();
+    let wrong = pull.await.unwrap();
     assert!(!matches!(wrong, Outcome::Complete(200, _, _)), "a wrong blob was served complete");
-    // A good blob afterwards: once it is in the bucket, the bad one's upload would have been too.
+    eventually("the upload is aborted", || moto.unfinished_uploads() == 0).await;
+    // A good blob afterwards: once it is in the bucket, the bad one would have been too.
     get_ok(&client(), &format!("{}/v2/test/app/blobs/{good}", wharf.url()), &good_data).await;
     eventually("the good blob is in the bucket", || moto.keys().contains(&key(&good))).await;
     assert_eq!(moto.keys(), vec![key(&good)], "bytes that failed verification reached the bucket");

@@ -7,7 +7,7 @@ use crate::support::fake_upstream::{
     FakeUpstream, Outcome, REGISTRY, REPO, client, fetch, get_ok, headers_of, random_bytes, sha256_digest, spawn_fetch,
 };
 use crate::support::images::{OCI_MANIFEST, TestImage, sha256};
-use crate::support::registry::{die_with_parent_thread, shared};
+use crate::support::registry::{shared, spawn_tied};
 use crate::support::wharf::Wharf;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
@@ -248,8 +248,7 @@ impl Dnsmasq {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        die_with_parent_thread(&mut cmd);
-        let child = cmd.spawn().expect("spawn dnsmasq");
+        let child = spawn_tied(cmd).expect("spawn dnsmasq");
         Dnsmasq { child, port, log }
     }
 

@@ -9,7 +9,7 @@
 #![allow(dead_code)] // harness: not every helper is used by every test
 
 use super::images::{run, run_ok};
-use super::registry::die_with_parent_thread;
+use super::registry::spawn_tied;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -39,8 +39,7 @@ impl Containerd {
         let log = std::fs::File::create(dir.path().join("containerd.log")).expect("create log");
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(&config).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        die_with_parent_thread(&mut cmd);
-        let child = cmd.spawn().expect("spawn containerd");
+        let child = spawn_tied(cmd).expect("spawn containerd");
         let mut c = Containerd { child: Some(child), dir, socket };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -90,8 +90,7 @@ impl Registry {
                 cmd.env_remove(key); // distribution lets REGISTRY_* override the config file
             }
         }
-        die_with_parent_thread(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn docker-registry");
+        let mut child = spawn_tied(cmd).expect("spawn docker-registry");
         let (access, log) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(String::new())));
         let stdout = child.stdout.take().unwrap();
         let access2 = access.clone();
@@ -236,8 +235,25 @@ fn parse_access_line(line: &str) -> Option<Request> {
     Some(Request { method, uri, status, bytes })
 }
 
-/// Arranges for the child to get SIGKILL when the thread that spawns it exits.
-pub fn die_with_parent_thread(cmd: &mut Command) {
+/// Spawns `cmd` so that the child gets SIGKILL when the test process exits, however it exits. The kernel
+/// ties the signal to the thread that forks, so every child is forked by one thread that lives as long as
+/// the process: forked from a test's own thread (or tokio's blocking pool, whose idle threads exit after
+/// 10 s), a server would be killed in the middle of a longer test.
+pub fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("child-spawner".into())
+            .spawn(move || {
+                for (mut cmd, back) in rx {
+                    let _ = back.send(cmd.spawn());
+                }
+            })
+            .expect("spawn the child-spawner thread");
+        Mutex::new(tx)
+    });
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -247,6 +263,9 @@ pub fn die_with_parent_thread(cmd: &mut Command) {
             Ok(())
         });
     }
+    let (back, child) = mpsc::channel();
+    spawner.lock().unwrap().send((cmd, back)).expect("the child-spawner thread is gone");
+    child.recv().expect("the child-spawner thread is gone")
 }
 
 /// A response from [`http`].
