@@ -3,6 +3,7 @@
 
 use crate::support::fake_upstream::{FakeUpstream, Outcome, client, fetch, get_ok, sha256_digest};
 use crate::support::moto::Moto;
+use crate::support::s3s::S3sFs;
 use crate::support::wharf::Wharf;
 use std::time::{Duration, Instant};
 
@@ -189,18 +190,106 @@ async fn a_bucket_that_is_down_costs_little_and_is_used_again_when_back() {
     assert_eq!(wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await, errors);
     // Back (an empty bucket): once the breaker has closed (2 s), a new blob goes to the bucket again.
     let moto = tokio::task::spawn_blocking(move || Moto::start_on(port)).await.unwrap();
+    pull_until_shared(&fake, &wharf, |k| moto.keys().contains(&k.to_owned())).await;
+    assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 0.0);
+}
+
+/// Pulls new blobs through `wharf` until one lands in the bucket (`present(key)`): the bucket is used again.
+/// Panics after 30 s.
+async fn pull_until_shared(fake: &FakeUpstream, wharf: &Wharf, present: impl Fn(&str) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (digest, data) = fake.add_random_blob(1000);
         get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
         let uploaded = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < uploaded && !moto.keys().contains(&key(&digest)) {
+        while Instant::now() < uploaded && !present(&key(&digest)) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if moto.keys().contains(&key(&digest)) {
-            break;
+        if present(&key(&digest)) {
+            return;
         }
         assert!(Instant::now() < deadline, "the bucket was not used again within 30 s of coming back");
     }
+}
+
+// Against s3s-fs: a file-backed server that checks signatures.
+
+const SECRET: &str = "wharf-test-secret-0123456789";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bucket_outlives_its_servers_restart_and_refills_an_empty_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s3");
+    let s3 = tokio::task::spawn_blocking({
+        let root = root.clone();
+        move || S3sFs::start(&root, 0, SECRET)
+    })
+    .await
+    .unwrap();
+    let fake = FakeUpstream::start().await;
+    let blobs = [fake.add_random_blob(20 * MIB + 5), fake.add_random_blob(1000)];
+    let mut args = fake.wharf_args();
+    args.extend(s3.wharf_args(dir.path(), SECRET, ""));
+    let first = Wharf::start(&dir.path().join("first"), &args);
+    for (digest, data) in &blobs {
+        get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", first.url()), data).await;
+    }
+    for (digest, data) in &blobs {
+        eventually("the blob is in the bucket", || s3.object(&key(digest)).as_deref() == Some(&data[..])).await;
+    }
+    drop(first);
+    drop(s3);
+
+    // The server restarts (another port) over the same files; a node with an empty disk refills from it.
+    let s3 = tokio::task::spawn_blocking(move || S3sFs::start(&root, 0, SECRET)).await.unwrap();
+    let config = dir.path().join("second-config");
+    std::fs::create_dir_all(&config).unwrap();
+    let mut args = fake.wharf_args();
+    args.extend(s3.wharf_args(&config, SECRET, ""));
+    let second = Wharf::start(&dir.path().join("second"), &args);
+    for (digest, data) in &blobs {
+        get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", second.url()), data).await;
+        assert_eq!(fake.blob_gets(digest), 1, "the empty node went to the upstream for {digest}");
+    }
+    let read: usize = blobs.iter().map(|(_, d)| d.len()).sum();
+    assert_eq!(second.metric("wharf_bucket_bytes_total{reason=\"read\"}").await, read as f64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_credentials_open_the_breaker_and_the_bucket_is_used_once_they_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s3");
+    let s3 = tokio::task::spawn_blocking({
+        let root = root.clone();
+        move || S3sFs::start(&root, 0, SECRET)
+    })
+    .await
+    .unwrap();
+    let port = s3.port();
+    let fake = FakeUpstream::start().await;
+    // wharf signs with a secret the server does not know: every request is refused (403).
+    let wrong = "not-the-secret-the-server-knows";
+    let mut args = fake.wharf_args();
+    args.extend(s3.wharf_args(dir.path(), wrong, "breaker_seconds = 2\n"));
+    let wharf = Wharf::start(&dir.path().join("data"), &args);
+    let (digest, data) = fake.add_random_blob(MIB);
+    let started = Instant::now();
+    get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(6), "a pull took {took:?} with the credentials refused");
+    assert_eq!(fake.blob_gets(&digest), 1);
+    assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 1.0);
+    assert!(wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await >= 1.0);
+    assert_eq!(s3.object(&key(&digest)), None, "an upload went through with refused credentials");
+    // While open, the bucket is not asked at all.
+    let errors = wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await;
+    let (other, other_data) = fake.add_random_blob(1000);
+    get_ok(&client(), &format!("{}/v2/test/app/blobs/{other}", wharf.url()), &other_data).await;
+    assert_eq!(wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await, errors);
+
+    // The server comes to accept wharf's secret (a rotated key reaching it): the bucket is used again.
+    drop(s3);
+    let s3 = tokio::task::spawn_blocking(move || S3sFs::start(&root, port, wrong)).await.unwrap();
+    pull_until_shared(&fake, &wharf, |k| s3.object(k).is_some()).await;
     assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 0.0);
 }

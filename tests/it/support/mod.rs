@@ -7,5 +7,6 @@ pub mod fake_upstream;
 pub mod images;
 pub mod moto;
 pub mod registry;
+pub mod s3s;
 pub mod tools;
 pub mod wharf;
