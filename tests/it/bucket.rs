@@ -293,3 +293,69 @@ async fn refused_credentials_open_the_breaker_and_the_bucket_is_used_once_they_a
     pull_until_shared(&fake, &wharf, |k| s3.object(k).is_some()).await;
     assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 0.0);
 }
+
+// With the cluster tier.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_cluster_refills_from_the_bucket_with_no_upstream_bytes() {
+    use crate::support::cluster::{Cluster, peer_args, start_node};
+    let moto = tokio::task::spawn_blocking(Moto::start).await.unwrap();
+    let fake = FakeUpstream::start().await;
+    let blobs = [fake.add_random_blob(12 * MIB + 3), fake.add_random_blob(5 * MIB), fake.add_random_blob(1000)];
+    let total: usize = blobs.iter().map(|(_, d)| d.len()).sum();
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = fake.wharf_args();
+    // One GET per blob from the upstream, so that its request count is its byte count.
+    args.extend(moto.wharf_args_with(dir.path(), ONE_STREAM));
+    let mut cluster = Cluster::start(3, &args, true);
+    let herd = |cluster: &Cluster| {
+        let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url()).collect();
+        let blobs = blobs.clone();
+        async move {
+            let mut pulls = Vec::new();
+            for i in 0..9 {
+                for (digest, data) in blobs.iter().cloned() {
+                    let url = format!("{}/v2/test/app/blobs/{digest}", urls[i % 3]);
+                    pulls.push(tokio::spawn(async move { get_ok(&client(), &url, &data).await }));
+                }
+            }
+            for p in pulls {
+                p.await.unwrap();
+            }
+        }
+    };
+    herd(&cluster).await;
+    for (digest, _) in &blobs {
+        assert_eq!(fake.blob_gets(digest), 1, "the cluster fetched {digest} from the upstream more than once");
+    }
+    eventually("every blob is in the bucket", || blobs.iter().all(|(d, _)| moto.keys().contains(&key(d)))).await;
+    let mut written = 0.0;
+    for node in &cluster.nodes {
+        written += node.wharf.metric("wharf_bucket_bytes_total{reason=\"written\"}").await;
+    }
+    assert_eq!(written, total as f64, "a blob was uploaded by more than its owner");
+    assert_eq!(moto.unfinished_uploads(), 0);
+    let before: Vec<usize> = blobs.iter().map(|(d, _)| moto.gets(&key(d)).len()).collect();
+
+    // Every node's disk wiped (new data directories, the same peer addresses), and the herd again.
+    let peers = cluster.peers.clone();
+    let nodes: Vec<_> = cluster.nodes.drain(..).collect();
+    drop(nodes);
+    for (i, peer) in peers.iter().enumerate() {
+        let mut all = args.clone();
+        all.extend(peer_args(peer, &peers, &cluster.key_file));
+        cluster.nodes.push(start_node(peer, &cluster.dir.path().join(format!("wiped{i}")), &all));
+    }
+    herd(&cluster).await;
+    for (digest, _) in &blobs {
+        assert_eq!(fake.blob_gets(digest), 1, "the wiped cluster went to the upstream for {digest}");
+    }
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let read = node.wharf.metric("wharf_bucket_bytes_total{reason=\"read\"}").await;
+        assert!(read <= total as f64, "node {i} read {read} bytes from the bucket, more than every blob once");
+    }
+    for ((digest, _), before) in blobs.iter().zip(before) {
+        let reads = moto.gets(&key(digest)).len() - before;
+        assert!((1..=3).contains(&reads), "{digest} was read from the bucket {reads} times by three nodes");
+    }
+}
