@@ -387,6 +387,8 @@ impl fmt::Debug for S3Settings {
             .field("region", &self.region)
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .field("allow_http", &self.allow_http)
+            .field("breaker_seconds", &self.breaker_seconds)
             .finish()
     }
 }
@@ -695,6 +697,7 @@ impl Config {
             });
         }
         self.validate_cluster()?;
+        self.validate_s3()?;
         if !self.registries.contains_key(&self.default_registry) {
             return Err(Error::Value {
                 key: "default_registry".into(),
@@ -706,6 +709,21 @@ impl Config {
 }
 
 impl Config {
+    fn validate_s3(&self) -> Result<(), Error> {
+        let Some(s3) = &self.storage.s3 else { return Ok(()) };
+        let bad = |key: &str, reason: &str| Error::Value { key: format!("storage.s3.{key}"), reason: reason.into() };
+        if s3.bucket.is_empty() {
+            return Err(bad("bucket", "the bucket's name is needed"));
+        }
+        if s3.endpoint.starts_with("http://") && !s3.allow_http {
+            return Err(bad("endpoint", "plain http needs `allow_http = true`"));
+        }
+        if s3.access_key_id.is_some() != s3.secret_access_key.is_some() {
+            return Err(bad("access_key_id", "set both access_key_id and secret_access_key, or neither"));
+        }
+        Ok(())
+    }
+
     fn validate_cluster(&self) -> Result<(), Error> {
         let c = &self.cluster;
         let bad = |key: &str, reason: &str| Error::Value { key: format!("cluster.{key}"), reason: reason.into() };
@@ -812,6 +830,34 @@ mod tests {
         assert_eq!(c.tag_ttl, 5);
         assert!(c.registries["local.test"].insecure);
         assert!(c.registries.contains_key("docker.io"));
+    }
+
+    #[test]
+    fn a_bucket_needs_a_name_https_unless_allowed_and_both_keys_or_neither() {
+        let ok = || S3Settings {
+            bucket: "b".into(),
+            prefix: String::new(),
+            endpoint: "http://127.0.0.1:9000".into(),
+            region: default_region(),
+            access_key_id: Some("id".into()),
+            secret_access_key: Some("secret".into()),
+            allow_http: true,
+            breaker_seconds: 60,
+        };
+        let check = |s: S3Settings| {
+            let mut c = Config::default();
+            c.storage.s3 = Some(s);
+            c.validate()
+        };
+        assert!(check(ok()).is_ok());
+        let refused = |s: S3Settings, key: &str| match check(s) {
+            Err(Error::Value { key: k, .. }) => assert_eq!(k, key),
+            other => panic!("{key}: {other:?}"),
+        };
+        refused(S3Settings { bucket: String::new(), ..ok() }, "storage.s3.bucket");
+        refused(S3Settings { allow_http: false, ..ok() }, "storage.s3.endpoint");
+        refused(S3Settings { secret_access_key: None, ..ok() }, "storage.s3.access_key_id");
+        assert!(check(S3Settings { access_key_id: None, secret_access_key: None, ..ok() }).is_ok());
     }
 
     #[test]

@@ -136,7 +136,8 @@ pub struct Metrics {
     pub owner_changes: Counter,
     /// Bucket bytes `read` and `written`.
     pub bucket_bytes: Family<ReasonLabel, Counter>,
-    /// Bucket lookups by result: `hit`, `miss`, `error`.
+    /// Bucket requests by result: `hit`, `miss`, `error` (which opens the breaker), `corrupt` (an object
+    /// that failed verification).
     pub bucket_requests: Family<ReasonLabel, Counter>,
     /// Uploads to the bucket given up (and aborted).
     pub bucket_abandoned: Counter,
@@ -303,7 +304,7 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             m.bucket_bytes.clone(),
         );
-        r.register("bucket_requests", "Bucket lookups by result (hit, miss, error)", m.bucket_requests.clone());
+        r.register("bucket_requests", "Bucket requests by result (hit, miss, error, corrupt)", m.bucket_requests.clone());
         r.register(
             "bucket_uploads_abandoned",
             "Uploads to the bucket given up and aborted",

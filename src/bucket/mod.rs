@@ -1,5 +1,6 @@
 //! The shared object-storage tier: an S3-compatible bucket below every node's disk and above the upstream.
-//! Objects are content-addressed and immutable (`<prefix>/blobs/sha256/<hex>`), so any node may read what
+//! Objects are content-addressed and immutable (`<prefix>/blobs/sha256/<hex>`, and manifests by digest at
+//! `<prefix>/manifests/sha256/<hex>` with their media type as `Content-Type`), so any node may read what
 //! any node wrote; tags never go to the bucket. Reads are bounded (short timeouts, few retries) and a
 //! circuit breaker skips a failing bucket for a while: a bucket that is down costs one pull a few seconds,
 //! not every pull.
@@ -14,7 +15,8 @@ use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{
-    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, RetryConfig, WriteMultipart,
+    Attribute, Attributes, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    RetryConfig, WriteMultipart,
 };
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,7 +101,11 @@ impl Bucket {
     }
 
     fn path(&self, digest: &Digest) -> Path {
-        let key = format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex());
+        self.path_in("blobs", digest)
+    }
+
+    fn path_in(&self, kind: &str, digest: &Digest) -> Path {
+        let key = format!("{kind}/{}/{}", digest.algorithm().as_str(), digest.hex());
         if self.inner.prefix.is_empty() { Path::from(key) } else { Path::from(format!("{}/{key}", self.inner.prefix)) }
     }
 
@@ -308,10 +314,66 @@ impl Bucket {
         }
     }
 
+    /// A manifest by digest and its media type (kept as the object's `Content-Type`), `None` when the bucket
+    /// does not hold it (or its copy is larger than any manifest wharf accepts). Not verified here: the
+    /// caller checks the digest, as with any source.
+    pub async fn manifest(&self, digest: &Digest) -> Option<(String, Bytes)> {
+        if !self.is_usable() || self.is_corrupt(digest) {
+            return None;
+        }
+        let path = self.path_in("manifests", digest);
+        let got = match bounded(STALL, self.inner.store.get_opts(&path, GetOptions::default())).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => {
+                self.count("miss");
+                return None;
+            }
+            Err(e) => {
+                self.trip("read", &e);
+                return None;
+            }
+        };
+        if got.meta.size > upstream::MAX_MANIFEST_SIZE as u64 {
+            return None;
+        }
+        let media_type = got.attributes.get(&Attribute::ContentType).map(|v| v.to_string()).unwrap_or_default();
+        match bounded(STALL, got.bytes()).await {
+            Ok(bytes) => {
+                self.count("hit");
+                self.inner.metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "read" }).inc_by(bytes.len() as u64);
+                Some((media_type, bytes))
+            }
+            Err(e) => {
+                self.trip("read", &e);
+                None
+            }
+        }
+    }
+
+    /// Stores a verified manifest by digest with its media type, in one create-only request: an object that
+    /// exists already holds the same bytes (unless its copy failed verification: then it is replaced). Runs
+    /// in the background; a failure only opens the breaker.
+    pub async fn put_manifest(&self, digest: &Digest, media_type: &str, bytes: Bytes) {
+        if !self.is_usable() {
+            return;
+        }
+        let path = self.path_in("manifests", digest);
+        let size = bytes.len() as u64;
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::ContentType, media_type.to_owned().into());
+        let mode = if self.is_corrupt(digest) { PutMode::Overwrite } else { PutMode::Create };
+        let options = PutOptions { mode, attributes, ..PutOptions::default() };
+        match bounded(STALL, self.inner.store.put_opts(&path, bytes.into(), options)).await {
+            Ok(_) => self.uploaded(digest, size),
+            Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => self.trip("upload", &e),
+        }
+    }
+
     fn uploaded(&self, digest: &Digest, size: u64) {
         self.inner.corrupt.lock().unwrap().remove(digest);
         self.inner.metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "written" }).inc_by(size);
-        tracing::info!(%digest, size, "blob uploaded to the bucket");
+        tracing::info!(%digest, size, "uploaded to the bucket");
     }
 }
 

@@ -96,6 +96,10 @@ impl Reserve {
     }
 }
 
+/// Pieces queued for a fill's writer thread, and the largest piece: the bound on its buffered bytes.
+const QUEUED: usize = 64;
+const PIECE: usize = 64 * 1024;
+
 /// Bounds on the bytes a fill writes between two free-space checks.
 const MIN_CHECK_EVERY: u64 = 256 * 1024;
 const MAX_CHECK_EVERY: u64 = 8 * 1024 * 1024;
@@ -680,7 +684,7 @@ async fn write_at(
     mut body: futures_util::stream::BoxStream<'static, Result<Bytes, upstream::Error>>,
     mut on_write: impl FnMut(&[u8], u64) + Send + 'static,
 ) -> Result<u64, Error> {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(64);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUED);
     let (file, reserve) = (file.clone(), reserve.clone());
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
         let mut written = 0u64;
@@ -697,16 +701,21 @@ async fn write_at(
     });
     let mut received = 0u64;
     let mut failure = None;
-    while let Some(chunk) = body.next().await {
+    'body: while let Some(chunk) = body.next().await {
         match chunk {
-            Ok(chunk) => {
+            Ok(mut chunk) => {
                 received += chunk.len() as u64;
                 if limit.is_some_and(|l| received > l) {
                     failure = Some(Error::SizeMismatch { announced: limit.unwrap_or(0), received });
                     break;
                 }
-                if tx.send(chunk).await.is_err() {
-                    break;
+                // The queue is bounded in pieces: large chunks (an object store may send hundreds of KiB
+                // at once) are cut, so that it holds at most QUEUED × PIECE bytes, not QUEUED × any size.
+                while !chunk.is_empty() {
+                    let piece = chunk.split_to(chunk.len().min(PIECE));
+                    if tx.send(piece).await.is_err() {
+                        break 'body;
+                    }
                 }
             }
             Err(e) => {

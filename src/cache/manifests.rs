@@ -217,6 +217,9 @@ impl Cache {
         {
             return Ok(ManifestAnswer { info, bytes, outcome: Outcome::Miss });
         }
+        if let Some((info, bytes)) = self.bucket_manifest(client, repo, digest).await {
+            return Ok(ManifestAnswer { info, bytes: Some(bytes).filter(|_| want_body), outcome: Outcome::Miss });
+        }
         if !want_body {
             let head = client.head_manifest(repo, &digest.to_string(), accept).await?;
             if let (Some(size), false) = (head.size, head.media_type.is_empty()) {
@@ -379,7 +382,32 @@ impl Cache {
         };
         let info = ManifestInfo { digest, media_type, size: bytes.len() as u64 };
         self.store_manifest(client, repo, &info, &bytes).await?;
+        if let Some(bucket) = self.shared.bucket.get() {
+            // New to the cluster: shared by digest through the bucket (tags stay with the nodes).
+            let (bucket, info, bytes) = (bucket.clone(), info.clone(), bytes.clone());
+            self.shared.tasks.spawn(async move { bucket.put_manifest(&info.digest, &info.media_type, bytes).await });
+        }
         Ok((info, bytes))
+    }
+
+    /// A manifest by digest from the bucket, verified and stored; `None` when the bucket has no good copy.
+    async fn bucket_manifest(
+        &self,
+        client: &RegistryClient,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Option<(ManifestInfo, Bytes)> {
+        let (media_type, bytes) = self.shared.bucket.get()?.manifest(digest).await?;
+        if !digest.matches(&bytes) || media_type.is_empty() {
+            tracing::error!(%digest, "the bucket's copy of a manifest failed verification; asking the upstream");
+            self.shared.bucket.get()?.mark_corrupt(digest);
+            return None;
+        }
+        let info = ManifestInfo { digest: digest.clone(), media_type, size: bytes.len() as u64 };
+        if let Err(e) = self.store_manifest(client, repo, &info, &bytes).await {
+            tracing::warn!(%digest, error = %e, "storing a manifest from the bucket");
+        }
+        Some((info, bytes))
     }
 
     /// Stores verified manifest bytes and records that `repo` references them. A full disk only costs the

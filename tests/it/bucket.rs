@@ -212,6 +212,42 @@ async fn pull_until_shared(fake: &FakeUpstream, wharf: &Wharf, present: impl Fn(
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn manifests_by_digest_go_to_the_bucket_with_their_media_type_and_tags_do_not() {
+    use crate::support::images::OCI_MANIFEST;
+    let moto = tokio::task::spawn_blocking(Moto::start).await.unwrap();
+    let fake = FakeUpstream::start().await;
+    // Odd spacing: the bytes must come back exact.
+    let body = format!("{{ \"schemaVersion\": 2,\n  \"mediaType\": \"{OCI_MANIFEST}\",  \"layers\": [] }}");
+    let digest = fake.put_manifest("test/app", "v1", OCI_MANIFEST, body.clone());
+    let object = format!("manifests/sha256/{}", digest.strip_prefix("sha256:").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = fake.wharf_args();
+    args.extend(moto.wharf_args(dir.path()));
+    let first = Wharf::start(&dir.path().join("first"), &args);
+    let http = client();
+    let got = http.get(format!("{}/v2/test/app/manifests/v1", first.url())).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    eventually("the manifest is in the bucket", || moto.keys().contains(&object)).await;
+    assert_eq!(moto.object(&object), body.as_bytes());
+    assert_eq!(moto.content_type(&object).as_deref(), Some(OCI_MANIFEST));
+    assert_eq!(moto.keys(), vec![object.clone()], "something other than the manifest by digest went to the bucket");
+    drop(first);
+
+    // An empty node resolves the tag with a HEAD (the upstream keeps the tag's freshness) and takes the body
+    // by digest from the bucket: no manifest GET reaches the upstream.
+    let gets = fake.manifest_gets();
+    let second = Wharf::start(&dir.path().join("second"), &args);
+    let head = http.head(format!("{}/v2/test/app/manifests/v1", second.url())).send().await.unwrap();
+    assert_eq!(head.headers()["docker-content-digest"], digest.as_str());
+    let got = http.get(format!("{}/v2/test/app/manifests/{digest}", second.url())).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.headers()["content-type"], OCI_MANIFEST);
+    assert_eq!(got.bytes().await.unwrap(), body.as_bytes());
+    assert_eq!(fake.manifest_gets(), gets, "the empty node asked the upstream for the manifest's body");
+    assert_eq!(second.metric("wharf_bucket_requests_total{reason=\"hit\"}").await, 1.0);
+}
+
 // Against s3s-fs: a file-backed server that checks signatures.
 
 const SECRET: &str = "wharf-test-secret-0123456789";

@@ -123,6 +123,12 @@ impl Moto {
         assert_eq!(r.status, 200, "PUT {key}: {}", String::from_utf8_lossy(&r.body));
     }
 
+    /// The `Content-Type` moto keeps for object `key`.
+    pub fn content_type(&self, key: &str) -> Option<String> {
+        let r = http(&self.host, "HEAD", &format!("/{}/{key}", self.bucket), AUTH, b"").expect("moto HEAD");
+        r.header("content-type").map(str::to_owned)
+    }
+
     /// The port moto listens on.
     pub fn port(&self) -> u16 {
         self.host.rsplit_once(':').unwrap().1.parse().unwrap()
