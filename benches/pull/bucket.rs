@@ -26,8 +26,8 @@ pub fn missing() -> Option<String> {
     let ok = venv.join("bin/python3").exists() && venv.join("bin/moto_server").exists();
     (!ok).then(|| {
         format!(
-            "moto is not installed in {} (set WHARF_S3_VENV to use another venv); scripts/test creates it, or:\n  \
-             python3 -m venv target/s3-venv && target/s3-venv/bin/pip install -r tests/s3/requirements.txt",
+            "moto is not installed in {} (WHARF_S3_VENV names another venv); scripts/test creates it, or by hand: \
+             `python3 -m venv target/s3-venv && target/s3-venv/bin/pip install -r tests/s3/requirements.txt`",
             venv.display()
         )
     })

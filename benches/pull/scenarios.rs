@@ -993,7 +993,7 @@ pub async fn refill(ctx: &mut Ctx) {
             let mut runs: Vec<Vec<(Row, BucketUse)>> = peers.iter().map(|_| Vec::new()).collect();
             for _ in 0..ctx.opts.repeat {
                 for (i, &peer) in peers.iter().enumerate() {
-                    runs[i].push(refill_run(ctx, &moto, peer, &case, *key, img).await);
+                    runs[i].push(refill_run(ctx, &moto, peer, &case, key, img).await);
                     // Its disk holds the image: free it before the other peer's turn.
                     ctx.peers.stop(peer);
                 }
