@@ -35,6 +35,7 @@ pub fn missing() -> Option<String> {
 
 /// A running moto server with the bench's bucket (killed on drop).
 pub struct Moto {
+    /// The server process (its CPU goes into the run notes).
     pub proc: Proc,
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
