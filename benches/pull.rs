@@ -4,8 +4,11 @@
 //! (origin, seeding, shim, peers), the scenario loop and the result file
 //! `target/bench-results/pull-<timestamp>.md`. Modules:
 //! `procs` (child processes, `/proc`), `origin` (docker-registry + seeding), `shim` (throttling proxy),
-//! `peers` (wharf, registry-proxy, nginx, direct), `client` (load generator), `scenarios`, `report`.
+//! `peers` (wharf, registry-proxy, nginx, direct, the three-node sets, wharf with a bucket), `bucket` (the
+//! S3 server of scenario 9), `client` (load generator), `scenarios`, `report`.
 
+#[path = "pull/bucket.rs"]
+mod bucket;
 #[path = "pull/client.rs"]
 mod client;
 #[path = "pull/origin.rs"]
@@ -32,8 +35,11 @@ cargo bench --bench pull -- [FLAGS]
 
   --quick               small smoke run (~1-2 min): 10 MiB + 4×25 MiB app, 200 MiB large layer, 200 MB/s,
                         herd 2,4, 10 repositories, ab 1 s
-  --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7,8)
-  --peers LIST          wharf,proxy,nginx,direct,cluster,independent (default: all)
+  --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7,8,9): 1 cold single pull, 2 warm single pull,
+                        3 cold herd, 4 late joiners, 5 many images, 6 large layer with 4 clients,
+                        7 manifest req/s, 8 cluster, 9 refill an empty node from an S3 bucket (moto from
+                        target/s3-venv or $WHARF_S3_VENV; skipped if missing) vs from the upstream
+  --peers LIST          wharf,proxy,nginx,direct,cluster,independent,bucket (default: all)
   --rates LIST          per-connection upstream MB/s (default: 50,200; --quick: 200)
   --latency-ms N        added before every upstream response (default: 20)
   --herd LIST           cold-herd client counts (default: 2,4,8,16)
@@ -46,9 +52,11 @@ cargo bench --bench pull -- [FLAGS]
   --many-clients N      scenario 5 clients (default: 16)
   --large-clients N     scenario 6 clients (default: 4)
   --cluster-clients N   scenario 8 herd, spread over the 3 nodes (default: 12)
+  --refill-large        scenario 9 also refills the large layer (default: bench/app only)
   --ab-secs N           seconds per ab run (default: 5)
   --ab-concurrency N    ab -c (default: 16)
-  --repeat N            runs per warm figure (scenarios 2, 6), the median reported (default: 3; --quick: 1)
+  --repeat N            runs per figure (warm: scenarios 2, 6; 8; 9), the median reported (default: 3;
+                        --quick: 1)
   --ab-runs N           ab runs per figure, the best one reported (default: 2; --quick: 1)
   --request-log         keep wharf's per-request log lines on and print wharf's last 200 log lines when
                         it stops (default: off, like the peers)
@@ -72,6 +80,7 @@ pub struct Opts {
     pub many_pulls: usize,
     pub large_clients: usize,
     pub cluster_clients: usize,
+    pub refill_large: bool,
     pub ab_secs: u64,
     pub ab_concurrency: usize,
     pub ab_runs: usize,
@@ -101,7 +110,7 @@ impl Opts {
         let quick = args.iter().any(|a| a == "--quick");
         let mut o = Opts {
             quick,
-            scenarios: (1..=8).collect(),
+            scenarios: (1..=9).collect(),
             peers: vec![
                 PeerKind::Wharf,
                 PeerKind::Proxy,
@@ -109,6 +118,7 @@ impl Opts {
                 PeerKind::Direct,
                 PeerKind::Cluster,
                 PeerKind::Independent,
+                PeerKind::Bucket,
             ],
             rates: if quick { vec![200] } else { vec![50, 200] },
             latency_ms: 20,
@@ -130,6 +140,7 @@ impl Opts {
             many_pulls: if quick { 2 } else { 3 },
             large_clients: 4,
             cluster_clients: 12,
+            refill_large: false,
             ab_secs: if quick { 1 } else { 5 },
             ab_concurrency: 16,
             ab_runs: if quick { 1 } else { 2 },
@@ -174,6 +185,7 @@ impl Opts {
                 "--many-clients" => o.many_clients = num(value()) as usize,
                 "--large-clients" => o.large_clients = num(value()) as usize,
                 "--cluster-clients" => o.cluster_clients = (num(value()) as usize).max(1),
+                "--refill-large" => o.refill_large = true,
                 "--ab-secs" => o.ab_secs = num(value()),
                 "--ab-concurrency" => o.ab_concurrency = num(value()) as usize,
                 "--repeat" => o.repeat = (num(value()) as usize).max(1),
@@ -215,6 +227,12 @@ fn main() {
     if !missing.is_empty() {
         eprintln!("bench: missing tools; install them with:\n  apt-get install {}", missing.join(" "));
         std::process::exit(1);
+    }
+    if opts.scenarios.contains(&9)
+        && let Some(why) = bucket::missing()
+    {
+        // Said now, not only after the scenarios before it have run.
+        eprintln!("bench: scenario 9 will be skipped: {why}");
     }
     // The clients' task polls are long (a poll reads and hashes up to a budget's worth of chunks, about a
     // millisecond), so tokio's default of checking for I/O events every 61 polls left a late joiner's
@@ -281,6 +299,7 @@ async fn run(opts: Opts) {
             6 => scenarios::large_layer(&mut ctx).await,
             7 => scenarios::manifests(&mut ctx).await,
             8 => scenarios::cluster(&mut ctx).await,
+            9 => scenarios::refill(&mut ctx).await,
             other => eprintln!("bench: no scenario {other}"),
         }
         timings.push(format!("{s}: {:.0} s", t.elapsed().as_secs_f64()));

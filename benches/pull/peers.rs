@@ -11,6 +11,8 @@
 //!   address binds without setup), each with its own data directory; `cluster` adds `--peer-listen`,
 //!   `--peers` (all three) and `--peer-key-file`, `independent` leaves them out. Peer traffic goes straight
 //!   from node to node, so the shim still sees only the upstream.
+//! * `bucket` (scenario 9): one wharf like `wharf`, plus `--config FILE` whose `[storage.s3]` names the
+//!   scenario's S3 server ([`Peers::set_bucket_config`]); its own slot, so it can run beside `wharf`.
 //!
 //! [`Peers::cold`] gives a caching peer with an empty cache (stopped, new data directory, started again).
 
@@ -27,6 +29,8 @@ pub enum PeerKind {
     Cluster,
     /// Three wharf instances that know nothing of each other.
     Independent,
+    /// One wharf with the S3 bucket tier below its disk.
+    Bucket,
     Wharf,
     Proxy,
     Nginx,
@@ -43,6 +47,7 @@ impl PeerKind {
             PeerKind::Direct => "direct",
             PeerKind::Cluster => "wharf cluster (3 nodes)",
             PeerKind::Independent => "3 wharfs, no cluster",
+            PeerKind::Bucket => "wharf + bucket",
         }
     }
 
@@ -55,6 +60,7 @@ impl PeerKind {
             "direct" => Some(PeerKind::Direct),
             "cluster" => Some(PeerKind::Cluster),
             "independent" => Some(PeerKind::Independent),
+            "bucket" => Some(PeerKind::Bucket),
             _ => None,
         }
     }
@@ -110,6 +116,9 @@ pub struct Peers {
     wharf_bin: PathBuf,
     seq: u32,
     wharf: Option<WharfProc>,
+    /// The `bucket` peer and the config file it starts with.
+    bucket_wharf: Option<WharfProc>,
+    bucket_config: Option<PathBuf>,
     trio: Option<Trio>,
     proxy: Option<(Registry, PathBuf)>,
     nginx: Option<Nginx>,
@@ -139,6 +148,8 @@ impl Peers {
             wharf_bin,
             seq: 0,
             wharf: None,
+            bucket_wharf: None,
+            bucket_config: None,
             trio: None,
             proxy: None,
             nginx: None,
@@ -148,12 +159,7 @@ impl Peers {
 
     /// `kind` with an empty cache: wharf and the proxy are restarted on a new data directory.
     pub async fn cold(&mut self, kind: PeerKind) -> Target {
-        match kind {
-            PeerKind::Wharf => self.stop_wharf(),
-            PeerKind::Proxy => self.stop_proxy(),
-            PeerKind::Cluster | PeerKind::Independent => self.stop_trio(),
-            PeerKind::Nginx | PeerKind::Direct => {}
-        }
+        self.stop(kind);
         self.current(kind).await
     }
 
@@ -165,6 +171,15 @@ impl Peers {
                     self.wharf = Some(self.start_wharf());
                 }
                 let w = self.wharf.as_ref().expect("wharf");
+                Target::single(kind, w.url.clone(), vec![w.proc.pid()])
+            }
+            PeerKind::Bucket => {
+                if self.bucket_wharf.is_none() {
+                    let config = self.bucket_config.clone().expect("set_bucket_config before the bucket peer");
+                    let extra = ["--config".to_string(), config.display().to_string()];
+                    self.bucket_wharf = Some(self.spawn_wharf("127.0.0.1", &extra));
+                }
+                let w = self.bucket_wharf.as_ref().expect("bucket wharf");
                 Target::single(kind, w.url.clone(), vec![w.proc.pid()])
             }
             PeerKind::Proxy => {
@@ -201,6 +216,25 @@ impl Peers {
                     pids: t.nodes.iter().map(|n| n.proc.pid()).collect(),
                 }
             }
+        }
+    }
+
+    /// Writes `toml` (a `[storage.s3]` section) to the run directory: the config file the `bucket` peer is
+    /// started with from now on.
+    pub fn set_bucket_config(&mut self, toml: &str) {
+        let path = self.run_dir.join("bucket.toml");
+        std::fs::write(&path, toml).expect("write the bucket config");
+        self.bucket_config = Some(path);
+    }
+
+    /// Stops `kind` if it runs (wharf and the bucket peer: their data directories are removed).
+    pub fn stop(&mut self, kind: PeerKind) {
+        match kind {
+            PeerKind::Wharf => self.stop_wharf(),
+            PeerKind::Bucket => self.stop_bucket_wharf(),
+            PeerKind::Proxy => self.stop_proxy(),
+            PeerKind::Cluster | PeerKind::Independent => self.stop_trio(),
+            PeerKind::Nginx | PeerKind::Direct => {}
         }
     }
 
@@ -303,16 +337,26 @@ impl Peers {
     /// The last log lines of every running wharf (for a failed run's report).
     pub fn wharf_logs(&self, n: usize) -> String {
         let mut out = String::new();
-        for w in self.wharf.iter().chain(self.trio.iter().flat_map(|t| t.nodes.iter())) {
+        for w in self.wharf.iter().chain(&self.bucket_wharf).chain(self.trio.iter().flat_map(|t| t.nodes.iter())) {
             out.push_str(&format!("--- {}\n{}\n", w.url, w.proc.log_tail(n)));
         }
         out
     }
 
     fn stop_wharf(&mut self) {
-        if let Some(mut w) = self.wharf.take() {
+        let w = self.wharf.take();
+        self.stop_single(w);
+    }
+
+    fn stop_bucket_wharf(&mut self) {
+        let w = self.bucket_wharf.take();
+        self.stop_single(w);
+    }
+
+    fn stop_single(&mut self, w: Option<WharfProc>) {
+        if let Some(mut w) = w {
             if self.request_log {
-                eprintln!("bench: wharf's last log lines:\n{}", w.proc.log_tail(200));
+                eprintln!("bench: {}'s last log lines:\n{}", w.url, w.proc.log_tail(200));
             }
             w.proc.stop(libc::SIGKILL, Duration::from_secs(5));
             self.wharf_hwm_kib = self.wharf_hwm_kib.max(w.proc.final_hwm_kib);
@@ -322,7 +366,7 @@ impl Peers {
 
     /// The highest `VmHWM` (KiB) of one wharf instance so far: stopped instances and the running ones.
     pub fn wharf_peak_kib(&self) -> u64 {
-        let running = self.wharf.iter().chain(self.trio.iter().flat_map(|t| t.nodes.iter()));
+        let running = self.wharf.iter().chain(&self.bucket_wharf).chain(self.trio.iter().flat_map(|t| t.nodes.iter()));
         running.filter_map(|w| procs::rss_kib(w.proc.pid())).map(|r| r.1).fold(self.wharf_hwm_kib, u64::max)
     }
 
@@ -389,6 +433,7 @@ impl Peers {
     /// Stops everything (wharf, proxy, nginx and its workers).
     pub fn stop_all(&mut self) {
         self.stop_wharf();
+        self.stop_bucket_wharf();
         self.stop_trio();
         self.stop_proxy();
         if let Some(mut n) = self.nginx.take() {

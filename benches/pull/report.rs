@@ -88,7 +88,7 @@ pub struct Section {
     pub title: String,
     pub notes: Vec<String>,
     pub table: Table,
-    /// The peer the ratio columns divide by the others (wharf; scenario 8: the cluster).
+    /// The peer the ratio columns divide by the others (wharf; scenario 8: the cluster; 9: the bucket).
     pub base: PeerKind,
 }
 
@@ -118,14 +118,19 @@ fn fmt_ratio(w: f64, p: f64) -> String {
     if w > 0.0 && p > 0.0 { format!("{:.2}×", w / p) } else { "—".into() }
 }
 
-fn mb(bytes: u64) -> String {
+/// Bytes as MB, two decimals below 10 MB.
+pub fn mb(bytes: u64) -> String {
     let v = bytes as f64 / 1e6;
     if v < 10.0 { format!("{v:.2}") } else { format!("{v:.0}") }
 }
 
 /// The Markdown table of a transfer section; the ratio columns divide `base`'s figures by each peer's.
 fn transfer_table(rows: &[Row], base: PeerKind, out: &mut String) {
-    let b = if base == PeerKind::Cluster { "cluster" } else { base.name() };
+    let b = match base {
+        PeerKind::Cluster => "cluster",
+        PeerKind::Bucket => "bucket",
+        _ => base.name(),
+    };
     let _ = writeln!(
         out,
         "| case | peer | clients | wall p50 / p90 / max (s) | TTFB p50 / max (ms) | MB/s | {b}/peer MB/s \
@@ -203,6 +208,8 @@ fn rps_table(rows: &[RpsRow], out: &mut String) {
 pub fn render_section(s: &Section) -> String {
     let mut out = format!("### {}\n\n", s.title);
     match &s.table {
+        // A skipped scenario: its notes say why.
+        Table::Transfer(rows) if rows.is_empty() => {}
         Table::Transfer(rows) => {
             transfer_table(rows, s.base, &mut out);
             let mut details = Vec::new();

@@ -2,13 +2,15 @@
 //! pull, 3 cold herd, 4 late joiners, 5 many images, 6 the large layer with 4 clients (cold and warm),
 //! 7 manifest requests per second with `ab -k`) and issue 12's cluster tier (8: a herd spread over three
 //! clustered nodes against three independent wharfs, the reference proxy and one wharf; a warm blob through
-//! a peer against a local warm hit).
+//! a peer against a local warm hit) and issue 13's bucket tier (9: an empty node refilled from an S3 bucket
+//! against one refilled from the throttled upstream).
 //!
 //! Every measured run goes through [`Ctx::measured`]: server CPU (`/proc/PID/stat` deltas), sampled peak
 //! RSS, and the shim's counters, read after the shim has been quiet for 300 ms so that background fills
 //! (the reference proxy's second download) are charged to the run that caused them.
 
 use crate::Opts;
+use crate::bucket::{self, Moto};
 use crate::client::{self, BlobStats, Mode, Node, PullStats};
 use crate::origin::{ACCEPT_MANIFESTS, Blob, Catalog, GIB, Image, MIB, unique_bytes};
 use crate::peers::{PeerKind, Peers, Target};
@@ -303,16 +305,21 @@ async fn interleaved(
 }
 
 /// The median run by throughput, noting every run's MB/s.
-fn median_row(mut runs: Vec<Row>) -> Option<Row> {
+fn median_row(runs: Vec<Row>) -> Option<Row> {
+    median_run(runs.into_iter().map(|r| (r, ())).collect()).map(|(r, ())| r)
+}
+
+/// [`median_row`] for runs carrying figures of their own (`T`), kept with the run chosen.
+fn median_run<T>(mut runs: Vec<(Row, T)>) -> Option<(Row, T)> {
     if runs.len() <= 1 {
         return runs.pop();
     }
-    runs.sort_by(|a, b| a.mbps().total_cmp(&b.mbps()));
-    let all: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.mbps())).collect();
-    let mut row = runs.remove(runs.len() / 2);
+    runs.sort_by(|a, b| a.0.mbps().total_cmp(&b.0.mbps()));
+    let all: Vec<String> = runs.iter().map(|r| format!("{:.0}", r.0.mbps())).collect();
+    let (mut row, extra) = runs.remove(runs.len() / 2);
     let median = format!("median of {} runs, MB/s {}", all.len(), all.join(" / "));
     row.note = if row.note.is_empty() { median } else { format!("{median}; this run: {}", row.note) };
-    Some(row)
+    Some((row, extra))
 }
 
 /// 3. N clients pull the same image from a cold peer at once.
@@ -895,4 +902,226 @@ async fn warm_through_peer(ctx: &mut Ctx) -> Vec<Row> {
         }
     }
     [median_row(fills), median_row(local), median_row(via_peer)].into_iter().flatten().collect()
+}
+
+const BUCKET_READ: &str = "wharf_bucket_bytes_total{reason=\"read\"}";
+const BUCKET_WRITTEN: &str = "wharf_bucket_bytes_total{reason=\"written\"}";
+/// Bucket lookups by result, `{reason="…"}` appended.
+const BUCKET_REQUESTS: &str = "wharf_bucket_requests_total";
+
+/// Bucket figures of one scenario-9 run, from the serving wharf's `/metrics`.
+#[derive(Clone, Copy)]
+struct BucketUse {
+    read: f64,
+    written: f64,
+    hits: f64,
+    misses: f64,
+    errors: f64,
+}
+
+impl BucketUse {
+    async fn of(url: &str) -> BucketUse {
+        let urls = [url.to_string()];
+        let requests = |reason: &str| format!("{BUCKET_REQUESTS}{{reason=\"{reason}\"}}");
+        BucketUse {
+            read: metric_sum(&urls, BUCKET_READ).await,
+            written: metric_sum(&urls, BUCKET_WRITTEN).await,
+            hits: metric_sum(&urls, &requests("hit")).await,
+            misses: metric_sum(&urls, &requests("miss")).await,
+            errors: metric_sum(&urls, &requests("error")).await,
+        }
+    }
+
+    fn since(self, before: BucketUse) -> BucketUse {
+        BucketUse {
+            read: self.read - before.read,
+            written: self.written - before.written,
+            hits: self.hits - before.hits,
+            misses: self.misses - before.misses,
+            errors: self.errors - before.errors,
+        }
+    }
+}
+
+/// Scenario 9, the bucket tier (issue 13). moto (an in-memory S3 server) gets one bucket; a wharf with that
+/// bucket pulls the image(s) so that every blob is uploaded; then, taking turns `--repeat` times per rate,
+/// a new wharf on an empty disk with the bucket (it should read every blob from the bucket, none from the
+/// upstream) and a new wharf on an empty disk without it (every blob through the throttled shim) serve
+/// one client each. Only wharf's config file and `/metrics` and the bucket's object listing are used.
+pub async fn refill(ctx: &mut Ctx) {
+    let mut images = vec![("app", ctx.catalog.app.clone())];
+    if ctx.opts.refill_large {
+        images.push(("large", ctx.catalog.large.clone()));
+    }
+    let labels: Vec<String> = images.iter().map(|(_, i)| image_label(i)).collect();
+    let title = format!(
+        "9. Refill: an empty node from the bucket vs from the upstream (1 client, whole GETs; {})",
+        labels.join(", ")
+    );
+    let skip = |ctx: &mut Ctx, why: String| {
+        eprintln!("bench: [9] skipped: {why}");
+        let notes = vec![format!("Skipped: {why}")];
+        let section = Section {
+            scenario: 9,
+            title: format!("{title}: skipped"),
+            notes,
+            table: Table::Transfer(vec![]),
+            base: PeerKind::Bucket,
+        };
+        println!("{}", crate::report::render_section(&section));
+        ctx.sections.push(section);
+    };
+    if let Some(why) = bucket::missing() {
+        return skip(ctx, why);
+    }
+    let moto = match Moto::start().await {
+        Ok(m) => m,
+        Err(e) => return skip(ctx, e),
+    };
+    ctx.peers.set_bucket_config(&moto.config_toml());
+    let peers = ctx.peers_of(&[PeerKind::Bucket, PeerKind::Wharf]);
+    let mut notes = Vec::new();
+    if peers.contains(&PeerKind::Bucket) {
+        notes.push(seed_bucket(ctx, &moto, &images).await);
+    }
+    let mut rows = Vec::new();
+    let mut summary = Vec::new();
+    for rate in ctx.opts.rates.clone() {
+        ctx.set_rate(rate);
+        for (key, img) in &images {
+            let case = format!("{}, {rate} MB/s", image_label(img));
+            let mut runs: Vec<Vec<(Row, BucketUse)>> = peers.iter().map(|_| Vec::new()).collect();
+            for _ in 0..ctx.opts.repeat {
+                for (i, &peer) in peers.iter().enumerate() {
+                    runs[i].push(refill_run(ctx, &moto, peer, &case, key, img).await);
+                    // Its disk holds the image: free it before the other peer's turn.
+                    ctx.peers.stop(peer);
+                }
+            }
+            let medians: Vec<(Row, BucketUse)> = runs.into_iter().filter_map(median_run).collect();
+            let find = |kind: PeerKind| medians.iter().find(|(r, _)| r.peer == kind && r.errors.is_empty());
+            if let (Some((b, used)), Some((u, _))) = (find(PeerKind::Bucket), find(PeerKind::Wharf)) {
+                let wall = |r: &Row| r.wall.first().copied().unwrap_or(f64::NAN);
+                summary.push(format!(
+                    "{case}: wall {:.2} s from the bucket vs {:.2} s from the upstream ({:.2}×); wharf CPU {:.2} vs \
+                     {:.2} CPU-s/GiB ({:.2}×); upstream {} vs {} MB; bucket read {:.0} MB ({:.2}× the image)",
+                    wall(b),
+                    wall(u),
+                    wall(b) / wall(u),
+                    b.cpu_per_gib(),
+                    u.cpu_per_gib(),
+                    b.cpu_per_gib() / u.cpu_per_gib(),
+                    crate::report::mb(b.m.up.bytes),
+                    crate::report::mb(u.m.up.bytes),
+                    used.read / 1e6,
+                    used.read / img.bytes() as f64,
+                ));
+            }
+            rows.extend(medians.into_iter().map(|(r, _)| r));
+        }
+    }
+    if !summary.is_empty() {
+        notes.insert(0, format!("Bucket / upstream, medians: {}.", summary.join("; ")));
+    }
+    notes.push(format!(
+        "Each case: a new wharf on an empty disk with the bucket (`[storage.s3]` in a config file; moto {}, in \
+         memory, on loopback) and a new wharf on an empty disk without it, taking turns, each pulling the image \
+         with one client ({} concurrent requests); each figure the median run by MB/s of {} run(s). CPU is \
+         wharf's only (moto's is in the details). Upstream MB counts every response through the shim: the \
+         manifest by tag still comes from the upstream (tags never go to the bucket); blob requests are in the \
+         details.",
+        moto.version, ctx.opts.downloads, ctx.opts.repeat
+    ));
+    ctx.peers.stop(PeerKind::Bucket);
+    ctx.push_vs(9, title, rows, notes, PeerKind::Bucket);
+}
+
+/// One wharf with the bucket pulls `images` from the unthrottled upstream; waits until the bucket holds
+/// every blob (uploads run after the pull). Returns the report note.
+async fn seed_bucket(ctx: &mut Ctx, moto: &Moto, images: &[(&str, Image)]) -> String {
+    let target = ctx.peers.cold(PeerKind::Bucket).await;
+    let plain: Vec<Image> = images.iter().map(|(_, i)| i.clone()).collect();
+    let t = Instant::now();
+    ctx.warm_up(&target, &plain).await;
+    let pulled = t.elapsed().as_secs_f64();
+    let mut blobs: Vec<Blob> = plain.iter().flat_map(|i| i.blobs().into_iter().cloned()).collect();
+    blobs.sort_by(|a, b| a.digest.cmp(&b.digest));
+    blobs.dedup_by(|a, b| a.digest == b.digest);
+    let total: u64 = blobs.iter().map(|b| b.size).sum();
+    // Generous for moto on 2 shared cores (it buffers every part in Python), yet bounded.
+    let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_secs_f64(total as f64 / 5e6);
+    let t = Instant::now();
+    let (mut written, mut listed);
+    loop {
+        written = metric_sum(std::slice::from_ref(&target.url), BUCKET_WRITTEN).await;
+        let keys = moto.keys().await.unwrap_or_default();
+        listed = blobs.iter().filter(|b| bucket::has_blob(&keys, &b.digest)).count();
+        if listed == blobs.len() || written >= total as f64 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let waited = t.elapsed().as_secs_f64();
+    let complete = listed == blobs.len();
+    let note = format!(
+        "Seed: a wharf with the bucket pulled {} from the unthrottled upstream in {pulled:.1} s; {waited:.1} s \
+         later {listed} of the {} blobs were in the bucket and it counted {:.0} MB written of {:.0} MB{}.",
+        plain.iter().map(|i| i.repo.as_str()).collect::<Vec<_>>().join(" and "),
+        blobs.len(),
+        written / 1e6,
+        total as f64 / 1e6,
+        if complete { "" } else { " (**incomplete**: the bucket runs below read partly from the upstream)" }
+    );
+    if !complete {
+        eprintln!("bench: [9] uploads incomplete after {waited:.0} s; wharf logs:\n{}", ctx.peers.wharf_logs(40));
+    }
+    eprintln!("bench: [9] {note}");
+    ctx.peers.stop(PeerKind::Bucket);
+    note
+}
+
+/// One cold run of scenario 9: a new `peer` (the bucket wharf or plain wharf) pulls `img` with one client.
+async fn refill_run(
+    ctx: &mut Ctx,
+    moto: &Moto,
+    peer: PeerKind,
+    case: &str,
+    key: &'static str,
+    img: &Image,
+) -> (Row, BucketUse) {
+    let target = ctx.peers.cold(peer).await;
+    let before = BucketUse::of(&target.url).await;
+    let moto_cpu = procs::cpu_seconds(moto.proc.pid());
+    let job = pull_all(&target.url, vec![(img.clone(), Mode::Whole)], ctx.opts.downloads);
+    let (res, m) = ctx.measured(&target, job).await;
+    let moto_cpu = procs::cpu_seconds(moto.proc.pid()) - moto_cpu;
+    let used = BucketUse::of(&target.url).await.since(before);
+    let blob_requests: u64 = m.up.requests.iter().filter(|(k, _)| k.contains("blob")).map(|(_, v)| v).sum();
+    let spec = RowSpec {
+        scenario: 9,
+        case: case.to_string(),
+        image: key,
+        mode: "whole".into(),
+        peer,
+        reference_bytes: img.bytes(),
+    };
+    let mut row = pull_row(spec, &res, m);
+    row.note = if peer == PeerKind::Bucket {
+        format!(
+            "upstream blob requests {blob_requests}; bucket read {:.0} MB ({:.2}× the image), written {:.0} MB, \
+             lookups hit {:.0} / miss {:.0} / error {:.0}; moto CPU {moto_cpu:.2} s",
+            used.read / 1e6,
+            used.read / img.bytes() as f64,
+            used.written / 1e6,
+            used.hits,
+            used.misses,
+            used.errors
+        )
+    } else {
+        format!("no bucket; upstream blob requests {blob_requests}")
+    };
+    if !row.errors.is_empty() {
+        eprintln!("bench: [9] errors; wharf logs:\n{}", ctx.peers.wharf_logs(40));
+    }
+    (row, used)
 }
