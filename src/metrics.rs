@@ -139,6 +139,9 @@ pub struct Metrics {
     /// Bucket requests by result: `hit`, `miss`, `error` (which opens the breaker), `corrupt` (an object
     /// that failed verification).
     pub bucket_requests: Family<ReasonLabel, Counter>,
+    /// Bucket failures by kind: `denied` (credentials or permissions), `timeout` (no answer within the
+    /// bound), `unavailable` (connection, 5xx and the rest).
+    pub bucket_errors: Family<ReasonLabel, Counter>,
     /// Uploads to the bucket given up (and aborted).
     pub bucket_abandoned: Counter,
     /// 1 while the bucket is skipped after a failure, else 0.
@@ -194,6 +197,7 @@ impl Metrics {
             owner_changes: Counter::default(),
             bucket_bytes: Family::default(),
             bucket_requests: Family::default(),
+            bucket_errors: Family::default(),
             bucket_abandoned: Counter::default(),
             bucket_breaker_open: Gauge::default(),
             registry: Registry::default(),
@@ -304,7 +308,12 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             m.bucket_bytes.clone(),
         );
-        r.register("bucket_requests", "Bucket requests by result (hit, miss, error, corrupt)", m.bucket_requests.clone());
+        r.register(
+            "bucket_requests",
+            "Bucket requests by result (hit, miss, error, corrupt)",
+            m.bucket_requests.clone(),
+        );
+        r.register("bucket_errors", "Bucket failures by kind (denied, timeout, unavailable)", m.bucket_errors.clone());
         r.register(
             "bucket_uploads_abandoned",
             "Uploads to the bucket given up and aborted",

@@ -122,7 +122,13 @@ impl Bucket {
         self.inner.open_until_ms.store(until, Ordering::Relaxed);
         self.inner.metrics.bucket_breaker_open.set(1);
         self.count("error");
-        tracing::warn!(error = %e, "bucket {what} failed; skipping the bucket for {}s", self.inner.breaker.as_secs());
+        let kind = match e {
+            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => "denied",
+            object_store::Error::Generic { source, .. } if source.to_string().starts_with(NO_ANSWER) => "timeout",
+            _ => "unavailable",
+        };
+        self.inner.metrics.bucket_errors.get_or_create(&ReasonLabel { reason: kind }).inc();
+        tracing::warn!(error = %e, kind, "bucket {what} failed; skipping the bucket for {}s", self.inner.breaker.as_secs());
     }
 
     /// Records that the object of `digest` failed verification: it is not read again, the refetched blob's
@@ -183,7 +189,8 @@ impl Bucket {
                 Ok(Some(item)) => Some((item, Some(stream))),
                 Ok(None) => None,
                 Err(_) => {
-                    let e = object_store::Error::Generic { store: "S3", source: "the object's bytes stalled".into() };
+                    let source = format!("{NO_ANSWER} {STALL:?}: the object's bytes stalled").into();
+                    let e = object_store::Error::Generic { store: "S3", source };
                     Some((Err(e), None))
                 }
             }
@@ -340,7 +347,11 @@ impl Bucket {
         match bounded(STALL, got.bytes()).await {
             Ok(bytes) => {
                 self.count("hit");
-                self.inner.metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "read" }).inc_by(bytes.len() as u64);
+                self.inner
+                    .metrics
+                    .bucket_bytes
+                    .get_or_create(&ReasonLabel { reason: "read" })
+                    .inc_by(bytes.len() as u64);
                 Some((media_type, bytes))
             }
             Err(e) => {
@@ -398,12 +409,15 @@ async fn read_part(file: Arc<std::fs::File>, offset: u64, n: usize) -> Option<By
     read.ok()?.ok()
 }
 
+/// How a bound's error starts (and how it is told apart from the bucket's own errors).
+const NO_ANSWER: &str = "no answer within";
+
 /// `work`, or an error past `limit`: no bucket call may hold its caller (or an upload task) forever.
 async fn bounded<T>(
     limit: Duration,
     work: impl std::future::Future<Output = Result<T, object_store::Error>>,
 ) -> Result<T, object_store::Error> {
     tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
-        Err(object_store::Error::Generic { store: "S3", source: format!("no answer within {limit:?}").into() })
+        Err(object_store::Error::Generic { store: "S3", source: format!("{NO_ANSWER} {limit:?}").into() })
     })
 }

@@ -183,6 +183,7 @@ async fn a_bucket_that_is_down_costs_little_and_is_used_again_when_back() {
     assert!(took < Duration::from_secs(6), "a pull took {took:?} with the bucket down");
     assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 1.0);
     assert!(wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await >= 1.0);
+    assert!(wharf.metric("wharf_bucket_errors_total{reason=\"unavailable\"}").await >= 1.0);
     // While open, the bucket is not asked at all.
     let errors = wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await;
     let (other, other_data) = fake.add_random_blob(1000);
@@ -316,6 +317,7 @@ async fn refused_credentials_open_the_breaker_and_the_bucket_is_used_once_they_a
     assert_eq!(fake.blob_gets(&digest), 1);
     assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 1.0);
     assert!(wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await >= 1.0);
+    assert!(wharf.metric("wharf_bucket_errors_total{reason=\"denied\"}").await >= 1.0);
     assert_eq!(s3.object(&key(&digest)), None, "an upload went through with refused credentials");
     // While open, the bucket is not asked at all.
     let errors = wharf.metric("wharf_bucket_requests_total{reason=\"error\"}").await;

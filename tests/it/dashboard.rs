@@ -25,6 +25,7 @@ fn every_family() -> Metrics {
     m.peer_fallbacks.get_or_create(&ReasonLabel { reason: "unreachable" }).inc();
     m.bucket_bytes.get_or_create(&ReasonLabel { reason: "read" }).inc();
     m.bucket_requests.get_or_create(&ReasonLabel { reason: "hit" }).inc();
+    m.bucket_errors.get_or_create(&ReasonLabel { reason: "denied" }).inc();
     m
 }
 
@@ -76,6 +77,7 @@ fn grafana_dashboard_queries_only_exported_metrics() {
         "wharf_owner_changes",
         "wharf_bucket_bytes",
         "wharf_bucket_requests",
+        "wharf_bucket_errors",
         "wharf_bucket_uploads_abandoned",
         "wharf_bucket_breaker_open",
     ] {
