@@ -352,7 +352,7 @@ async fn a_wiped_cluster_refills_from_the_bucket_with_no_upstream_bytes() {
         async move {
             let mut pulls = Vec::new();
             for i in 0..9 {
-                for (digest, data) in blobs.iter().cloned() {
+                for (digest, data) in blobs.clone() {
                     let url = format!("{}/v2/test/app/blobs/{digest}", urls[i % 3]);
                     pulls.push(tokio::spawn(async move { get_ok(&client(), &url, &data).await }));
                 }
