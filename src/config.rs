@@ -368,6 +368,13 @@ pub struct S3Settings {
     /// Seconds a failing bucket is skipped before it is tried again.
     #[serde(default = "default_breaker")]
     pub breaker_seconds: u64,
+    /// Seconds an upload part (or the upload's completion) may take before the upload is abandoned.
+    #[serde(default = "default_part_timeout")]
+    pub part_timeout_seconds: u64,
+}
+
+fn default_part_timeout() -> u64 {
+    60
 }
 
 fn default_breaker() -> u64 {
@@ -389,6 +396,7 @@ impl fmt::Debug for S3Settings {
             .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
             .field("allow_http", &self.allow_http)
             .field("breaker_seconds", &self.breaker_seconds)
+            .field("part_timeout_seconds", &self.part_timeout_seconds)
             .finish()
     }
 }
@@ -843,6 +851,7 @@ mod tests {
             secret_access_key: Some("secret".into()),
             allow_http: true,
             breaker_seconds: 60,
+            part_timeout_seconds: 60,
         };
         let check = |s: S3Settings| {
             let mut c = Config::default();

@@ -27,9 +27,6 @@ use std::time::{Duration, Instant};
 /// next source (the upstream), resumed where the bucket stopped.
 const STALL: Duration = Duration::from_secs(5);
 
-/// Longest an upload part (or the upload's completion) may take before the upload is abandoned.
-const PART_TIME: Duration = Duration::from_secs(60);
-
 /// Bytes per multipart part (S3's minimum is 5 MiB).
 const PART: usize = 8 * 1024 * 1024;
 /// Parts in flight per upload: the bound on an upload's buffered memory.
@@ -59,6 +56,8 @@ struct Inner {
     epoch: Instant,
     /// How long a failure opens the breaker.
     breaker: Duration,
+    /// Longest an upload part (or the upload's completion) may take before the upload is abandoned.
+    part_time: Duration,
     /// Objects whose bytes failed verification: not read again, and overwritten by the next upload.
     corrupt: Mutex<HashSet<Digest>>,
     /// Turns for multipart uploads (see `UPLOADS`).
@@ -94,6 +93,7 @@ impl Bucket {
             open_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             breaker: Duration::from_secs(s.breaker_seconds.max(1)),
+            part_time: Duration::from_secs(s.part_timeout_seconds.max(1)),
             corrupt: Mutex::default(),
             uploads: tokio::sync::Semaphore::new(UPLOADS),
         };
@@ -248,7 +248,7 @@ impl Bucket {
     async fn put_small(&self, digest: &Digest, path: &Path, file: Arc<std::fs::File>, size: u64, replace: bool) {
         let Some(bytes) = read_part(file, 0, size as usize).await else { return };
         let mode = if replace { PutMode::Overwrite } else { PutMode::Create };
-        match bounded(PART_TIME, self.inner.store.put_opts(path, bytes.into(), mode.into())).await {
+        match bounded(self.inner.part_time, self.inner.store.put_opts(path, bytes.into(), mode.into())).await {
             // Another node (or cluster) uploaded it first: the same bytes, by construction.
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => self.uploaded(digest, size),
             Err(e) => {
@@ -285,7 +285,7 @@ impl Bucket {
             let mut broke = None;
             while sent < until {
                 let n = (until - sent).min(PART as u64) as usize;
-                if let Err(e) = bounded(PART_TIME, writer.wait_for_capacity(PARTS_IN_FLIGHT)).await {
+                if let Err(e) = bounded(self.inner.part_time, writer.wait_for_capacity(PARTS_IN_FLIGHT)).await {
                     broke = Some(Some(e));
                     break;
                 }
@@ -301,7 +301,7 @@ impl Bucket {
                 break broke;
             }
             if let Some(size) = verified {
-                match bounded(PART_TIME, writer.finish()).await {
+                match bounded(self.inner.part_time, writer.finish()).await {
                     Ok(_) => return self.uploaded(digest, size),
                     Err(e) => {
                         self.inner.metrics.bucket_abandoned.inc();

@@ -249,6 +249,39 @@ async fn manifests_by_digest_go_to_the_bucket_with_their_media_type_and_tags_do_
     assert_eq!(second.metric("wharf_bucket_requests_total{reason=\"hit\"}").await, 1.0);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_the_bucket_cannot_keep_up_with_is_abandoned_without_delaying_the_pull() {
+    use crate::support::stuck_s3::StuckS3;
+    let s3 = StuckS3::start().await;
+    let fake = FakeUpstream::start().await;
+    let (digest, data) = fake.add_random_blob(20 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stuck.toml");
+    // The part bound at 2 s; the breaker and every other bound as configured by default.
+    let toml = format!(
+        "[storage.s3]\nbucket = \"wharf\"\nendpoint = \"http://{}\"\nallow_http = true\naccess_key_id = \"k\"\n\
+         secret_access_key = \"s\"\npart_timeout_seconds = 2\n{ONE_STREAM}",
+        s3.host
+    );
+    std::fs::write(&config, toml).unwrap();
+    let mut args = fake.wharf_args();
+    args.extend(["--config".to_string(), config.display().to_string()]);
+    let wharf = Wharf::start(&dir.path().join("data"), &args);
+    // The whole blob reaches the client while the bucket holds the upload's parts unanswered.
+    get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
+    s3.part_reached().await;
+    // Then the upload is given up, counted and aborted; the breaker opens.
+    let abandoned = async {
+        while wharf.metric("wharf_bucket_uploads_abandoned_total").await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), abandoned).await.expect("the stuck upload was never abandoned");
+    eventually("the upload is aborted", || s3.aborts() == 1).await;
+    assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 1.0);
+    assert_eq!(wharf.metric("wharf_bucket_errors_total{reason=\"timeout\"}").await, 1.0);
+}
+
 // Against s3s-fs: a file-backed server that checks signatures.
 
 const SECRET: &str = "wharf-test-secret-0123456789";

@@ -8,5 +8,6 @@ pub mod images;
 pub mod moto;
 pub mod registry;
 pub mod s3s;
+pub mod stuck_s3;
 pub mod tools;
 pub mod wharf;
