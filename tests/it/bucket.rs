@@ -58,15 +58,21 @@ async fn a_pull_fills_the_bucket_once_and_an_empty_node_refills_from_it() {
     let mut args = fake.wharf_args();
     args.extend(moto.wharf_args_with(&second_dir, "\n[upstream]\nfill_chunk_size = 4194304\nfill_concurrency = 4\n"));
     let second = Wharf::start(&dir.path().join("second"), &args);
-    for (digest, data) in &blobs {
-        get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", second.url()), data).await;
-        assert_eq!(fake.blob_gets(digest), 1, "the empty node went to the upstream for {digest}");
-    }
-    let read: usize = blobs.iter().map(|(_, d)| d.len()).sum();
-    assert_eq!(second.metric("wharf_bucket_bytes_total{reason=\"read\"}").await, read as f64);
+    refills_from_the_bucket(&fake, &second, &blobs).await;
     let ranges = moto.gets(&key(&blobs[0].0)).into_iter().filter(|s| *s == 206).count();
     assert_eq!(ranges, 6, "the large blob was not read as six ranges");
     assert_eq!(moto.keys().len(), 2, "the refill uploaded again");
+}
+
+/// Pulls `blobs` (each fetched from the upstream once before) through `node`, an empty node: no upstream
+/// request, and the bucket read for every byte exactly once.
+async fn refills_from_the_bucket(fake: &FakeUpstream, node: &Wharf, blobs: &[(String, bytes::Bytes)]) {
+    for (digest, data) in blobs {
+        get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", node.url()), data).await;
+        assert_eq!(fake.blob_gets(digest), 1, "the empty node went to the upstream for {digest}");
+    }
+    let read: usize = blobs.iter().map(|(_, d)| d.len()).sum();
+    assert_eq!(node.metric("wharf_bucket_bytes_total{reason=\"read\"}").await, read as f64);
 }
 
 /// `[storage.s3]` extra keys that make wharf fetch each blob as one stream, so a gate holds the whole fill.
@@ -290,12 +296,7 @@ const SECRET: &str = "wharf-test-secret-0123456789";
 async fn the_bucket_outlives_its_servers_restart_and_refills_an_empty_node() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("s3");
-    let s3 = tokio::task::spawn_blocking({
-        let root = root.clone();
-        move || S3sFs::start(&root, 0, SECRET)
-    })
-    .await
-    .unwrap();
+    let s3 = S3sFs::launch(&root, 0, SECRET).await;
     let fake = FakeUpstream::start().await;
     let blobs = [fake.add_random_blob(20 * MIB + 5), fake.add_random_blob(1000)];
     let mut args = fake.wharf_args();
@@ -311,30 +312,20 @@ async fn the_bucket_outlives_its_servers_restart_and_refills_an_empty_node() {
     drop(s3);
 
     // The server restarts (another port) over the same files; a node with an empty disk refills from it.
-    let s3 = tokio::task::spawn_blocking(move || S3sFs::start(&root, 0, SECRET)).await.unwrap();
+    let s3 = S3sFs::launch(&root, 0, SECRET).await;
     let config = dir.path().join("second-config");
     std::fs::create_dir_all(&config).unwrap();
     let mut args = fake.wharf_args();
     args.extend(s3.wharf_args(&config, SECRET, ""));
     let second = Wharf::start(&dir.path().join("second"), &args);
-    for (digest, data) in &blobs {
-        get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", second.url()), data).await;
-        assert_eq!(fake.blob_gets(digest), 1, "the empty node went to the upstream for {digest}");
-    }
-    let read: usize = blobs.iter().map(|(_, d)| d.len()).sum();
-    assert_eq!(second.metric("wharf_bucket_bytes_total{reason=\"read\"}").await, read as f64);
+    refills_from_the_bucket(&fake, &second, &blobs).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_credentials_open_the_breaker_and_the_bucket_is_used_once_they_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("s3");
-    let s3 = tokio::task::spawn_blocking({
-        let root = root.clone();
-        move || S3sFs::start(&root, 0, SECRET)
-    })
-    .await
-    .unwrap();
+    let s3 = S3sFs::launch(&root, 0, SECRET).await;
     let port = s3.port();
     let fake = FakeUpstream::start().await;
     // wharf signs with a secret the server does not know: every request is refused (403).
@@ -360,7 +351,7 @@ async fn refused_credentials_open_the_breaker_and_the_bucket_is_used_once_they_a
 
     // The server comes to accept wharf's secret (a rotated key reaching it): the bucket is used again.
     drop(s3);
-    let s3 = tokio::task::spawn_blocking(move || S3sFs::start(&root, port, wrong)).await.unwrap();
+    let s3 = S3sFs::launch(&root, port, wrong).await;
     pull_until_shared(&fake, &wharf, |k| s3.object(k).is_some()).await;
     assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 0.0);
 }

@@ -53,6 +53,12 @@ impl S3sFs {
         S3sFs { child, host, root: root.to_owned(), secret: secret.to_owned() }
     }
 
+    /// [`S3sFs::start`] from async code (it waits on the blocking pool).
+    pub async fn launch(root: &Path, port: u16, secret: &str) -> S3sFs {
+        let (root, secret) = (root.to_owned(), secret.to_owned());
+        tokio::task::spawn_blocking(move || S3sFs::start(&root, port, &secret)).await.unwrap()
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.host.rsplit_once(':').unwrap().1.parse().unwrap()
