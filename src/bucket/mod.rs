@@ -195,17 +195,22 @@ impl Bucket {
                 }
             }
         });
+        // A body that breaks or stalls opens the breaker too: the next pulls go straight to the upstream.
+        let me = self.clone();
         let body = body
             .inspect_ok(move |b| {
                 metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "read" }).inc_by(b.len() as u64);
             })
-            .map_err(|e| upstream::Error::Protocol(format!("bucket read: {e}")))
+            .map_err(move |e| {
+                me.trip("read", &e);
+                upstream::Error::Protocol(format!("bucket read: {e}"))
+            })
             .boxed();
         Ok(Some((total, body)))
     }
 
     /// Uploads a blob while it is being filled, from the fill's file, following `progress`: parts of the
-    /// verified-in-order prefix go up as it grows (a bounded number in flight, read back from the file, so
+    /// prefix written so far (final, not yet verified) go up as it grows (a bounded number in flight, read back from the file, so
     /// the fill and its clients never wait for the bucket), and the upload is completed only once the fill
     /// reports the blob verified; aborted if it fails, so an object never holds unverified bytes and no
     /// unfinished multipart upload is left behind. A blob of one part or less is put in one create-only

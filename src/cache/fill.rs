@@ -551,7 +551,8 @@ impl Fill {
                 }
                 self.finish(resume, total).map(Step::Done)
             }
-            Err(e) if !matches!(origin, Origin::Registry) => {
+            // The source's failure, not the disk's: the next source goes on.
+            Err(e @ (Error::Upstream(_) | Error::SizeMismatch { .. })) if !matches!(origin, Origin::Registry) => {
                 let prefix = progress.lock().unwrap().prefix;
                 tracing::warn!(?origin, digest = %self.digest, error = %e, at = prefix, "ranged transfer broke; resuming from the next source");
                 // The hash catches up with the published prefix: those bytes are final, and readers had them.

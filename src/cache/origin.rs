@@ -68,8 +68,9 @@ impl Origins {
 
     /// Blob bytes from byte `from` on (through `end`, inclusive, when given and the origin honours it: see
     /// [`Opened::end`]), and the blob's size (which the registry may not announce for a whole-blob answer:
-    /// `None` then). A peer always sends everything from `from`. A peer's stall (no byte for the stall timeout) ends its body with an
-    /// error, unless the peer says its own fill is waiting for the upstream: then the wait goes on.
+    /// `None` then). A peer always sends everything from `from`. A peer's stall (no byte for the stall
+    /// timeout) ends its body with an error, unless the peer says its own fill is waiting for the upstream:
+    /// then the wait goes on.
     pub(super) async fn open(
         &self,
         origin: Origin<'_>,

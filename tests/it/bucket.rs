@@ -257,21 +257,14 @@ async fn manifests_by_digest_go_to_the_bucket_with_their_media_type_and_tags_do_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upload_the_bucket_cannot_keep_up_with_is_abandoned_without_delaying_the_pull() {
-    use crate::support::stuck_s3::StuckS3;
-    let s3 = StuckS3::start().await;
+    use crate::support::fake_s3::FakeS3;
+    let s3 = FakeS3::start().await;
     let fake = FakeUpstream::start().await;
     let (digest, data) = fake.add_random_blob(20 * MIB);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("stuck.toml");
-    // The part bound at 2 s; the breaker and every other bound as configured by default.
-    let toml = format!(
-        "[storage.s3]\nbucket = \"wharf\"\nendpoint = \"http://{}\"\nallow_http = true\naccess_key_id = \"k\"\n\
-         secret_access_key = \"s\"\npart_timeout_seconds = 2\n{ONE_STREAM}",
-        s3.host
-    );
-    std::fs::write(&config, toml).unwrap();
     let mut args = fake.wharf_args();
-    args.extend(["--config".to_string(), config.display().to_string()]);
+    // The part bound at 2 s; the breaker and every other bound as configured by default.
+    args.extend(s3.wharf_args(dir.path(), &format!("part_timeout_seconds = 2\n{ONE_STREAM}")));
     let wharf = Wharf::start(&dir.path().join("data"), &args);
     // The whole blob reaches the client while the bucket holds the upload's parts unanswered.
     get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
@@ -286,6 +279,32 @@ async fn an_upload_the_bucket_cannot_keep_up_with_is_abandoned_without_delaying_
     eventually("the upload is aborted", || s3.aborts() == 1).await;
     assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 1.0);
     assert_eq!(wharf.metric("wharf_bucket_errors_total{reason=\"timeout\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bucket_read_that_breaks_part_way_is_resumed_from_the_upstream_and_opens_the_breaker() {
+    use crate::support::fake_s3::FakeS3;
+    let s3 = FakeS3::start().await;
+    let fake = FakeUpstream::start().await;
+    let (digest, data) = fake.add_random_blob(20 * MIB);
+    s3.put(&key(&digest), data.clone());
+    s3.break_at(10 * MIB as u64 + 123);
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = fake.wharf_args();
+    // 4 MiB ranges, two at once: the bucket's ranged path, as for any large blob.
+    args.extend(s3.wharf_args(dir.path(), "[upstream]\nfill_chunk_size = 4194304\nfill_concurrency = 2\n"));
+    let wharf = Wharf::start(&dir.path().join("data"), &args);
+    get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
+    // The upstream was asked only for the rest, from where the bucket's contiguous bytes ended.
+    let ranges = fake.blob_ranges(&digest);
+    let [Some(range)] = ranges.as_slice() else { panic!("the upstream was asked {ranges:?}, not one range") };
+    let from: u64 = range.strip_prefix("bytes=").unwrap().split('-').next().unwrap().parse().unwrap();
+    assert!(from > 0, "the blob was fetched again from its first byte");
+    assert!(wharf.metric("wharf_bucket_bytes_total{reason=\"read\"}").await >= from as f64);
+    assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 1.0);
+    let committed = crate::support::fake_upstream::blob_path(&wharf.data_dir, &digest);
+    eventually("the blob is committed", || committed.exists()).await;
+    assert_eq!(sha256_digest(&std::fs::read(&committed).unwrap()), digest);
 }
 
 // Against s3s-fs: a file-backed server that checks signatures.

@@ -3,11 +3,11 @@
 pub mod cluster;
 pub mod containerd;
 pub mod data_dir;
+pub mod fake_s3;
 pub mod fake_upstream;
 pub mod images;
 pub mod moto;
 pub mod registry;
 pub mod s3s;
-pub mod stuck_s3;
 pub mod tools;
 pub mod wharf;
