@@ -37,8 +37,8 @@ cargo bench --bench pull -- [FLAGS]
                         herd 2,4, 10 repositories, ab 1 s
   --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7,8,9): 1 cold single pull, 2 warm single pull,
                         3 cold herd, 4 late joiners, 5 many images, 6 large layer with 4 clients,
-                        7 manifest req/s, 8 cluster, 9 refill an empty node from an S3 bucket (moto from
-                        target/s3-venv or $WHARF_S3_VENV; skipped if missing) vs from the upstream
+                        7 manifest req/s, 8 cluster, 9 refill an empty node from an S3 bucket (s3s-fs from
+                        target/s3s-fs/bin or $WHARF_S3S_FS; skipped if missing) vs from the upstream
   --peers LIST          wharf,proxy,nginx,direct,cluster,independent,bucket (default: all)
   --rates LIST          per-connection upstream MB/s (default: 50,200; --quick: 200)
   --latency-ms N        added before every upstream response (default: 20)

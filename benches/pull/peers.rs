@@ -219,6 +219,11 @@ impl Peers {
         }
     }
 
+    /// The run directory (removed after the run unless `--keep`).
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
     /// Writes `toml` (a `[storage.s3]` section) to the run directory: the config file the `bucket` peer is
     /// started with from now on.
     pub fn set_bucket_config(&mut self, toml: &str) {

@@ -10,7 +10,7 @@
 //! (the reference proxy's second download) are charged to the run that caused them.
 
 use crate::Opts;
-use crate::bucket::{self, Moto};
+use crate::bucket::{self, S3sFs};
 use crate::client::{self, BlobStats, Mode, Node, PullStats};
 use crate::origin::{ACCEPT_MANIFESTS, Blob, Catalog, GIB, Image, MIB, unique_bytes};
 use crate::peers::{PeerKind, Peers, Target};
@@ -943,11 +943,11 @@ impl BucketUse {
     }
 }
 
-/// Scenario 9, the bucket tier (issue 13). moto (an in-memory S3 server) gets one bucket; a wharf with that
+/// Scenario 9, the bucket tier (issue 13). s3s-fs (a file-backed S3 server) gets one bucket; a wharf with that
 /// bucket pulls the image(s) so that every blob is uploaded; then, taking turns `--repeat` times per rate,
 /// a new wharf on an empty disk with the bucket (it should read every blob from the bucket, none from the
 /// upstream) and a new wharf on an empty disk without it (every blob through the throttled shim) serve
-/// one client each. Only wharf's config file and `/metrics` and the bucket's object listing are used.
+/// one client each. Only wharf's config file and `/metrics` and the bucket's object files are used.
 pub async fn refill(ctx: &mut Ctx) {
     let mut images = vec![("app", ctx.catalog.app.clone())];
     if ctx.opts.refill_large {
@@ -974,15 +974,16 @@ pub async fn refill(ctx: &mut Ctx) {
     if let Some(why) = bucket::missing() {
         return skip(ctx, why);
     }
-    let moto = match Moto::start().await {
-        Ok(m) => m,
+    // In the run directory, so the bucket goes with the run.
+    let s3 = match S3sFs::start(&ctx.peers.run_dir().join("s3s-fs")).await {
+        Ok(s) => s,
         Err(e) => return skip(ctx, e),
     };
-    ctx.peers.set_bucket_config(&moto.config_toml());
+    ctx.peers.set_bucket_config(&s3.config_toml());
     let peers = ctx.peers_of(&[PeerKind::Bucket, PeerKind::Wharf]);
     let mut notes = Vec::new();
     if peers.contains(&PeerKind::Bucket) {
-        notes.push(seed_bucket(ctx, &moto, &images).await);
+        notes.push(seed_bucket(ctx, &s3, &images).await);
     }
     let mut rows = Vec::new();
     let mut summary = Vec::new();
@@ -993,7 +994,7 @@ pub async fn refill(ctx: &mut Ctx) {
             let mut runs: Vec<Vec<(Row, BucketUse)>> = peers.iter().map(|_| Vec::new()).collect();
             for _ in 0..ctx.opts.repeat {
                 for (i, &peer) in peers.iter().enumerate() {
-                    runs[i].push(refill_run(ctx, &moto, peer, &case, key, img).await);
+                    runs[i].push(refill_run(ctx, &s3, peer, &case, key, img).await);
                     // Its disk holds the image: free it before the other peer's turn.
                     ctx.peers.stop(peer);
                 }
@@ -1024,13 +1025,13 @@ pub async fn refill(ctx: &mut Ctx) {
         notes.insert(0, format!("Bucket / upstream, medians: {}.", summary.join("; ")));
     }
     notes.push(format!(
-        "Each case: a new wharf on an empty disk with the bucket (`[storage.s3]` in a config file; moto {}, in \
-         memory, on loopback) and a new wharf on an empty disk without it, taking turns, each pulling the image \
+        "Each case: a new wharf on an empty disk with the bucket (`[storage.s3]` in a config file; s3s-fs {}, \
+         files on the run directory's disk, on loopback) and a new wharf on an empty disk without it, taking turns, each pulling the image \
          with one client ({} concurrent requests); each figure the median run by MB/s of {} run(s). CPU is \
-         wharf's only (moto's is in the details). Upstream MB counts every response through the shim: the \
+         wharf's only (s3s-fs's is in the details). Upstream MB counts every response through the shim: the \
          manifest by tag still comes from the upstream (tags never go to the bucket); blob requests are in the \
          details.",
-        moto.version, ctx.opts.downloads, ctx.opts.repeat
+        s3.version, ctx.opts.downloads, ctx.opts.repeat
     ));
     ctx.peers.stop(PeerKind::Bucket);
     ctx.push_vs(9, title, rows, notes, PeerKind::Bucket);
@@ -1038,7 +1039,7 @@ pub async fn refill(ctx: &mut Ctx) {
 
 /// One wharf with the bucket pulls `images` from the unthrottled upstream; waits until the bucket holds
 /// every blob (uploads run after the pull). Returns the report note.
-async fn seed_bucket(ctx: &mut Ctx, moto: &Moto, images: &[(&str, Image)]) -> String {
+async fn seed_bucket(ctx: &mut Ctx, s3: &S3sFs, images: &[(&str, Image)]) -> String {
     let target = ctx.peers.cold(PeerKind::Bucket).await;
     let plain: Vec<Image> = images.iter().map(|(_, i)| i.clone()).collect();
     let t = Instant::now();
@@ -1048,24 +1049,23 @@ async fn seed_bucket(ctx: &mut Ctx, moto: &Moto, images: &[(&str, Image)]) -> St
     blobs.sort_by(|a, b| a.digest.cmp(&b.digest));
     blobs.dedup_by(|a, b| a.digest == b.digest);
     let total: u64 = blobs.iter().map(|b| b.size).sum();
-    // Generous for moto on 2 shared cores (it buffers every part in Python), yet bounded.
+    // Generous for 2 shared cores, yet bounded.
     let deadline = Instant::now() + Duration::from_secs(60) + Duration::from_secs_f64(total as f64 / 5e6);
     let t = Instant::now();
-    let (mut written, mut listed);
+    let (mut written, mut stored);
     loop {
         written = metric_sum(std::slice::from_ref(&target.url), BUCKET_WRITTEN).await;
-        let keys = moto.keys().await.unwrap_or_default();
-        listed = blobs.iter().filter(|b| bucket::has_blob(&keys, &b.digest)).count();
-        if listed == blobs.len() || written >= total as f64 || Instant::now() > deadline {
+        stored = blobs.iter().filter(|b| s3.has_blob(&b.digest, b.size)).count();
+        if stored == blobs.len() || written >= total as f64 || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let waited = t.elapsed().as_secs_f64();
-    let complete = listed == blobs.len();
+    let complete = stored == blobs.len();
     let note = format!(
         "Seed: a wharf with the bucket pulled {} from the unthrottled upstream in {pulled:.1} s; {waited:.1} s \
-         later {listed} of the {} blobs were in the bucket and it counted {:.0} MB written of {:.0} MB{}.",
+         later {stored} of the {} blobs were in the bucket and it counted {:.0} MB written of {:.0} MB{}.",
         plain.iter().map(|i| i.repo.as_str()).collect::<Vec<_>>().join(" and "),
         blobs.len(),
         written / 1e6,
@@ -1083,7 +1083,7 @@ async fn seed_bucket(ctx: &mut Ctx, moto: &Moto, images: &[(&str, Image)]) -> St
 /// One cold run of scenario 9: a new `peer` (the bucket wharf or plain wharf) pulls `img` with one client.
 async fn refill_run(
     ctx: &mut Ctx,
-    moto: &Moto,
+    s3: &S3sFs,
     peer: PeerKind,
     case: &str,
     key: &'static str,
@@ -1091,10 +1091,10 @@ async fn refill_run(
 ) -> (Row, BucketUse) {
     let target = ctx.peers.cold(peer).await;
     let before = BucketUse::of(&target.url).await;
-    let moto_cpu = procs::cpu_seconds(moto.proc.pid());
+    let s3_cpu = procs::cpu_seconds(s3.proc.pid());
     let job = pull_all(&target.url, vec![(img.clone(), Mode::Whole)], ctx.opts.downloads);
     let (res, m) = ctx.measured(&target, job).await;
-    let moto_cpu = procs::cpu_seconds(moto.proc.pid()) - moto_cpu;
+    let s3_cpu = procs::cpu_seconds(s3.proc.pid()) - s3_cpu;
     let used = BucketUse::of(&target.url).await.since(before);
     let blob_requests: u64 = m.up.requests.iter().filter(|(k, _)| k.contains("blob")).map(|(_, v)| v).sum();
     let spec = RowSpec {
@@ -1109,7 +1109,7 @@ async fn refill_run(
     row.note = if peer == PeerKind::Bucket {
         format!(
             "upstream blob requests {blob_requests}; bucket read {:.0} MB ({:.2}× the image), written {:.0} MB, \
-             lookups hit {:.0} / miss {:.0} / error {:.0}; moto CPU {moto_cpu:.2} s",
+             lookups hit {:.0} / miss {:.0} / error {:.0}; s3s-fs CPU {s3_cpu:.2} s",
             used.read / 1e6,
             used.read / img.bytes() as f64,
             used.written / 1e6,
