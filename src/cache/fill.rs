@@ -120,8 +120,9 @@ pub struct Fill {
     via_peer: AtomicBool,
     /// Set when bytes from a peer or the bucket failed verification (see [`Fill::source_corrupt`]).
     source_corrupt: AtomicBool,
-    /// Set once the registry supplied bytes (see [`Fill::from_registry`]).
-    from_registry: AtomicBool,
+    /// `Some(true)` once the registry was asked (see [`Fill::from_registry`]), `Some(false)` if the fill
+    /// ended without it: what an upload to the bucket waits for, without waking on every byte.
+    from_registry: watch::Sender<Option<bool>>,
     /// When the fill started, and (in milliseconds after that) when its source last sent bytes.
     started: Instant,
     touched_ms: AtomicU64,
@@ -185,7 +186,7 @@ impl Fill {
             refused: AtomicBool::new(false),
             via_peer: AtomicBool::new(false),
             source_corrupt: AtomicBool::new(false),
-            from_registry: AtomicBool::new(false),
+            from_registry: watch::Sender::new(None),
             started: Instant::now(),
             touched_ms: AtomicU64::new(0),
         }
@@ -206,7 +207,18 @@ impl Fill {
     /// Whether the registry supplied bytes of this fill: such a blob is new to the cluster and worth
     /// uploading to the bucket.
     pub fn from_registry(&self) -> bool {
-        self.from_registry.load(Ordering::Relaxed)
+        *self.from_registry.borrow() == Some(true)
+    }
+
+    /// Waits until the fill either asks the registry (true) or ends without it (false).
+    pub async fn goes_to_registry(&self) -> bool {
+        let mut rx = self.from_registry.subscribe();
+        rx.wait_for(Option::is_some).await.map(|r| *r == Some(true)).unwrap_or(false)
+    }
+
+    /// Records that the fill ended; an upload still waiting to learn whether it is needed stops waiting.
+    fn ended(&self) {
+        self.from_registry.send_if_modified(|r| r.is_none() && r.replace(false).is_none());
     }
 
     /// The fill's progress as an upload following it sees it: the final prefix as it grows, then whether
@@ -253,6 +265,7 @@ impl Fill {
 
     /// Gives up caching: every reader continues straight from the upstream.
     pub fn uncache(&self) {
+        self.ended();
         self.state.send_modify(|s| {
             let total = match s {
                 FillState::Streaming { total, .. } => *total,
@@ -308,6 +321,7 @@ impl Fill {
 
     /// Publishes a failure to every reader.
     pub fn fail(&self, error: Error) {
+        self.ended();
         self.state.send_replace(FillState::Failed(Arc::new(error)));
     }
 
@@ -318,6 +332,7 @@ impl Fill {
 
     /// Publishes the committed size.
     pub fn done(&self, size: u64) {
+        self.ended();
         self.state.send_replace(FillState::Done { size });
     }
 
@@ -355,7 +370,7 @@ impl Fill {
         for origin in origins.sequence() {
             self.via_peer.store(matches!(origin, Origin::Peer(_)), Ordering::Relaxed);
             if matches!(origin, Origin::Registry) {
-                self.from_registry.store(true, Ordering::Relaxed);
+                self.from_registry.send_replace(Some(true));
                 // Queued, not failed: waiting clients see the fill go on when a slot frees (or their deadline
                 // passes).
                 _slot = Some(slots.acquire().await.expect("the fill semaphore is never closed"));

@@ -562,21 +562,9 @@ impl Cache {
 /// from the fill's file, completed once the fill has verified and committed it. A blob that came from a peer
 /// or the bucket is already shared and is left alone.
 async fn share(bucket: crate::bucket::Bucket, fill: Arc<Fill>) {
-    let mut rx = fill.subscribe();
-    loop {
-        // The state first: a fill that went to the registry says so before it can end.
-        let ended = matches!(
-            *rx.borrow_and_update(),
-            FillState::Done { .. } | FillState::Failed(_) | FillState::Uncached { .. }
-        );
-        if fill.from_registry() {
-            break;
-        }
-        if ended || rx.changed().await.is_err() {
-            return;
-        }
+    if fill.goes_to_registry().await {
+        bucket.upload_following(&fill.digest, fill.file.clone(), fill.progress()).await;
     }
-    bucket.upload_following(&fill.digest, fill.file.clone(), fill.progress()).await;
 }
 
 #[cfg(test)]
