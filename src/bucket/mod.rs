@@ -16,7 +16,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{
     Attribute, Attributes, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
-    RetryConfig, WriteMultipart,
+    RetryConfig,
 };
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -210,9 +210,9 @@ impl Bucket {
     }
 
     /// Uploads a blob while it is being filled, from the fill's file, following `progress`: parts of the
-    /// prefix written so far (final, not yet verified) go up as it grows (a bounded number in flight, read back from the file, so
-    /// the fill and its clients never wait for the bucket), and the upload is completed only once the fill
-    /// reports the blob verified; aborted if it fails, so an object never holds unverified bytes and no
+    /// prefix written so far (final, not yet verified) go up as it grows, a bounded number in flight, read
+    /// back from the file, so the fill and its clients never wait for the bucket. The upload is completed
+    /// only once the fill reports the blob verified; aborted if it fails, so an object never holds unverified bytes and no
     /// unfinished multipart upload is left behind. A blob of one part or less is put in one create-only
     /// request after verification. Skipped when the bucket holds the blob already (unless its copy failed
     /// verification: then it is replaced). An upload the bucket cannot keep up with is abandoned and counted.
@@ -272,58 +272,83 @@ impl Bucket {
         mut progress: impl futures_util::Stream<Item = Progress> + Unpin + Send,
     ) {
         let _turn = self.inner.uploads.acquire().await.expect("the upload semaphore is never closed");
-        let upload = match bounded(STALL, self.inner.store.put_multipart(path)).await {
+        let mut upload = match bounded(STALL, self.inner.store.put_multipart(path)).await {
             Ok(u) => u,
             Err(e) => return self.trip("upload", &e),
         };
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+        // The upload is kept (not handed to a writer) so that it can be aborted whatever step times out.
+        // Spawned, so that parts go up while this task waits for the fill.
+        let mut parts = tokio::task::JoinSet::new();
         let mut sent = 0u64;
-        let failed = loop {
+        let stop = loop {
             let (ready, verified) = match latest {
                 Progress::Written(n) => (n, None),
                 Progress::Verified(size) => (size, Some(size)),
                 // The fill failed (or was abandoned): these bytes must never become an object.
-                Progress::Failed => break None,
+                Progress::Failed => break Stop::FillFailed,
             };
             // Whole parts while the fill goes on; the tail once it is verified.
             let until = if verified.is_some() { ready } else { ready - ready % PART as u64 };
-            let mut broke = None;
-            while sent < until {
-                let n = (until - sent).min(PART as u64) as usize;
-                if let Err(e) = bounded(self.inner.part_time, writer.wait_for_capacity(PARTS_IN_FLIGHT)).await {
-                    broke = Some(Some(e));
+            let mut stop = None;
+            while sent < until && stop.is_none() {
+                if let Err(e) = self.settle(&mut parts, PARTS_IN_FLIGHT - 1).await {
+                    stop = Some(Stop::Bucket(e));
                     break;
                 }
-                // The local file could not be read: not the bucket's fault.
-                let Some(buf) = read_part(file.clone(), sent, n).await else {
-                    broke = Some(None);
-                    break;
-                };
-                writer.put(buf);
+                let n = (until - sent).min(PART as u64) as usize;
+                match read_part(file.clone(), sent, n).await {
+                    Some(buf) => drop(parts.spawn(upload.put_part(buf.into()))),
+                    None => stop = Some(Stop::FileUnreadable),
+                }
                 sent += n as u64;
             }
-            if let Some(broke) = broke {
-                break broke;
+            if let Some(stop) = stop {
+                break stop;
             }
             if let Some(size) = verified {
-                match bounded(self.inner.part_time, writer.finish()).await {
-                    Ok(_) => return self.uploaded(digest, size),
-                    Err(e) => {
-                        self.inner.metrics.bucket_abandoned.inc();
-                        return self.trip("upload", &e);
-                    }
+                let done = match self.settle(&mut parts, 0).await {
+                    Ok(()) => bounded(self.inner.part_time, upload.complete()).await.map(drop),
+                    Err(e) => Err(e),
+                };
+                match done {
+                    Ok(()) => return self.uploaded(digest, size),
+                    Err(e) => break Stop::Bucket(e),
                 }
             }
             latest = progress.next().await.unwrap_or(Progress::Failed);
         };
         // Aborted, so no unfinished multipart upload is left (and billed).
-        let _ = bounded(STALL, writer.abort()).await;
-        if let Some(e) = failed {
-            self.inner.metrics.bucket_abandoned.inc();
-            self.trip("upload", &e);
-        } else {
-            tracing::info!(%digest, "bucket upload aborted: the fill did not end with a verified blob");
+        parts.shutdown().await;
+        let _ = bounded(STALL, upload.abort()).await;
+        match stop {
+            Stop::Bucket(e) => {
+                self.inner.metrics.bucket_abandoned.inc();
+                self.trip("upload", &e);
+            }
+            Stop::FileUnreadable => tracing::warn!(%digest, "bucket upload aborted: the blob's file could not be read"),
+            Stop::FillFailed => {
+                tracing::info!(%digest, "bucket upload aborted: the fill did not end with a verified blob")
+            }
         }
+    }
+
+    /// Waits until at most `keep` parts are in flight, each within the part bound.
+    async fn settle(
+        &self,
+        parts: &mut tokio::task::JoinSet<Result<(), object_store::Error>>,
+        keep: usize,
+    ) -> Result<(), object_store::Error> {
+        while parts.len() > keep {
+            let next = async {
+                match parts.join_next().await {
+                    Some(Ok(done)) => done,
+                    Some(Err(e)) => Err(object_store::Error::Generic { store: "S3", source: Box::new(e) }),
+                    None => Ok(()),
+                }
+            };
+            bounded(self.inner.part_time, next).await?;
+        }
+        Ok(())
     }
 
     /// A manifest by digest and its media type (kept as the object's `Content-Type`), `None` when the bucket
@@ -391,6 +416,16 @@ impl Bucket {
         self.inner.metrics.bucket_bytes.get_or_create(&ReasonLabel { reason: "written" }).inc_by(size);
         tracing::info!(%digest, size, "uploaded to the bucket");
     }
+}
+
+/// Why a multipart upload stopped short of completion.
+enum Stop {
+    /// The fill failed or was abandoned.
+    FillFailed,
+    /// The fill's file could not be read back (not the bucket's fault).
+    FileUnreadable,
+    /// The bucket failed or did not answer within its bound.
+    Bucket(object_store::Error),
 }
 
 /// Where the fill an upload follows stands.
