@@ -307,6 +307,31 @@ async fn a_bucket_read_that_breaks_part_way_is_resumed_from_the_upstream_and_ope
     assert_eq!(sha256_digest(&std::fs::read(&committed).unwrap()), digest);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bucket_that_does_not_answer_costs_one_pull_its_bound_then_is_skipped() {
+    use crate::support::fake_s3::FakeS3;
+    let s3 = FakeS3::start().await;
+    s3.go_silent();
+    let fake = FakeUpstream::start().await;
+    let (digest, data) = fake.add_random_blob(MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = fake.wharf_args();
+    args.extend(s3.wharf_args(dir.path(), ""));
+    let wharf = Wharf::start(&dir.path().join("data"), &args);
+    // The bucket's silence is cut by its 5 s bound; the request's own deadline (120 s) and the client's
+    // (30 s here) are far away.
+    let url = format!("{}/v2/test/app/blobs/{digest}", wharf.url());
+    let pulled = tokio::time::timeout(Duration::from_secs(30), get_ok(&client(), &url, &data)).await;
+    assert!(pulled.is_ok(), "a bucket that does not answer held the pull");
+    assert_eq!(fake.blob_gets(&digest), 1);
+    assert_eq!(wharf.metric("wharf_bucket_errors_total{reason=\"timeout\"}").await, 1.0);
+    assert_eq!(wharf.metric("wharf_bucket_breaker_open").await, 1.0);
+    // Skipped while the breaker is open: the next pull does not wait for the bucket again.
+    let (other, other_data) = fake.add_random_blob(1000);
+    get_ok(&client(), &format!("{}/v2/test/app/blobs/{other}", wharf.url()), &other_data).await;
+    assert_eq!(wharf.metric("wharf_bucket_errors_total{reason=\"timeout\"}").await, 1.0);
+}
+
 // Against s3s-fs: a file-backed server that checks signatures.
 
 const SECRET: &str = "wharf-test-secret-0123456789";

@@ -1,7 +1,7 @@
 //! A fault-injecting S3 endpoint, for what a real server will not do on demand: it never finishes an upload
 //! part (it starts multipart uploads, holds the parts' requests without an answer, and records aborts), and
 //! it serves the objects a test puts (ranges included) only up to a given byte, breaking every response
-//! there. Every other bucket test runs against a real S3 server.
+//! there, or leaves reads unanswered. Every other bucket test runs against a real S3 server.
 
 #![allow(dead_code)] // harness: not every helper is used by every test
 
@@ -27,6 +27,8 @@ struct Seen {
     objects: Mutex<HashMap<String, Bytes>>,
     /// Responses break at this byte of the object.
     break_at: Mutex<Option<u64>>,
+    /// Reads get no answer at all.
+    silent: std::sync::atomic::AtomicBool,
 }
 
 /// The running endpoint (stops with the test's runtime).
@@ -83,6 +85,11 @@ impl FakeS3 {
         *self.seen.break_at.lock().unwrap() = Some(at);
     }
 
+    /// Leaves every read without an answer (the connection stays open).
+    pub fn go_silent(&self) {
+        self.seen.silent.store(true, SeqCst);
+    }
+
     /// Multipart uploads aborted.
     pub fn aborts(&self) -> usize {
         self.seen.aborts.load(SeqCst)
@@ -97,6 +104,9 @@ async fn answer(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let object = key.strip_prefix("wharf/").and_then(|k| seen.objects.lock().unwrap().get(k).cloned());
+    if matches!(method, Method::GET | Method::HEAD) && seen.silent.load(SeqCst) {
+        std::future::pending::<()>().await;
+    }
     match method {
         Method::GET if object.is_some() => serve(&seen, object.unwrap(), &headers),
         Method::POST if q.contains_key("uploads") => (
