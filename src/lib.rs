@@ -31,6 +31,7 @@ pub mod node_setup;
 pub mod oci;
 pub mod pages;
 pub mod prefetch;
+pub mod runtime;
 pub mod server;
 pub mod state;
 pub mod telemetry;

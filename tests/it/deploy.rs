@@ -996,8 +996,11 @@ fn dockerfile_matches_what_the_repository_builds() {
     assert!((major.parse::<u32>().unwrap(), minor.parse::<u32>().unwrap()) >= (1, 85), "edition 2024 needs 1.85+");
     assert_eq!(package["edition"].as_str(), Some("2024"));
 
-    // The build produces the binary the ENTRYPOINT runs.
-    let run_line = one("RUN");
+    // The build stage has protoc (the runtime's gRPC bindings are generated) and produces the binary the
+    // ENTRYPOINT runs.
+    let runs = all("RUN");
+    assert!(runs.iter().any(|r| r.contains("apt-get install") && r.contains("protobuf-compiler")), "{runs:?}");
+    let run_line = *runs.iter().find(|r| r.contains("cargo build")).expect("a RUN builds wharf");
     assert!(run_line.contains(&format!("cargo build --release --locked --bin {bin}")), "{run_line}");
     let installed = format!("/usr/local/bin/{bin}");
     assert!(run_line.contains(&format!("target/release/{bin} /out{installed}")), "{run_line}");

@@ -25,6 +25,7 @@ mod parallel_fill;
 mod prefetch;
 mod range;
 mod restart;
+mod runtime;
 mod server;
 mod single_flight;
 mod skopeo;

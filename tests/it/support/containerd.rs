@@ -29,12 +29,22 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd and waits until `ctr version` answers.
     pub fn start() -> Containerd {
+        Containerd::start_with(None)
+    }
+
+    /// [`Containerd::start`] with the CRI plugin on (image service only: no CNI, the native snapshotter),
+    /// resolving registries through `hosts_dir` as a node's `config_path` does.
+    pub fn start_with_cri(hosts_dir: &Path) -> Containerd {
+        Containerd::start_with(Some(hosts_dir))
+    }
+
+    fn start_with(cri_hosts: Option<&Path>) -> Containerd {
         super::tools::require("containerd");
         super::tools::require("ctr");
         let dir = tempfile::Builder::new().prefix("wharf-ctd-").tempdir_in("/tmp").expect("tempdir");
         let socket = dir.path().join("state/containerd.sock");
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_toml(dir.path())).expect("write containerd config");
+        std::fs::write(&config, config_toml(dir.path(), cri_hosts)).expect("write containerd config");
         std::fs::create_dir_all(dir.path().join("tmp")).expect("create containerd temp dir");
         let log = std::fs::File::create(dir.path().join("containerd.log")).expect("create log");
         let mut cmd = Command::new("containerd");
@@ -57,6 +67,11 @@ impl Containerd {
     /// The gRPC socket.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// `unix://SOCKET`, as a runtime endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
     }
 
     /// `ctr --address SOCKET --namespace test`, ready for more arguments.
@@ -111,7 +126,19 @@ impl Drop for Containerd {
     }
 }
 
-fn config_toml(dir: &Path) -> String {
+fn config_toml(dir: &Path, cri_hosts: Option<&Path>) -> String {
+    let cri = cri_hosts.map(|hosts| {
+        let d = dir.display();
+        // No CNI configuration: containerd logs that pods cannot have networks, which images do not need.
+        format!(
+            "\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  \
+             stream_server_port = \"0\"\n  enable_selinux = false\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"native\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{d}/cni/bin\"\n  conf_dir = \"{d}/cni/conf\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
+            hosts.display()
+        )
+    });
     let disabled = [
         "io.containerd.grpc.v1.cri",
         "io.containerd.snapshotter.v1.aufs",
@@ -123,15 +150,20 @@ fn config_toml(dir: &Path) -> String {
         "io.containerd.internal.v1.tracing",
         "io.containerd.tracing.processor.v1.otlp",
     ];
-    let disabled: Vec<String> = disabled.iter().map(|p| format!("  \"{p}\",\n")).collect();
+    let disabled: Vec<String> = disabled
+        .iter()
+        .filter(|p| cri.is_none() || **p != "io.containerd.grpc.v1.cri")
+        .map(|p| format!("  \"{p}\",\n"))
+        .collect();
     let d = dir.display();
     format!(
         "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ntemp = \"{d}/tmp\"\n\
          disabled_plugins = [\n{}]\n\n\
          [grpc]\n  address = \"{d}/state/containerd.sock\"\n\n\
          [ttrpc]\n  address = \"{d}/state/containerd.ttrpc.sock\"\n\n\
-         [debug]\n  address = \"\"\n  level = \"info\"\n",
-        disabled.concat()
+         [debug]\n  address = \"\"\n  level = \"info\"\n{}",
+        disabled.concat(),
+        cri.unwrap_or_default()
     )
 }
 
