@@ -99,7 +99,8 @@ impl Error {
             U::Denied => OciCode::Denied,
             U::RateLimited | U::Transport(_) | U::Protocol(_) | U::Status(_) => OciCode::Unavailable,
         };
-        Error::new(code, chain(e))
+        // Upstream errors carry no URLs (see `upstream::Error`), so their causes are safe to show.
+        Error::new(code, crate::telemetry::chain(e))
     }
 
     /// Maps a cache failure for `subject`.
@@ -120,19 +121,6 @@ impl Error {
             }
         }
     }
-}
-
-/// An error with its causes ("upstream transport error: … : connection refused"). Upstream errors carry no
-/// URLs (see `upstream::Error`), so this is safe to show.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 impl From<oci::ParseError> for Error {

@@ -104,7 +104,7 @@ impl Runtime {
         let channel = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| RuntimeError::Connect(endpoint.to_owned(), format!("no connection within {timeout:?}")))?
-            .map_err(|e| RuntimeError::Connect(endpoint.to_owned(), source_chain(&e)))?;
+            .map_err(|e| RuntimeError::Connect(endpoint.to_owned(), crate::telemetry::chain(&e)))?;
         Ok(Runtime { channel, timeout })
     }
 
@@ -172,18 +172,6 @@ fn in_cri_namespace<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert("containerd-namespace", tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE));
     request
-}
-
-/// An error and its sources on one line (tonic's transport error alone says only "transport error").
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

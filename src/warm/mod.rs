@@ -7,7 +7,7 @@
 
 mod walk;
 
-pub(crate) use walk::chain;
+pub(crate) use crate::telemetry::chain;
 pub use walk::{
     Error, Fetch, Local, MAX_INDEX_DEPTH, MAX_SEARCH_READS, Plan, Progress, Target, fetch, node_platform,
     platforms_or_node, resolve, split_image, target,

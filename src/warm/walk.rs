@@ -66,22 +66,8 @@ pub enum Error {
 impl Error {
     /// A cache error with its whole cause chain (`storage I/O: No space left on device`).
     pub fn cache(e: &dyn std::error::Error) -> Error {
-        Error::Cache(chain(e))
+        Error::Cache(crate::telemetry::chain(e))
     }
-}
-
-/// An error and its sources, joined with `: `.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out = format!("{out}: {text}");
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// Splits `name[:tag][@digest]` into the name and the reference (`latest` when neither is given; a digest
