@@ -15,8 +15,8 @@ use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{
-    Attribute, Attributes, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
-    RetryConfig,
+    Attribute, Attributes, ClientOptions, GetOptions, GetRange, GetResult, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, RetryConfig,
 };
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -147,6 +147,22 @@ impl Bucket {
         self.inner.metrics.bucket_requests.get_or_create(&ReasonLabel { reason: result }).inc();
     }
 
+    /// A GET within the answer bound: `None` (counted as a miss) when the object does not exist; other
+    /// errors open the breaker.
+    async fn get(&self, path: &Path, options: GetOptions) -> Result<Option<GetResult>, object_store::Error> {
+        match bounded(STALL, self.inner.store.get_opts(path, options)).await {
+            Ok(got) => Ok(Some(got)),
+            Err(object_store::Error::NotFound { .. }) => {
+                self.count("miss");
+                Ok(None)
+            }
+            Err(e) => {
+                self.trip("read", &e);
+                Err(e)
+            }
+        }
+    }
+
     /// The blob's bytes from `from` on (through `end`, inclusive, when given) and the object's size,
     /// `Ok(None)` when the bucket does not hold it. The first ranged GET doubles as the existence check, so a
     /// hit costs no extra round trip. Errors open the breaker.
@@ -165,17 +181,7 @@ impl Bucket {
             None => (from > 0).then_some(GetRange::Offset(from)),
         };
         let options = GetOptions { range, ..GetOptions::default() };
-        let got = match bounded(STALL, self.inner.store.get_opts(&path, options)).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => {
-                self.count("miss");
-                return Ok(None);
-            }
-            Err(e) => {
-                self.trip("read", &e);
-                return Err(e);
-            }
-        };
+        let Some(got) = self.get(&path, options).await? else { return Ok(None) };
         if from == 0 {
             // One hit per blob, not one per range.
             self.count("hit");
@@ -359,17 +365,7 @@ impl Bucket {
             return None;
         }
         let path = self.path_in("manifests", digest);
-        let got = match bounded(STALL, self.inner.store.get_opts(&path, GetOptions::default())).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => {
-                self.count("miss");
-                return None;
-            }
-            Err(e) => {
-                self.trip("read", &e);
-                return None;
-            }
-        };
+        let got = self.get(&path, GetOptions::default()).await.ok()??;
         if got.meta.size > upstream::MAX_MANIFEST_SIZE as u64 {
             return None;
         }

@@ -120,7 +120,7 @@ pub struct Fill {
     via_peer: AtomicBool,
     /// Set when bytes from a peer or the bucket failed verification (see [`Fill::source_corrupt`]).
     source_corrupt: AtomicBool,
-    /// `Some(true)` once the registry was asked (see [`Fill::from_registry`]), `Some(false)` if the fill
+    /// `Some(true)` once the registry was asked (see [`Fill::goes_to_registry`]), `Some(false)` if the fill
     /// ended without it: what an upload to the bucket waits for, without waking on every byte.
     from_registry: watch::Sender<Option<bool>>,
     /// When the fill started, and (in milliseconds after that) when its source last sent bytes.
@@ -198,16 +198,10 @@ impl Fill {
         self.via_peer.load(Ordering::Relaxed)
     }
 
-    /// Whether the fill failed because bytes from a peer did not verify (the blob is worth fetching again
-    /// from the upstream at once).
+    /// Whether the fill failed because bytes from a peer or the bucket did not verify (the blob is worth
+    /// fetching again from the upstream at once).
     pub fn source_corrupt(&self) -> bool {
         self.source_corrupt.load(Ordering::Relaxed)
-    }
-
-    /// Whether the registry supplied bytes of this fill: such a blob is new to the cluster and worth
-    /// uploading to the bucket.
-    pub fn from_registry(&self) -> bool {
-        *self.from_registry.borrow() == Some(true)
     }
 
     /// Waits until the fill either asks the registry (true) or ends without it (false).
@@ -218,7 +212,13 @@ impl Fill {
 
     /// Records that the fill ended; an upload still waiting to learn whether it is needed stops waiting.
     fn ended(&self) {
-        self.from_registry.send_if_modified(|r| r.is_none() && r.replace(false).is_none());
+        self.from_registry.send_if_modified(|r| {
+            let undecided = r.is_none();
+            if undecided {
+                *r = Some(false);
+            }
+            undecided
+        });
     }
 
     /// The fill's progress as an upload following it sees it: the final prefix as it grows, then whether

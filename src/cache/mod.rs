@@ -133,7 +133,7 @@ struct Shared {
     /// The other wharf instances, when the cluster tier is on: blobs and tags owned by another node are
     /// fetched from it.
     cluster: OnceLock<Cluster>,
-    /// The shared bucket, when configured: read before the upstream, written after an upstream fill.
+    /// The shared bucket, when configured: read before the upstream, written alongside an upstream fill.
     bucket: OnceLock<crate::bucket::Bucket>,
 }
 
