@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /repositories` | cached repositories and the tags wharf resolved for them |
 //! | `GET /usage` | disk usage and bounds |
-//! | `GET /pins` | pinned digests by warm-list image |
+//! | `GET /pins` | pinned digests by warm-list image, and what the node's runtime holds of `into_runtime` images |
 //! | `DELETE /blobs/{digest}` | evict one blob (or manifest): 200, 409 pinned or in use, 404 not cached |
 //! | `DELETE /images/{image}` | evict what a cached image references (resolved from the cache only) |
 //! | `POST /prefetch` | `{"images": [...], "platforms": [...]}`: `202` and a job that pulls them into the cache |
@@ -38,8 +38,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// The admin router. With a non-empty `token`, every request needs `Authorization: Bearer <token>`. Prefetch
-/// jobs run on `tasks` and stop when `stop` is cancelled.
-pub fn router(state: AppState, tasks: TaskTracker, stop: CancellationToken) -> Router {
+/// jobs run on `tasks` and stop when `stop` is cancelled; `in_runtime` is the warm list's runtime board.
+pub fn router(
+    state: AppState,
+    in_runtime: Arc<warm::runtime::Board>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+) -> Router {
     let token: Arc<str> = state.config.admin.token.as_str().into();
     let jobs = jobs::Jobs::new(tasks, stop);
     Router::new()
@@ -53,6 +58,7 @@ pub fn router(state: AppState, tasks: TaskTracker, stop: CancellationToken) -> R
         .route("/gc", post(gc))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint") })
         .layer(Extension(jobs))
+        .layer(Extension(in_runtime))
         .layer(middleware::from_fn_with_state(token, authorize))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
@@ -133,10 +139,10 @@ async fn usage(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn pins(State(state): State<AppState>) -> Response {
+async fn pins(State(state): State<AppState>, Extension(board): Extension<Arc<warm::runtime::Board>>) -> Response {
     let cache = state.cache.clone();
     match blocking(move || cache.pins()).await {
-        Ok(pins) => Json(json!({ "pins": pins })).into_response(),
+        Ok(pins) => Json(json!({ "pins": pins, "runtime": board.snapshot() })).into_response(),
         Err(resp) => resp,
     }
 }

@@ -135,11 +135,24 @@ pub struct WarmSettings {
     pub interval: u64,
     /// The images.
     pub images: Vec<WarmImage>,
+    /// The node's container runtime (`unix:///run/containerd/containerd.sock`), for images marked
+    /// `into_runtime`; empty: wharf never talks to the runtime.
+    pub runtime_endpoint: String,
+    /// Seconds each runtime call other than a pull may take.
+    pub runtime_timeout: u64,
+    /// Seconds a runtime pull may take (the image is already in wharf: this bounds unpacking).
+    pub runtime_pull_timeout: u64,
 }
 
 impl Default for WarmSettings {
     fn default() -> Self {
-        WarmSettings { interval: 600, images: Vec::new() }
+        WarmSettings {
+            interval: 600,
+            images: Vec::new(),
+            runtime_endpoint: String::new(),
+            runtime_timeout: 10,
+            runtime_pull_timeout: 900,
+        }
     }
 }
 
@@ -152,6 +165,12 @@ pub struct WarmImage {
     /// `os/arch[/variant]` to keep from an index; empty means the node's own platform.
     #[serde(default)]
     pub platforms: Vec<String>,
+    /// Also pull the image into the node's runtime (`warm.runtime_endpoint`) once wharf has it.
+    #[serde(default)]
+    pub into_runtime: bool,
+    /// Label the runtime's image so the kubelet's image GC keeps it (needs `into_runtime`).
+    #[serde(default)]
+    pub pin_in_runtime: bool,
 }
 
 /// The admin API: a separate listener, off unless `listen` is set.
@@ -706,6 +725,7 @@ impl Config {
         }
         self.validate_cluster()?;
         self.validate_s3()?;
+        self.validate_warm()?;
         if !self.registries.contains_key(&self.default_registry) {
             return Err(Error::Value {
                 key: "default_registry".into(),
@@ -717,6 +737,26 @@ impl Config {
 }
 
 impl Config {
+    fn validate_warm(&self) -> Result<(), Error> {
+        let w = &self.warm;
+        let bad = |key: &str, reason: &str| Error::Value { key: format!("warm.{key}"), reason: reason.into() };
+        if !w.runtime_endpoint.is_empty() && !w.runtime_endpoint.starts_with("unix:///") {
+            return Err(bad("runtime_endpoint", "only unix:///path sockets are supported"));
+        }
+        if w.runtime_timeout == 0 || w.runtime_pull_timeout == 0 {
+            return Err(bad("runtime_timeout", "runtime timeouts must be at least 1 second"));
+        }
+        for image in &w.images {
+            if image.pin_in_runtime && !image.into_runtime {
+                return Err(bad("images", &format!("{}: pin_in_runtime needs into_runtime = true", image.image)));
+            }
+            if image.into_runtime && w.runtime_endpoint.is_empty() {
+                return Err(bad("images", &format!("{}: into_runtime needs warm.runtime_endpoint", image.image)));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_s3(&self) -> Result<(), Error> {
         let Some(s3) = &self.storage.s3 else { return Ok(()) };
         let bad = |key: &str, reason: &str| Error::Value { key: format!("storage.s3.{key}"), reason: reason.into() };
@@ -867,6 +907,23 @@ mod tests {
         refused(S3Settings { allow_http: false, ..ok() }, "storage.s3.endpoint");
         refused(S3Settings { secret_access_key: None, ..ok() }, "storage.s3.access_key_id");
         assert!(check(S3Settings { access_key_id: None, secret_access_key: None, ..ok() }).is_ok());
+    }
+
+    #[test]
+    fn runtime_images_need_a_unix_endpoint_and_pins_need_into_runtime() {
+        let warm = |endpoint: &str, into_runtime, pin_in_runtime| {
+            let mut c = Config::default();
+            c.warm.runtime_endpoint = endpoint.into();
+            let image = "docker.io/library/nginx:1.27".into();
+            c.warm.images.push(WarmImage { image, platforms: vec![], into_runtime, pin_in_runtime });
+            c.validate()
+        };
+        let sock = "unix:///run/containerd/containerd.sock";
+        assert!(warm(sock, true, true).is_ok());
+        assert!(warm("", false, false).is_ok());
+        for (endpoint, into, pin) in [("", true, false), (sock, false, true), ("tcp://127.0.0.1:1", true, false)] {
+            assert!(matches!(warm(endpoint, into, pin), Err(Error::Value { .. })), "{endpoint} {into} {pin}");
+        }
     }
 
     #[test]

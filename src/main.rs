@@ -58,10 +58,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Background work stops when shutdown begins; the tracker then waits for it.
     let stop = tokio_util::sync::CancellationToken::new();
     state.cache.spawn_gc_loop(stop.clone());
-    wharf::warm::spawn(state.clone(), &tasks, stop.clone());
+    let in_runtime = wharf::warm::spawn(state.clone(), &tasks, stop.clone());
     if let Some(admin) = wharf::admin::bind(&state).await.context("binding admin.listen")? {
-        let (router, stopped) =
-            (wharf::admin::router(state.clone(), tasks.clone(), stop.clone()), stop.clone().cancelled_owned());
+        let (router, stopped) = (
+            wharf::admin::router(state.clone(), in_runtime, tasks.clone(), stop.clone()),
+            stop.clone().cancelled_owned(),
+        );
         tokio::spawn(async move {
             if let Err(e) =
                 wharf::server::serve_until(admin, router, &wharf::server::Listen::plain(), stopped, grace).await

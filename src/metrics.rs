@@ -116,6 +116,10 @@ pub struct Metrics {
     pub warm_ready: Family<ImageLabel, Gauge>,
     /// Unix time of a warm image's last successful refresh.
     pub warm_last_success: Family<ImageLabel, Gauge>,
+    /// 1 when the node's runtime holds a warm image at wharf's current digest (images marked `into_runtime`).
+    pub warm_in_runtime: Family<ImageLabel, Gauge>,
+    /// 1 when the runtime's record of a warm image carries the pin label.
+    pub warm_runtime_pinned: Family<ImageLabel, Gauge>,
     /// Docker Hub's `ratelimit-remaining`, as last reported.
     pub ratelimit_remaining: Family<RegistryLabel, Gauge>,
     /// Requests that waited for another request's identical upstream request instead of sending their own.
@@ -186,6 +190,8 @@ impl Metrics {
             low_watermark_ratio: Gauge::default(),
             warm_ready: Family::default(),
             warm_last_success: Family::default(),
+            warm_in_runtime: Family::default(),
+            warm_runtime_pinned: Family::default(),
             ratelimit_remaining: Family::default(),
             upstream_joined: Family::default(),
             metadata_failures: Counter::default(),
@@ -263,6 +269,16 @@ impl Metrics {
             "warm_image_last_success_timestamp_seconds",
             "Unix time of a warm image's last successful refresh",
             m.warm_last_success.clone(),
+        );
+        r.register(
+            "warm_image_in_runtime",
+            "1 when the node's container runtime holds a warm image at wharf's current digest",
+            m.warm_in_runtime.clone(),
+        );
+        r.register(
+            "warm_image_runtime_pinned",
+            "1 when the runtime's record of a warm image carries the pin label (kubelet image GC skips it)",
+            m.warm_runtime_pinned.clone(),
         );
         r.register(
             "upstream_ratelimit_remaining",

@@ -7,7 +7,7 @@
 //! missing, costs one failed call, never a stuck client.
 
 use containerd_client::services::v1::images_client::ImagesClient;
-use containerd_client::services::v1::{GetImageRequest, UpdateImageRequest};
+use containerd_client::services::v1::{GetImageRequest, ListImagesRequest, UpdateImageRequest};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{ImageSpec, ImageStatusRequest, PullImageRequest, VersionRequest};
@@ -17,6 +17,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// The label containerd (1.7 and later) reports as CRI `pinned`; the kubelet never garbage-collects a
 /// pinned image.
 pub const PIN_LABEL: &str = "io.cri-containerd.pinned";
+
+/// Set beside [`PIN_LABEL`] when wharf set it, so that wharf removes only the pins it made (containerd pins
+/// its own sandbox image, and an operator may pin by hand).
+pub const WHARF_LABEL: &str = "io.wharf.pinned";
 
 /// The containerd namespace of everything CRI does.
 const CRI_NAMESPACE: &str = "k8s.io";
@@ -88,8 +92,8 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Connects to `endpoint` (`unix:///run/containerd/containerd.sock`); every call is bounded by `timeout`
-    /// (a pull included: pulling through a warm wharf is quick, and a cold one is retried at the next pass).
+    /// Connects to `endpoint` (`unix:///run/containerd/containerd.sock`); the connection and every call but a
+    /// pull are bounded by `timeout`.
     pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Runtime, RuntimeError> {
         let path = endpoint.strip_prefix("unix://").ok_or_else(|| RuntimeError::Endpoint(endpoint.to_owned()))?;
         let socket = path.to_owned();
@@ -135,32 +139,59 @@ impl Runtime {
         Ok(status.image.map(|i| RuntimeImage { id: i.id, repo_digests: i.repo_digests, pinned: i.pinned }))
     }
 
-    /// CRI `PullImage` of `reference`, as the kubelet would pull it; returns the image id.
-    pub async fn pull(&self, reference: &str) -> Result<String, RuntimeError> {
+    /// CRI `PullImage` of `reference`, as the kubelet would pull it, bounded by `within` rather than the
+    /// call timeout (unpacking a large image takes a while); returns the image id.
+    pub async fn pull(&self, reference: &str, within: Duration) -> Result<String, RuntimeError> {
         let mut client = ImageServiceClient::new(self.channel.clone());
         let request = PullImageRequest { image: Some(spec(reference)), auth: None, sandbox_config: None };
-        Ok(self.bounded("PullImage", client.pull_image(request)).await?.image_ref)
+        let bounded = Runtime { channel: self.channel.clone(), timeout: within };
+        Ok(bounded.bounded("PullImage", client.pull_image(request)).await?.image_ref)
     }
 
-    /// Sets (or removes) [`PIN_LABEL`] on the runtime's image record of `reference` (in CRI's containerd
-    /// namespace). Idempotent; needed again after every pull, since a pull that moves a tag replaces the
-    /// record and its labels.
-    pub async fn set_pinned(&self, reference: &str, pinned: bool) -> Result<(), RuntimeError> {
+    /// Pins (`true`) or unpins the runtime's image record named `reference` (in CRI's containerd namespace):
+    /// sets [`PIN_LABEL`] with [`WHARF_LABEL`] beside it, or removes both, but never a [`PIN_LABEL`] that
+    /// wharf did not set. Idempotent; needed again after every pull, since a pull that moves a tag replaces
+    /// the record and its labels. Returns whether the record carries [`PIN_LABEL`] now (false when the
+    /// runtime has no such record).
+    pub async fn set_pinned(&self, reference: &str, pinned: bool) -> Result<bool, RuntimeError> {
         let mut client = ImagesClient::new(self.channel.clone());
         let got = self.bounded("images.Get", client.get(in_cri_namespace(GetImageRequest { name: reference.into() })));
-        let Some(mut image) = got.await?.image else { return Ok(()) };
-        let has = image.labels.get(PIN_LABEL).is_some_and(|v| v == "pinned");
-        if has == pinned {
-            return Ok(());
-        }
-        if pinned {
-            image.labels.insert(PIN_LABEL.into(), "pinned".into());
-        } else {
-            image.labels.remove(PIN_LABEL);
-        }
-        let mask = prost_types::FieldMask { paths: vec![format!("labels.{PIN_LABEL}")] };
+        let image = match got.await {
+            Ok(answer) => answer.image,
+            Err(RuntimeError::Call { status, .. }) if status.code() == tonic::Code::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let Some(mut image) = image else { return Ok(false) };
+        let has_pin = image.labels.get(PIN_LABEL).is_some_and(|v| v == "pinned");
+        let ours = image.labels.contains_key(WHARF_LABEL);
+        let pin_after = match (pinned, has_pin, ours) {
+            (true, true, _) | (false, false, false) => return Ok(has_pin),
+            // Someone else's pin: left alone.
+            (false, true, false) => return Ok(true),
+            (true, false, _) => {
+                image.labels.insert(PIN_LABEL.into(), "pinned".into());
+                image.labels.insert(WHARF_LABEL.into(), "true".into());
+                true
+            }
+            (false, _, true) => {
+                image.labels.remove(PIN_LABEL);
+                image.labels.remove(WHARF_LABEL);
+                false
+            }
+        };
+        let paths = vec![format!("labels.{PIN_LABEL}"), format!("labels.{WHARF_LABEL}")];
+        let mask = prost_types::FieldMask { paths };
         let request = UpdateImageRequest { image: Some(image), update_mask: Some(mask), source_date_epoch: None };
-        self.bounded("images.Update", client.update(in_cri_namespace(request))).await.map(drop)
+        self.bounded("images.Update", client.update(in_cri_namespace(request))).await?;
+        Ok(pin_after)
+    }
+
+    /// The image records wharf pinned ([`WHARF_LABEL`]), by name.
+    pub async fn pinned_by_wharf(&self) -> Result<Vec<String>, RuntimeError> {
+        let mut client = ImagesClient::new(self.channel.clone());
+        let filters = vec![format!("labels.\"{WHARF_LABEL}\"")];
+        let listed = self.bounded("images.List", client.list(in_cri_namespace(ListImagesRequest { filters })));
+        Ok(listed.await?.images.into_iter().map(|i| i.name).collect())
     }
 }
 

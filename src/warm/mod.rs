@@ -4,7 +4,9 @@
 //! through the cache, whatever is missing is fetched ([`resolve`], [`fetch`]), and the image's pins become
 //! exactly what it references now, so when a tag moves the old digests lose their pins and become evictable.
 //! [`pull`] is the same step for one image, with or without pins (the admin API's prefetch jobs: without).
+//! Images marked `into_runtime` then go into the node's container runtime ([`runtime`]).
 
+pub mod runtime;
 mod walk;
 
 pub(crate) use crate::telemetry::chain;
@@ -17,6 +19,7 @@ use crate::config::WarmImage;
 use crate::metrics::ImageLabel;
 use crate::oci::Digest;
 use crate::state::AppState;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -130,12 +133,49 @@ pub async fn run_pass(state: &AppState) -> Vec<Report> {
     reports
 }
 
-/// Runs the warm list at start-up and every `warm.interval` seconds on `tasks` until `shutdown`. With an
-/// empty list it runs once, to drop pins left by an earlier configuration.
-pub fn spawn(state: AppState, tasks: &TaskTracker, shutdown: CancellationToken) {
-    for warm in &state.config.warm.images {
-        state.metrics.warm_ready.get_or_create(&ImageLabel { image: warm.image.clone() }).set(0);
+/// What each image of a pass asks of the runtime: the `into_runtime` ones, by the reference the runtime
+/// knows them by.
+fn wanted_in_runtime(state: &AppState, reports: &[Report]) -> Vec<runtime::Wanted> {
+    let listed = state.config.warm.images.iter().zip(reports);
+    let into = listed.filter(|(warm, _)| warm.into_runtime);
+    into.map(|(warm, report)| runtime::Wanted {
+        image: warm.image.clone(),
+        reference: reference_in_runtime(state, warm),
+        digest: report.digest.clone().filter(|_| report.ok),
+        error: report.error.clone(),
+        pin: warm.pin_in_runtime,
+    })
+    .collect()
+}
+
+/// The reference the runtime knows a warm image by (the entry as written when it does not route).
+fn reference_in_runtime(state: &AppState, warm: &WarmImage) -> String {
+    match target(&state.upstreams, &warm.image) {
+        Ok(t) => runtime::runtime_reference(&t.client.name, t.repo.as_str(), &t.reference),
+        Err(_) => warm.image.clone(),
     }
+}
+
+/// Runs the warm list at start-up and every `warm.interval` seconds on `tasks` until `shutdown`. With an
+/// empty list it runs once, to drop pins left by an earlier configuration. With a runtime endpoint, each
+/// pass's outcome then goes to the runtime worker, whose findings the returned board holds.
+pub fn spawn(state: AppState, tasks: &TaskTracker, shutdown: CancellationToken) -> Arc<runtime::Board> {
+    let board = Arc::new(runtime::Board::default());
+    for warm in &state.config.warm.images {
+        let label = ImageLabel { image: warm.image.clone() };
+        state.metrics.warm_ready.get_or_create(&label).set(0);
+        if warm.into_runtime {
+            state.metrics.warm_in_runtime.get_or_create(&label).set(0);
+            state.metrics.warm_runtime_pinned.get_or_create(&label).set(0);
+            let reference = reference_in_runtime(&state, warm);
+            let waiting = Some("not checked yet: waiting for the first warm pass".to_owned());
+            board.set(&warm.image, runtime::InRuntime { reference, error: waiting, ..Default::default() });
+        }
+    }
+    let to_runtime = (!state.config.warm.runtime_endpoint.is_empty()).then(|| {
+        let (settings, metrics) = (state.config.warm.clone(), state.metrics.clone());
+        runtime::spawn(settings, metrics, board.clone(), tasks, shutdown.clone())
+    });
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(state.config.warm.interval.max(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -144,14 +184,19 @@ pub fn spawn(state: AppState, tasks: &TaskTracker, shutdown: CancellationToken) 
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => return,
             }
-            tokio::select! {
-                _ = run_pass(&state) => {}
+            let reports = tokio::select! {
+                reports = run_pass(&state) => reports,
                 // Fills already started run on to completion on the cache's own tasks.
                 _ = shutdown.cancelled() => return,
+            };
+            if let Some(tx) = &to_runtime {
+                // The worker takes the newest outcome when it is free: a slow runtime never delays a pass.
+                tx.send_replace(wanted_in_runtime(&state, &reports));
             }
             if state.config.warm.images.is_empty() {
                 return;
             }
         }
     });
+    board
 }

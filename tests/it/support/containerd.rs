@@ -39,28 +39,58 @@ impl Containerd {
     }
 
     fn start_with(cri_hosts: Option<&Path>) -> Containerd {
+        let mut c = Containerd::prepare(cri_hosts);
+        c.run();
+        c
+    }
+
+    /// A containerd with the CRI plugin on (as [`Containerd::start_with_cri`]), configured but not yet
+    /// running: its socket path is known before [`Containerd::run`] starts it.
+    pub fn prepare_with_cri(hosts_dir: &Path) -> Containerd {
+        Containerd::prepare(Some(hosts_dir))
+    }
+
+    fn prepare(cri_hosts: Option<&Path>) -> Containerd {
         super::tools::require("containerd");
         super::tools::require("ctr");
         let dir = tempfile::Builder::new().prefix("wharf-ctd-").tempdir_in("/tmp").expect("tempdir");
         let socket = dir.path().join("state/containerd.sock");
-        let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_toml(dir.path(), cri_hosts)).expect("write containerd config");
+        std::fs::write(dir.path().join("config.toml"), config_toml(dir.path(), cri_hosts)).expect("write config");
         std::fs::create_dir_all(dir.path().join("tmp")).expect("create containerd temp dir");
-        let log = std::fs::File::create(dir.path().join("containerd.log")).expect("create log");
+        Containerd { child: None, dir, socket }
+    }
+
+    /// Starts (or restarts, on the same root, state and socket) containerd and waits until `ctr version`
+    /// answers.
+    pub fn run(&mut self) {
+        assert!(self.child.is_none(), "containerd is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("containerd.log"))
+            .expect("open log");
         let mut cmd = Command::new("containerd");
-        cmd.arg("--config").arg(&config).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        let child = spawn_tied(cmd).expect("spawn containerd");
-        let mut c = Containerd { child: Some(child), dir, socket };
+        cmd.arg("--config").arg(self.dir.path().join("config.toml"));
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        self.child = Some(spawn_tied(cmd).expect("spawn containerd"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("containerd exited at start-up ({status}):\n{}", c.log());
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("containerd exited at start-up ({status}):\n{}", self.log());
             }
-            if c.socket.exists() && run(c.ctr().arg("version"), Duration::from_secs(10)).status.success() {
-                return c;
+            if self.socket.exists() && run(self.ctr().arg("version"), Duration::from_secs(10)).status.success() {
+                return;
             }
-            assert!(Instant::now() < deadline, "containerd did not answer `ctr version`:\n{}", c.log());
+            assert!(Instant::now() < deadline, "containerd did not answer `ctr version`:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills containerd (its files stay, for [`Containerd::run`] again).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 

@@ -109,8 +109,14 @@ impl Seeded {
     /// blob mounts and manifest PUTs (no blob bytes are copied), so a test can count the upstream requests
     /// for its own repository in the registry's log while other tests use the same registry.
     pub fn alias(&self, repo: &str) -> TestImage {
-        let image = self.image(repo);
         let new = format!("{repo}-a{}", ALIASES.fetch_add(1, Ordering::Relaxed));
+        self.copy_as(repo, &new)
+    }
+
+    /// Puts image `repo` under repository `new` (its tag moves there if `new` already has one), the way
+    /// [`Seeded::alias`] does.
+    pub fn copy_as(&self, repo: &str, new: &str) -> TestImage {
+        let image = self.image(repo);
         let host = self.registry.host();
         for (digest, _) in &image.blobs {
             let uri = format!("/v2/{new}/blobs/uploads/?mount={digest}&from={repo}");
@@ -123,7 +129,7 @@ impl Seeded {
             let r = http(&host, "PUT", &uri, &[("Content-Type", &m.media_type)], &m.bytes).expect("put manifest");
             assert_eq!(r.status, 201, "put {uri}: {}", String::from_utf8_lossy(&r.body));
         }
-        TestImage { repo: new, ..image.clone() }
+        TestImage { repo: new.to_owned(), ..image.clone() }
     }
 }
 
