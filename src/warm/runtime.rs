@@ -148,6 +148,9 @@ async fn sync(settings: &WarmSettings, metrics: &Metrics, board: &Board, wanted:
         };
         record(metrics, board, item, status);
     }
+    if version.name != "containerd" {
+        return;
+    }
     let keep: Vec<&str> = wanted.iter().filter(|w| w.pin).map(|w| w.reference.as_str()).collect();
     match runtime.pinned_by_wharf().await {
         Ok(pinned) => {
@@ -213,6 +216,13 @@ async fn one(
             Some(e) => format!("not cached in wharf: {e}"),
             None => format!("the runtime has {has}, not {digest}"),
         });
+    }
+    if version.name != "containerd" {
+        // The pin label and wharf's mark are containerd's images API; the pulls above are plain CRI.
+        if item.pin {
+            status.note = Some(format!("{}: pinning needs containerd; not pinned", version.name));
+        }
+        return Ok(status);
     }
     // Set again after every pull: a pull that moves a tag replaces the record and its labels.
     status.pinned = runtime.set_pinned(&item.reference, item.pin).await?;
