@@ -3,9 +3,10 @@
 //! `Dockerfile`. Every rendered object is validated strictly against the Kubernetes OpenAPI schemas (1.26, the
 //! chart's minimum, and 1.37; 1.30, the cluster tier's minimum, for the cluster renderings) by
 //! `tests/deploy/k8s.py`; then the fields that matter are checked, the chart's defaults must equal the kustomize
-//! base (and the chart with the cluster on the cluster overlay), the bucket tier's keys may only come from a
-//! Secret, and the container arguments and the rendered wharf.toml must be accepted by the wharf binary built
-//! here (node-setup runs against a temporary host tree).
+//! base (and the chart with the cluster, or the runtime, on the matching overlay), the bucket tier's keys may
+//! only come from a Secret, the node's runtime socket reaches wharf only when its configuration names it, and
+//! the container arguments and the rendered wharf.toml must be accepted by the wharf binary built here
+//! (node-setup runs against a temporary host tree).
 
 use crate::support::images::run;
 use crate::support::tools::require;
@@ -293,6 +294,30 @@ fn check_workload(objs: &Objects, expect: &Expect) -> toml::Table {
         assert!(e.get("value").is_none() && e["valueFrom"]["secretKeyRef"].is_object(), "literal credential {e}");
     }
 
+    // The runtime socket: wharf gets it exactly when its configuration names it (runtime pre-pull), as the
+    // socket's directory, read-only, at the host's path, with a supplementary group for the socket's mode 0660.
+    // Otherwise no host path but the cache reaches wharf, and it has no extra group.
+    match runtime_socket(&config) {
+        Some(socket) => {
+            let dir = Path::new(&socket).parent().unwrap().to_str().unwrap().to_string();
+            assert_ne!(dir, "/", "the whole root mounted for {socket}");
+            let mount = named(mounts, "runtime-socket");
+            assert_eq!((str_at(mount, "/mountPath"), &mount["readOnly"]), (dir.clone(), &json!(true)), "{mount}");
+            let volume = named(&pod["volumes"], "runtime-socket");
+            // A directory, not the socket: containerd recreates the socket, and a file mount would keep the old.
+            assert_eq!(volume["hostPath"], json!({"path": dir, "type": "Directory"}), "{volume}");
+            let groups = pod["securityContext"]["supplementalGroups"].as_array();
+            assert!(groups.is_some_and(|g| g.len() == 1 && g[0].is_i64()), "the socket's group: {pod:#}");
+        }
+        None => {
+            for mount in mounts.as_array().unwrap() {
+                let volume = named(&pod["volumes"], mount["name"].as_str().unwrap());
+                assert!(volume["hostPath"].is_null() || mount["name"] == "data", "host path in wharf: {volume}");
+            }
+            assert!(pod["securityContext"].get("supplementalGroups").is_none(), "{pod:#}");
+        }
+    }
+
     // The init container: root with CAP_CHOWN only, host paths mounted under --root.
     let init = named(&pod["initContainers"], "node-setup");
     let isc = &init["securityContext"];
@@ -304,6 +329,10 @@ fn check_workload(objs: &Objects, expect: &Expect) -> toml::Table {
     assert_eq!(str_at(named(&init["volumeMounts"], "data"), "/mountPath"), data_dir);
     assert_eq!(flag(&init_args, "config").as_deref(), Some("/etc/wharf/wharf.toml"));
     assert_eq!(init_args.contains(&"--only-data-dir".to_string()), !expect.node_setup);
+    assert!(
+        init["volumeMounts"].as_array().unwrap().iter().all(|m| m["name"] != "runtime-socket"),
+        "node-setup runs as root: it never gets the runtime socket"
+    );
     if expect.node_setup {
         assert_eq!(flag(&init_args, "mirror"), Some(format!("http://127.0.0.1:{port}")), "mirror vs listen");
         let root = flag(&init_args, "root").unwrap();
@@ -452,6 +481,7 @@ fn kustomize_base_is_valid_and_safe() {
     }
     let config = check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
     assert_eq!(config["log_format"].as_str(), Some("json"));
+    assert_no_runtime(&objs, &config);
 }
 
 #[test]
@@ -545,6 +575,7 @@ fn helm_chart_defaults_equal_the_kustomize_base() {
     assert!(bucket_of(&config).is_none(), "the bucket is off by default: {:#?}", config.get("storage"));
     assert!(!config_toml(&chart).contains("[storage.s3]"));
     assert!(aws_env(&chart).is_empty(), "no bucket credentials without a bucket");
+    assert_no_runtime(&chart, &config);
     let base = unhash(validate(&kustomize("deploy/kustomize/base")));
     assert_same_objects(&chart, &config, &base);
 }
@@ -633,7 +664,7 @@ fn helm_chart_loopback_values_without_node_setup() {
 
 #[test]
 fn helm_chart_rejects_invalid_values() {
-    let cases: [(&[&str], &str); 19] = [
+    let cases: [(&[&str], &str); 23] = [
         (&["port=abc"], "/port"),
         (&["cache.highWatermark=150"], "highWatermark"),
         (&["registries.internal.url=ftp://internal"], "url"),
@@ -656,6 +687,17 @@ fn helm_chart_rejects_invalid_values() {
         (&["bucket.name=Wharf_Cache"], "/bucket/name"),
         (&["bucket.breakerSeconds=0"], "breakerSeconds"),
         (&["bucket.secretName=x"], "secretName"),
+        // One --set per image: separate ones would each replace the whole list.
+        (
+            &["warm.images[0].image=x,warm.images[0].intoRuntime=true"],
+            "x: intoRuntime and pinInRuntime need runtime.enabled",
+        ),
+        (
+            &["runtime.enabled=true", "warm.images[0].image=x,warm.images[0].pinInRuntime=true"],
+            "x: pinInRuntime needs intoRuntime",
+        ),
+        (&["runtime.enabled=true", "warm.images[0].image=x,warm.images[0].into_runtime=true"], "into_runtime"),
+        (&["runtime.enabled=true", "runtime.socket=/containerd.sock"], "/runtime/socket"),
     ];
     for (set, wanted) in cases {
         match helm(&[], set) {
@@ -945,6 +987,97 @@ fn kustomize_bucket_overlay_adds_storage_s3_and_the_optional_secret_env() {
     let role = annotations["eks.amazonaws.com/role-arn"].as_str().unwrap_or_else(|| panic!("{annotations:#}"));
     assert!(role.starts_with("arn:aws:iam::") && role.ends_with(":role/wharf-bucket"), "{role}");
     assert_eq!(objs.one("ServiceAccount")["automountServiceAccountToken"], false);
+}
+
+/// The runtime socket wharf's configuration names (`warm.runtime_endpoint`), if any.
+fn runtime_socket(config: &toml::Table) -> Option<String> {
+    let endpoint = config["warm"]["runtime_endpoint"].as_str().expect("warm.runtime_endpoint");
+    (!endpoint.is_empty()).then(|| endpoint.strip_prefix("unix://").expect("a unix:// endpoint").to_string())
+}
+
+/// Neither the configuration nor the pod reaches the node's runtime (what `check_workload` checks then, said
+/// where the rendering must be without it).
+fn assert_no_runtime(objs: &Objects, config: &toml::Table) {
+    assert_eq!(runtime_socket(config), None, "runtime pre-pull is off by default");
+    let pod = &objs.one("DaemonSet")["spec"]["template"]["spec"];
+    let volumes: Vec<&Value> = pod["volumes"].as_array().unwrap().iter().collect();
+    assert!(volumes.iter().all(|v| v["name"] != "runtime-socket"), "{volumes:#?}");
+    assert!(pod["securityContext"].get("supplementalGroups").is_none(), "{pod:#}");
+}
+
+/// The pod's supplementary groups.
+fn supplemental_groups(objs: &Objects) -> Value {
+    objs.one("DaemonSet")["spec"]["template"]["spec"]["securityContext"]["supplementalGroups"].clone()
+}
+
+/// The warm list as (image, into_runtime, pin_in_runtime).
+fn warm_images(config: &toml::Table) -> Vec<(String, bool, bool)> {
+    let images = config["warm"]["images"].as_array().unwrap();
+    let flag = |i: &toml::Value, key: &str| i[key].as_bool().unwrap_or_else(|| panic!("no {key} in {i:#?}"));
+    images
+        .iter()
+        .map(|i| (i["image"].as_str().unwrap().to_string(), flag(i, "into_runtime"), flag(i, "pin_in_runtime")))
+        .collect()
+}
+
+#[test]
+fn helm_chart_runtime_values_mount_the_socket_and_mark_the_warm_images() {
+    let objs = validate(&helm(&["ci/runtime-values.yaml"], &[]).unwrap());
+    // check_workload checks the mount against runtime_endpoint, and wharf accepts the configuration.
+    let config = check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
+    assert_eq!(runtime_socket(&config).as_deref(), Some("/run/k3s/containerd/containerd.sock"));
+    let pod = &objs.one("DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(str_at(named(&pod["volumes"], "runtime-socket"), "/hostPath/path"), "/run/k3s/containerd");
+    assert_eq!(supplemental_groups(&objs), json!([990]));
+    assert_eq!(
+        warm_images(&config),
+        [
+            ("docker.io/library/nginx:1.27".to_string(), true, true),
+            ("registry.k8s.io/pause:3.10".to_string(), true, false),
+            ("docker.io/library/busybox:1.37".to_string(), false, false),
+        ]
+    );
+    assert_eq!(config["warm"]["images"][1]["platforms"].as_array().map(Vec::len), Some(2));
+    // Enabled without any image marked: the socket is mounted, nothing is pulled into the runtime.
+    let bare = validate(&helm(&[], &["runtime.enabled=true"]).unwrap());
+    let config = check_workload(&bare, &Expect { node_setup: true, service: true, loopback: false });
+    assert_eq!(runtime_socket(&config).as_deref(), Some("/run/containerd/containerd.sock"));
+    assert_eq!(supplemental_groups(&bare), json!([0]));
+    assert!(warm_images(&config).is_empty());
+}
+
+#[test]
+fn kustomize_runtime_overlay_mounts_the_socket_and_equals_the_chart() {
+    let objs = validate(&kustomize("deploy/kustomize/overlays/runtime"));
+    let config = check_workload(&objs, &Expect { node_setup: true, service: true, loopback: false });
+    assert_eq!(runtime_socket(&config).as_deref(), Some("/run/containerd/containerd.sock"));
+    assert_eq!(supplemental_groups(&objs), json!([0]));
+    assert_eq!(warm_images(&config), [("docker.io/library/nginx:1.27".to_string(), true, true)]);
+    // The overlay's wharf.toml replaces the base's: it must be the base's plus the runtime and its image, and
+    // keep the hash suffix that rolls the DaemonSet.
+    let base = validate(&kustomize("deploy/kustomize/base"));
+    let mut without_runtime = config.clone();
+    let base_config = effective_config(&config_toml(&base));
+    for key in ["runtime_endpoint", "images"] {
+        without_runtime["warm"][key] = base_config["warm"][key].clone();
+    }
+    assert_eq!(without_runtime, base_config, "the overlay's wharf.toml drifted from the base's");
+    let objs = unhash(objs);
+    assert_eq!(objs.kinds(), unhash(base).kinds(), "the overlay adds no object");
+    // The chart with the same values renders the same objects.
+    let image = "warm.images[0].image=docker.io/library/nginx:1.27";
+    let chart = validate(
+        &helm(
+            &[],
+            &[
+                "runtime.enabled=true",
+                &format!("{image},warm.images[0].intoRuntime=true,warm.images[0].pinInRuntime=true"),
+            ],
+        )
+        .unwrap(),
+    );
+    let chart_config = check_workload(&chart, &Expect { node_setup: true, service: true, loopback: false });
+    assert_same_objects(&chart, &chart_config, &objs);
 }
 
 fn dockerfile() -> Vec<(String, String)> {

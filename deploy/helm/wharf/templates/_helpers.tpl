@@ -69,12 +69,22 @@ gc_interval = {{ int64 .Values.cache.gcInterval }}
 
 [warm]
 interval = {{ int64 .Values.warm.interval }}
+{{- if .Values.runtime.enabled }}
+# The node's runtime, through the socket's directory mounted at the same path (runtime.socket).
+runtime_endpoint = {{ printf "unix://%s" .Values.runtime.socket | toJson }}
+{{- end }}
 {{- range .Values.warm.images }}
 
 [[warm.images]]
 image = {{ .image | toJson }}
 {{- with .platforms }}
 platforms = {{ toJson . }}
+{{- end }}
+{{- if .intoRuntime }}
+into_runtime = true
+{{- end }}
+{{- if .pinInRuntime }}
+pin_in_runtime = true
 {{- end }}
 {{- end }}
 {{- with .Values.bucket }}
