@@ -87,7 +87,7 @@ pub struct UpstreamSettings {
     pub max_redirects: usize,
     /// Bytes per upstream range request when a large blob is fetched in parallel.
     pub fill_chunk_size: u64,
-    /// Range requests in flight per blob (1 fetches every blob as one stream).
+    /// Most range requests in flight per blob, ramped up from one while more pay (1: every blob as one stream).
     pub fill_concurrency: usize,
 }
 
@@ -527,7 +527,7 @@ impl Default for UpstreamSettings {
             ca_files: Vec::new(),
             max_redirects: 10,
             fill_chunk_size: 16 * 1024 * 1024,
-            fill_concurrency: 4,
+            fill_concurrency: 16,
         }
     }
 }

@@ -10,17 +10,18 @@
 
 use super::Error;
 use super::origin::{Origin, OriginError, Origins};
+use super::ramp::Ramp;
 use super::store::{BlobStore, TempFile};
 use crate::oci::{Digest, RepoName, Verifier};
 use crate::pages::map_chunk;
 use crate::upstream::{self, RegistryClient};
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 /// Bytes mapped at a time to hash the file's prefix (resident while mapped, so kept small).
@@ -52,7 +53,8 @@ pub enum FillState {
     },
 }
 
-/// How to fetch large blobs: range requests of `chunk_size` bytes, `concurrency` at a time (1: one stream).
+/// How to fetch large blobs: range requests of `chunk_size` bytes, at most `concurrency` at a time, ramped
+/// up from one while more pay ([`Ramp`]; 1: one stream).
 #[derive(Debug, Clone, Copy)]
 pub struct FillPlan {
     /// Bytes per range request.
@@ -147,6 +149,49 @@ enum Step {
     Refused,
     /// Try the next source, from where this one stopped.
     Next,
+}
+
+/// What the range requests of one fill report to its [`Ramp`].
+#[derive(Debug, Default)]
+struct RangeStats {
+    /// Bytes received across the requests.
+    received: AtomicU64,
+    /// Requests sent that have not had their first byte yet.
+    waiting: AtomicUsize,
+    /// The slowest first byte so far, in microseconds (sets how long the ramp measures).
+    slowest_first_byte_us: AtomicU64,
+}
+
+/// One request waiting for its first byte, counted in [`RangeStats::waiting`] until it arrives or the
+/// request ends.
+struct FirstByte {
+    stats: Arc<RangeStats>,
+    sent: Instant,
+    arrived: bool,
+}
+
+impl FirstByte {
+    fn new(stats: &Arc<RangeStats>) -> FirstByte {
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        FirstByte { stats: stats.clone(), sent: Instant::now(), arrived: false }
+    }
+
+    fn arrived(&mut self) {
+        if !self.arrived {
+            self.arrived = true;
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            let us = self.sent.elapsed().as_micros() as u64;
+            self.stats.slowest_first_byte_us.fetch_max(us, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for FirstByte {
+    fn drop(&mut self) {
+        if !self.arrived {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Per-chunk byte counts and the contiguous prefix they add up to.
@@ -549,16 +594,39 @@ impl Fill {
         let chunks = total.div_ceil(plan.chunk_size) as usize;
         let progress =
             Arc::new(Mutex::new(Progress { chunk_size: plan.chunk_size, total, written: vec![0; chunks], prefix: 0 }));
+        let stats = Arc::new(RangeStats::default());
         let mut first = Some(first.body);
-        let fetches = futures_util::stream::iter(0..chunks)
-            .map(|i| {
-                let body = if i == 0 { first.take() } else { None };
-                self.fetch_chunk(temp, origins, origin, i, body, &progress, reserve)
-            })
-            .buffer_unordered(plan.concurrency)
-            .try_for_each(|()| async { Ok(()) });
+        let fetches = async {
+            let mut ramp = Ramp::new(plan.concurrency, Instant::now());
+            let mut running = futures_util::stream::FuturesUnordered::new();
+            let mut next = 0;
+            let mut tick = tokio::time::interval(super::ramp::MIN_WINDOW / 4);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                while running.len() < ramp.limit() && next < chunks {
+                    let body = if next == 0 { first.take() } else { None };
+                    running.push(self.fetch_chunk(temp, origins, origin, next, body, &progress, reserve, &stats));
+                    next += 1;
+                }
+                tokio::select! {
+                    done = running.next() => match done {
+                        Some(result) => result?,
+                        None => return Ok::<_, Error>(ramp),
+                    },
+                    _ = tick.tick() => {
+                        let slowest = Duration::from_micros(stats.slowest_first_byte_us.load(Ordering::Relaxed));
+                        let under_way = stats.waiting.load(Ordering::Relaxed) == 0;
+                        let received = stats.received.load(Ordering::Relaxed);
+                        ramp.observe(Instant::now(), received, under_way, running.len() >= ramp.limit(), slowest * 4);
+                    }
+                }
+            }
+        };
         // try_join: a chunk that fails for good ends the attempt at once instead of leaving the hasher waiting.
         let fetched = futures_util::future::try_join(fetches, self.hash_prefix(total, resume)).await;
+        if let Ok((ramp, ())) = &fetched {
+            tracing::info!(?origin, digest = %self.digest, bytes = total, connections = %ramp.history(), "ranged transfer done");
+        }
         match fetched {
             Ok(_) => {
                 if matches!(origin, Origin::Registry) {
@@ -589,6 +657,7 @@ impl Fill {
         mut body: Option<futures_util::stream::BoxStream<'static, Result<Bytes, upstream::Error>>>,
         progress: &Arc<Mutex<Progress>>,
         reserve: &Reserve,
+        stats: &Arc<RangeStats>,
     ) -> Result<(), Error> {
         let (start, len, total) = {
             let p = progress.lock().unwrap();
@@ -597,6 +666,8 @@ impl Fill {
         let mut got = 0u64;
         let mut attempts = 0;
         loop {
+            // The ramp waits for a new request's first byte before it measures.
+            let mut first_byte = (body.is_none() && attempts == 0).then(|| FirstByte::new(stats));
             let stream = match body.take() {
                 Some(b) => b,
                 None => {
@@ -614,9 +685,13 @@ impl Fill {
                     b.body
                 }
             };
-            let (me, p) = (self.clone(), progress.clone());
+            let (me, p, stats) = (self.clone(), progress.clone(), stats.clone());
             let mut last = 0;
             let result = write_at(&temp.file, start + got, Some(len - got), reserve, stream, move |_, written| {
+                if let Some(f) = first_byte.as_mut() {
+                    f.arrived();
+                }
+                stats.received.fetch_add(written - last, Ordering::Relaxed);
                 let moved = p.lock().unwrap().add(i, written - last);
                 last = written;
                 if let Some(prefix) = moved {

@@ -11,6 +11,7 @@ mod inflight;
 mod manifests;
 pub mod meta;
 mod origin;
+mod ramp;
 pub mod reader;
 mod store;
 

@@ -205,8 +205,10 @@ async fn one(
     let at_digest = |image: &Option<RuntimeImage>| image.as_ref().is_some_and(|i| i.has_digest(&digest.to_string()));
     let mut image = runtime.image(&item.reference).await?;
     if item.digest.is_some() && !at_digest(&image) {
+        let started = std::time::Instant::now();
         let id = runtime.pull(&item.reference, pull_within).await?;
-        tracing::info!(image = %item.image, reference = %item.reference, %digest, id = %id, "warm image pulled into the runtime");
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::info!(image = %item.image, reference = %item.reference, %digest, id = %id, ms, "warm image pulled into the runtime");
         image = runtime.image(&item.reference).await?;
     }
     status.present = at_digest(&image);

@@ -1,16 +1,22 @@
 //! Upstream parallel range fill: a large cold blob is fetched as concurrent range requests written at their
 //! offsets; clients stream the verified-in-order prefix, and the digest is still checked over the whole blob.
 
-use crate::support::fake_upstream::{FakeUpstream, Outcome, blob_path, client, fetch, get_ok};
+use crate::support::fake_upstream::{FakeUpstream, Outcome, Pace, blob_path, client, fetch, get_ok};
 use crate::support::wharf::Wharf;
 use std::collections::HashSet;
 
 const MIB: usize = 1 << 20;
 
-/// wharf with 1 MiB range chunks, 4 in flight, mirroring `fake`.
+/// wharf with 1 MiB range chunks, at most 4 in flight, mirroring `fake`.
 fn start(fake: &FakeUpstream, dir: &tempfile::TempDir) -> Wharf {
+    start_with(fake, dir, 4)
+}
+
+/// wharf with 1 MiB range chunks, at most `concurrency` in flight, mirroring `fake`.
+fn start_with(fake: &FakeUpstream, dir: &tempfile::TempDir, concurrency: usize) -> Wharf {
     let config = dir.path().join("wharf.toml");
-    std::fs::write(&config, "[upstream]\nfill_chunk_size = 1048576\nfill_concurrency = 4\n").unwrap();
+    let toml = format!("[upstream]\nfill_chunk_size = 1048576\nfill_concurrency = {concurrency}\n");
+    std::fs::write(&config, toml).unwrap();
     let mut args = fake.wharf_args();
     args.extend(["--config".to_string(), config.display().to_string()]);
     Wharf::start(&dir.path().join("data"), &args)
@@ -128,4 +134,45 @@ async fn a_chunk_that_keeps_failing_ends_the_fill_and_the_next_request_refills()
     assert!(!blob_path(&wharf.data_dir, &digest).exists(), "a partial blob was committed");
     fake.drop_range(&digest, 0, 0);
     get_ok(&client(), &url, &data).await;
+}
+
+/// The `connections=` ramp of wharf's `ranged transfer done` line for `digest`.
+fn ramp_of(wharf: &Wharf, digest: &str) -> String {
+    let log = wharf.log();
+    let line = log.lines().find(|l| l.contains("ranged transfer done") && l.contains(digest));
+    let line = line.unwrap_or_else(|| panic!("no ranged transfer line for {digest}:\n{log}"));
+    line.split("connections=").nth(1).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fill_adds_connections_while_each_one_raises_the_rate() {
+    let fake = FakeUpstream::start().await;
+    fake.honor_ranges(true);
+    // A CDN that limits each connection: every added request adds its own 4 MiB/s.
+    fake.pace(Some(Pace::PerResponse(4 * MIB as u64)));
+    let (digest, data) = fake.add_random_blob(40 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = start_with(&fake, &dir, 16);
+    get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
+    let most = fake.ranged_in_flight_max();
+    let ramp = ramp_of(&wharf, &digest);
+    assert!((8..=16).contains(&most), "{most} requests at once (ramp {ramp}): it should grow past 4, never past 16");
+    assert!(ramp.starts_with("1@0,2@"), "the ramp starts from one request: {ramp}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_limits_only_its_total_gets_no_requests_that_do_not_help() {
+    let fake = FakeUpstream::start().await;
+    fake.honor_ranges(true);
+    // All responses share 8 MiB/s: a second request adds nothing.
+    fake.pace(Some(Pace::Total(8 * MIB as u64)));
+    let (digest, data) = fake.add_random_blob(16 * MIB);
+    let dir = tempfile::tempdir().unwrap();
+    let wharf = start_with(&fake, &dir, 16);
+    get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
+    let most = fake.ranged_in_flight_max();
+    let ramp = ramp_of(&wharf, &digest);
+    assert!(most <= 2, "{most} requests at once (ramp {ramp}): more than the one doubling that did not pay");
+    assert!(ramp.contains(",1@"), "back to one request after two did not pay: {ramp}");
+    assert_eq!(fake.blob_ranges(&digest).len(), 16, "one request per chunk");
 }

@@ -114,6 +114,17 @@ struct Faults {
     manifest_gate: Option<Arc<Gate>>,
     /// Manifest GETs without `Content-Length` (a chunked body), as some registries and proxies send them.
     chunked_manifests: bool,
+    /// The rate ranged blob responses are sent at.
+    pace: Option<Pace>,
+}
+
+/// A rate limit on ranged blob responses, in bytes per second.
+#[derive(Clone, Copy, Debug)]
+pub enum Pace {
+    /// Each response at this rate (a CDN that limits each connection).
+    PerResponse(u64),
+    /// All responses together at this rate (an upstream that limits only its total).
+    Total(u64),
 }
 
 /// One request's fate while the upstream flaps.
@@ -196,6 +207,11 @@ struct Shared {
     seen: Mutex<Vec<Seen>>,
     /// `Range` header of every blob GET, per digest (`None`: no Range).
     blob_ranges: Mutex<HashMap<String, Vec<Option<String>>>>,
+    /// Ranged blob responses being sent now, and the most at once.
+    ranged_in_flight: AtomicUsize,
+    ranged_in_flight_max: AtomicUsize,
+    /// With [`Pace::Total`]: when the shared pace lets the next piece go.
+    total_pace_next: Mutex<Option<Instant>>,
 }
 
 /// The running fake. Dropping it stops accepting connections.
@@ -346,6 +362,16 @@ impl FakeUpstream {
     /// Serve `Range` requests on blobs with 206 (`true`) or ignore them with 200 (`false`, the default).
     pub fn honor_ranges(&self, on: bool) {
         self.faults().honor_ranges = on;
+    }
+
+    /// Sends ranged blob responses at `pace` (`None`: as fast as possible).
+    pub fn pace(&self, pace: Option<Pace>) {
+        self.faults().pace = pace;
+    }
+
+    /// The most ranged blob responses that were being sent at once.
+    pub fn ranged_in_flight_max(&self) -> usize {
+        self.shared.ranged_in_flight_max.load(SeqCst)
     }
 
     /// Break the next `times` ranged responses of `digest` that cover absolute offset `at`.
@@ -573,7 +599,7 @@ fn bump(map: &Mutex<HashMap<String, usize>>, key: &str) -> usize {
 }
 
 fn respond(
-    s: &Shared,
+    s: &Arc<Shared>,
     headers: &HeaderMap,
     head: bool,
     repo: &str,
@@ -770,7 +796,12 @@ fn parse_range(v: &str) -> Option<(usize, Option<usize>)> {
 }
 
 /// A 206 for `range` of the blob, with the wrong-bytes and drop faults applied.
-fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<usize>), flap: BodyFlap) -> Response {
+fn ranged_blob_response(
+    s: &Arc<Shared>,
+    digest: &str,
+    (first, last): (usize, Option<usize>),
+    flap: BodyFlap,
+) -> Response {
     let Some(data) = s.blobs.lock().unwrap().get(digest).cloned() else {
         return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
     };
@@ -778,7 +809,7 @@ fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<
     if first > last {
         return StatusCode::RANGE_NOT_SATISFIABLE.into_response();
     }
-    let (wrong, drop_at) = {
+    let (wrong, drop_at, pace) = {
         let mut f = s.faults.lock().unwrap();
         let mut drop_at = None;
         if let Some((at, times)) = f.drop_range.get_mut(digest)
@@ -788,7 +819,7 @@ fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<
             *times -= 1;
             drop_at = Some(*at);
         }
-        (f.wrong_bytes.contains(digest), drop_at)
+        (f.wrong_bytes.contains(digest), drop_at, f.pace)
     };
     let mut part = data.slice(first..=last);
     if wrong {
@@ -806,11 +837,57 @@ fn ranged_blob_response(s: &Shared, digest: &str, (first, last): (usize, Option<
             Err(std::io::Error::other("fake upstream: dropping a ranged response")),
         ])),
         None if flap.is_some() => flapped_body(part, flap),
+        None if pace.is_some() => paced_body(s.clone(), part, pace.unwrap()),
         None => Body::from_stream(stream::iter(
             part.chunks(CHUNK).map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c))).collect::<Vec<_>>(),
         )),
     };
     (StatusCode::PARTIAL_CONTENT, hdrs, body).into_response()
+}
+
+/// Counts a ranged response in flight until its body is dropped (sent or abandoned).
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(s: Arc<Shared>) -> InFlight {
+        let now = s.ranged_in_flight.fetch_add(1, SeqCst) + 1;
+        s.ranged_in_flight_max.fetch_max(now, SeqCst);
+        InFlight(s)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.ranged_in_flight.fetch_sub(1, SeqCst);
+    }
+}
+
+/// `part` sent in [`CHUNK`] pieces, each when `pace` lets it go.
+fn paced_body(s: Arc<Shared>, part: Bytes, pace: Pace) -> Body {
+    let in_flight = InFlight::new(s);
+    let mut own_next = Instant::now();
+    let pieces = stream::unfold((part, in_flight), move |(mut rest, in_flight)| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        let piece = rest.split_to(rest.len().min(CHUNK));
+        let cost = |rate: u64| Duration::from_secs_f64(piece.len() as f64 / rate as f64);
+        let at = match pace {
+            Pace::PerResponse(rate) => {
+                own_next = own_next.max(Instant::now()) + cost(rate);
+                own_next
+            }
+            Pace::Total(rate) => {
+                let mut next = in_flight.0.total_pace_next.lock().unwrap();
+                let at = next.unwrap_or_else(Instant::now).max(Instant::now()) + cost(rate);
+                *next = Some(at);
+                at
+            }
+        };
+        tokio::time::sleep_until(at.into()).await;
+        Some((Ok::<_, std::io::Error>(piece), (rest, in_flight)))
+    });
+    Body::from_stream(pieces)
 }
 
 /// The fake's listener: a TCP listener whose connections a handler can reset (see [`Conn`]).
