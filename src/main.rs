@@ -42,6 +42,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    match wharf::server::raise_open_files_limit() {
+        Ok((before, soft, hard)) => tracing::info!(before, soft, hard, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
     let listen = config.listen;
     let grace = Duration::from_secs(config.shutdown_grace);
     let data_dir = config.data_dir.clone();

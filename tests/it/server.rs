@@ -538,3 +538,52 @@ async fn upstream_fills_queue_behind_their_limit() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_open_files_limit_is_raised_so_more_connections_than_the_soft_limit_are_served() {
+    use std::os::unix::process::CommandExt;
+    const SOFT: u64 = 256;
+    const HARD: u64 = 4096;
+    const CONNECTIONS: usize = 600;
+    let tmp = tempfile::tempdir().unwrap();
+    let wharf = Wharf::start_configured("127.0.0.1:0", &tmp.path().join("data"), &[], |cmd| {
+        // SAFETY: only async-signal-safe work (one setrlimit) between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit { rlim_cur: SOFT, rlim_max: HARD };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let line = wharf.log().lines().find(|l| l.contains("open files limit")).map(str::to_owned);
+    let line = line.unwrap_or_else(|| panic!("no open files line:\n{}", wharf.log()));
+    assert!(line.contains(&format!("before={SOFT}")) && line.contains(&format!("soft={HARD}")), "{line}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", wharf.pid())).unwrap();
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_owned();
+    assert_eq!(open_files.split_whitespace().nth(3), Some(HARD.to_string().as_str()), "{open_files}");
+
+    // More connections than the old soft limit, all open at once, each answered.
+    let mut conns = Vec::new();
+    for _ in 0..CONNECTIONS {
+        conns.push(TcpStream::connect(wharf.addr).await.unwrap());
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut answered = 0;
+        for conn in &mut conns {
+            conn.write_all(b"GET /v2/ HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
+        }
+        for conn in &mut conns {
+            let mut head = [0u8; 12];
+            conn.read_exact(&mut head).await.unwrap();
+            if &head == b"HTTP/1.1 200" {
+                answered += 1;
+            }
+        }
+        answered
+    })
+    .await;
+    assert_eq!(answered, Ok(CONNECTIONS), "connections past the soft limit of {SOFT} were not answered");
+}

@@ -26,7 +26,18 @@ impl Wharf {
 
     /// [`Wharf::start`] with the client API on `listen` (e.g. `127.0.0.3:0` for one node of a cluster).
     pub fn start_at(listen: &str, data_dir: &Path, args: &[String]) -> Wharf {
+        Wharf::start_configured(listen, data_dir, args, |_| {})
+    }
+
+    /// [`Wharf::start_at`], with `configure` applied to the command before it is spawned.
+    pub fn start_configured(
+        listen: &str,
+        data_dir: &Path,
+        args: &[String],
+        configure: impl FnOnce(&mut Command),
+    ) -> Wharf {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wharf"));
+        configure(&mut cmd);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("WHARF_") {
                 // wharf reads WHARF_* as configuration (and rejects unknown keys such as the tests' own
