@@ -20,6 +20,8 @@ fn every_family() -> Metrics {
     m.uncached.get_or_create(&ReasonLabel { reason: "disk_full" }).inc();
     m.warm_ready.get_or_create(&ImageLabel { image: "x".into() }).set(1);
     m.warm_last_success.get_or_create(&ImageLabel { image: "x".into() }).set(1);
+    m.warm_in_runtime.get_or_create(&ImageLabel { image: "x".into() }).set(1);
+    m.warm_runtime_pinned.get_or_create(&ImageLabel { image: "x".into() }).set(1);
     m.upstream_joined.get_or_create(&KindLabel { kind: "manifest" }).inc();
     m.peer_bytes.get_or_create(&DirectionLabel { direction: "in" }).inc();
     m.peer_fallbacks.get_or_create(&ReasonLabel { reason: "unreachable" }).inc();
