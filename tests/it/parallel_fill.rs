@@ -144,35 +144,32 @@ fn ramp_of(wharf: &Wharf, digest: &str) -> String {
     line.split("connections=").nth(1).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_fill_adds_connections_while_each_one_raises_the_rate() {
+/// Pulls a random blob of `len` bytes through wharf (at most 16 requests in flight) from an upstream that
+/// sends ranges at `pace`; returns the most ranged requests at once, wharf's ramp and the requests made.
+async fn paced_pull(pace: Pace, len: usize) -> (usize, String, usize) {
     let fake = FakeUpstream::start().await;
     fake.honor_ranges(true);
-    // A CDN that limits each connection: every added request adds its own 4 MiB/s.
-    fake.pace(Some(Pace::PerResponse(4 * MIB as u64)));
-    let (digest, data) = fake.add_random_blob(40 * MIB);
+    fake.pace(Some(pace));
+    let (digest, data) = fake.add_random_blob(len);
     let dir = tempfile::tempdir().unwrap();
     let wharf = start_with(&fake, &dir, 16);
     get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
-    let most = fake.ranged_in_flight_max();
-    let ramp = ramp_of(&wharf, &digest);
+    (fake.ranged_in_flight_max(), ramp_of(&wharf, &digest), fake.blob_ranges(&digest).len())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fill_adds_connections_while_each_one_raises_the_rate() {
+    // A CDN that limits each connection: every added request adds its own 4 MiB/s.
+    let (most, ramp, _) = paced_pull(Pace::PerResponse(4 * MIB as u64), 40 * MIB).await;
     assert!((8..=16).contains(&most), "{most} requests at once (ramp {ramp}): it should grow past 4, never past 16");
     assert!(ramp.starts_with("1@0,2@"), "the ramp starts from one request: {ramp}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_that_limits_only_its_total_gets_no_requests_that_do_not_help() {
-    let fake = FakeUpstream::start().await;
-    fake.honor_ranges(true);
     // All responses share 8 MiB/s: a second request adds nothing.
-    fake.pace(Some(Pace::Total(8 * MIB as u64)));
-    let (digest, data) = fake.add_random_blob(16 * MIB);
-    let dir = tempfile::tempdir().unwrap();
-    let wharf = start_with(&fake, &dir, 16);
-    get_ok(&client(), &format!("{}/v2/test/app/blobs/{digest}", wharf.url()), &data).await;
-    let most = fake.ranged_in_flight_max();
-    let ramp = ramp_of(&wharf, &digest);
+    let (most, ramp, requests) = paced_pull(Pace::Total(8 * MIB as u64), 16 * MIB).await;
     assert!(most <= 2, "{most} requests at once (ramp {ramp}): more than the one doubling that did not pay");
     assert!(ramp.contains(",1@"), "back to one request after two did not pay: {ramp}");
-    assert_eq!(fake.blob_ranges(&digest).len(), 16, "one request per chunk");
+    assert_eq!(requests, 16, "one request per chunk");
 }

@@ -127,6 +127,14 @@ pub enum Pace {
     Total(u64),
 }
 
+impl Pace {
+    fn rate(self) -> u64 {
+        match self {
+            Pace::PerResponse(r) | Pace::Total(r) => r.max(1),
+        }
+    }
+}
+
 /// One request's fate while the upstream flaps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Flap {
@@ -864,28 +872,27 @@ impl Drop for InFlight {
 
 /// `part` sent in [`CHUNK`] pieces, each when `pace` lets it go.
 fn paced_body(s: Arc<Shared>, part: Bytes, pace: Pace) -> Body {
-    let in_flight = InFlight::new(s);
-    let mut own_next = Instant::now();
-    let pieces = stream::unfold((part, in_flight), move |(mut rest, in_flight)| async move {
+    let state = (part, InFlight::new(s), Instant::now());
+    let pieces = stream::unfold(state, move |(mut rest, in_flight, own_next)| async move {
         if rest.is_empty() {
             return None;
         }
         let piece = rest.split_to(rest.len().min(CHUNK));
-        let cost = |rate: u64| Duration::from_secs_f64(piece.len() as f64 / rate as f64);
+        let cost = Duration::from_secs_f64(piece.len() as f64 / pace.rate() as f64);
+        // A token bucket with 50 ms of burst: time a slow reader lost is made up, so one response alone
+        // reaches the full rate (a bucket without burst would hold it under the rate and reward a second).
+        let earliest = Instant::now() - Duration::from_millis(50);
         let at = match pace {
-            Pace::PerResponse(rate) => {
-                own_next = own_next.max(Instant::now()) + cost(rate);
-                own_next
-            }
-            Pace::Total(rate) => {
+            Pace::PerResponse(_) => own_next.max(earliest) + cost,
+            Pace::Total(_) => {
                 let mut next = in_flight.0.total_pace_next.lock().unwrap();
-                let at = next.unwrap_or_else(Instant::now).max(Instant::now()) + cost(rate);
+                let at = next.unwrap_or(earliest).max(earliest) + cost;
                 *next = Some(at);
                 at
             }
         };
         tokio::time::sleep_until(at.into()).await;
-        Some((Ok::<_, std::io::Error>(piece), (rest, in_flight)))
+        Some((Ok::<_, std::io::Error>(piece), (rest, in_flight, at)))
     });
     Body::from_stream(pieces)
 }
