@@ -339,6 +339,15 @@ impl Peers {
         }
     }
 
+    /// The connection ramps (`1@0,2@130,…`: requests in flight @ milliseconds) of the single wharf's
+    /// ranged fills so far, from its `ranged transfer done` log lines.
+    pub fn wharf_ramps(&self) -> Vec<String> {
+        let Some(w) = &self.wharf else { return Vec::new() };
+        let log = w.proc.log_tail(usize::MAX);
+        let ramps = log.lines().filter(|l| l.contains("ranged transfer done"));
+        ramps.filter_map(|l| Some(l.split("connections=").nth(1)?.split_whitespace().next()?.to_owned())).collect()
+    }
+
     /// The last log lines of every running wharf (for a failed run's report).
     pub fn wharf_logs(&self, n: usize) -> String {
         let mut out = String::new();

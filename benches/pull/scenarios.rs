@@ -234,7 +234,15 @@ pub async fn cold_single(ctx: &mut Ctx) {
                         peer,
                         reference_bytes: img.bytes(),
                     };
-                    rows.push(pull_row(spec, &res, m));
+                    let mut row = pull_row(spec, &res, m);
+                    if peer == PeerKind::Wharf {
+                        // The adaptive fill's ramp, one per ranged blob: requests in flight @ milliseconds.
+                        let ramps = ctx.peers.wharf_ramps();
+                        if !ramps.is_empty() {
+                            row.note = format!("connections over time: {}", ramps.join(" | "));
+                        }
+                    }
+                    rows.push(row);
                 }
             }
         }
