@@ -253,7 +253,7 @@ fn installed(bin: &str) -> bool {
 }
 
 /// `(binary, Debian package)` the chosen scenarios and peers run: the origin always, nginx for the warm
-/// and manifest scenarios (2, 6, 7) when it is a peer, `ab` for scenario 7.
+/// and manifest scenarios (2, 6, 7) when it is a peer, `ab` and `wrk` for scenario 7.
 fn needed_tools(opts: &Opts) -> Vec<(&'static str, &'static str)> {
     let mut tools = vec![("docker-registry", "docker-registry")];
     if opts.peers.contains(&PeerKind::Nginx) && opts.scenarios.iter().any(|s| [2, 6, 7].contains(s)) {
@@ -261,6 +261,7 @@ fn needed_tools(opts: &Opts) -> Vec<(&'static str, &'static str)> {
     }
     if opts.scenarios.contains(&7) {
         tools.push(("ab", "apache2-utils"));
+        tools.push(("wrk", "wrk"));
     }
     tools
 }
