@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = Config::load(args.config.as_deref(), &args.overrides())?;
-            wharf::telemetry::init(config.log_format);
+            let _log = wharf::telemetry::init(config.log_format);
             tokio::runtime::Builder::new_multi_thread()
                 .max_blocking_threads(64)
                 .enable_all()
