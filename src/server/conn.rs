@@ -1,10 +1,16 @@
 //! One client connection: optional TLS handshake, HTTP/1.1 or HTTP/2 (detected), the request-head and idle
 //! timeouts, and the graceful drain at shutdown.
+//!
+//! A plain-TCP HTTP/1.1 connection that has been idle for [`PARK_AFTER`] is parked: its HTTP state and
+//! buffers (hyper keeps 8 KiB to read and 8 KiB of response head per connection) are dropped, and only the
+//! socket waits for the next request, which gets fresh ones. Thousands of idle keep-alive connections then cost
+//! little more than their sockets.
 
 use super::Listen;
 use super::tls::Acceptor;
 use crate::pages::{Delivery, file_region};
 use axum::body::Body;
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -20,6 +26,17 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
+
+/// How long an HTTP/1.1 connection waits with nothing in flight before its buffers are released. Long enough
+/// that a client sending requests back to back never pays for fresh ones.
+const PARK_AFTER: Duration = Duration::from_millis(200);
+
+/// The HTTP/1.1 settings of parked-and-resumed plain-TCP connections: those of [`builder`].
+pub(super) fn http1_builder(listen: &Listen) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(listen.max_header_bytes.max(8192));
+    b
+}
 
 /// The HTTP settings shared by every connection of a listener.
 pub(super) fn builder(listen: &Listen) -> Builder<TokioExecutor> {
@@ -45,6 +62,7 @@ pub(super) fn builder(listen: &Listen) -> Builder<TokioExecutor> {
 pub(super) struct Job {
     pub app: axum::Router,
     pub builder: Arc<Builder<TokioExecutor>>,
+    pub http1: Arc<hyper::server::conn::http1::Builder>,
     pub tls: Option<Acceptor>,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
@@ -56,22 +74,124 @@ impl Job {
         // Only plain TCP can take sendfile(2); under TLS the same stream carries ciphertext.
         let zero_copy = self.tls.is_none();
         let activity = Arc::new(Activity::new());
-        let tracked = Tracked { inner: stream, activity: activity.clone(), first_read: true, zero_copy };
-        match &self.tls {
-            None => self.http(tracked, activity).await,
-            Some(acceptor) => {
-                // A handshake that never finishes is a slow-loris too.
-                match tokio::time::timeout(self.header_timeout, acceptor.accept(tracked)).await {
-                    Ok(Ok(tls)) => {
-                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                            activity.h2.store(true, Ordering::Relaxed);
+        let tracked =
+            Tracked { inner: stream, activity: activity.clone(), first_read: true, zero_copy, pending: Bytes::new() };
+        // Boxed: a task's future is as large as its largest state (a TLS handshake, a whole HTTP connection),
+        // and a parked connection's task should hold little more than its socket.
+        match self.tls.clone() {
+            None => Box::pin(self.plain(tracked, activity)).await,
+            Some(acceptor) => Box::pin(self.tls(acceptor, tracked, activity)).await,
+        }
+    }
+
+    async fn plain(self, tracked: Tracked, activity: Arc<Activity>) {
+        // A connection that sends nothing is closed at whichever limit comes first, as on every path.
+        match first_bytes(&tracked.inner, self.header_timeout.min(self.idle_timeout)).await {
+            FirstBytes::Http1 => Box::pin(self.http1_parking(tracked, activity)).await,
+            FirstBytes::Other => Box::pin(self.http(tracked, activity)).await,
+            FirstBytes::None => {}
+        }
+    }
+
+    async fn tls(self, acceptor: Acceptor, tracked: Tracked, activity: Arc<Activity>) {
+        // A handshake that never finishes is a slow-loris too.
+        match tokio::time::timeout(self.header_timeout, acceptor.accept(tracked)).await {
+            Ok(Ok(tls)) => {
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    activity.h2.store(true, Ordering::Relaxed);
+                }
+                Box::pin(self.http(tls, activity)).await
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!("TLS handshake timed out"),
+        }
+    }
+
+    /// The service every request of the connection goes through.
+    fn service(&self, activity: &Arc<Activity>) -> ConnService {
+        ConnService { app: self.app.clone(), activity: activity.clone(), zero_copy: self.tls.is_none() }
+    }
+
+    /// A plain-TCP HTTP/1.1 connection, parked between requests once idle for [`PARK_AFTER`].
+    async fn http1_parking(self, mut io: Tracked, activity: Arc<Activity>) {
+        let service = self.service(&activity);
+        let mut drain = self.drain.clone();
+        loop {
+            // Parked: only the socket is held until the next request's first byte.
+            while io.pending.is_empty() {
+                if *drain.borrow() {
+                    return;
+                }
+                let idle_at = activity.idle_deadline(self.idle_timeout);
+                let head_at = activity.head_deadline(self.header_timeout);
+                tokio::select! {
+                    ready = io.inner.readable() => {
+                        if ready.is_err() {
+                            return;
                         }
-                        self.http(tls, activity).await
+                        break;
                     }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                    changed = drain.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep_until(idle_at) => if activity.is_idle(self.idle_timeout) { return },
+                    // The first request's head is timed from the accept, parked or not.
+                    () = sleep_until_some(head_at) => return,
                 }
             }
+            // On the heap, freed when the connection parks.
+            let mut conn = Box::new(self.http1.serve_connection(TokioIo::new(io), service.clone()));
+            let mut parking = false;
+            let mut closing = false;
+            loop {
+                let idle_at = activity.idle_deadline(self.idle_timeout);
+                let park_at = activity.idle_deadline(PARK_AFTER);
+                let head_at = activity.head_deadline(self.header_timeout);
+                tokio::select! {
+                    res = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                        match res {
+                            Ok(()) if parking => break,
+                            Ok(()) => {
+                                // The client closed, or keep-alive ended: close our side too.
+                                let mut io = (*conn).into_parts().io.into_inner();
+                                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+                            }
+                            Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+                        }
+                        return;
+                    }
+                    changed = drain.changed(), if !closing && !parking => {
+                        if changed.is_err() || *drain.borrow() {
+                            closing = true;
+                            Pin::new(&mut *conn).graceful_shutdown();
+                        }
+                    }
+                    () = tokio::time::sleep_until(park_at), if !closing && !parking => {
+                        if activity.is_parkable(PARK_AFTER) {
+                            // hyper closes an idle connection at once (without touching the socket, polled
+                            // without shutdown), and finishes one that has a request under way first.
+                            parking = true;
+                            Pin::new(&mut *conn).graceful_shutdown();
+                        }
+                    }
+                    () = tokio::time::sleep_until(idle_at), if !closing && !parking => {
+                        if activity.is_idle(self.idle_timeout) {
+                            closing = true;
+                            Pin::new(&mut *conn).graceful_shutdown();
+                        }
+                    }
+                    () = sleep_until_some(head_at) => {
+                        if activity.head_deadline(self.header_timeout).is_some_and(|at| at <= Instant::now()) {
+                            tracing::debug!("request head not received in time; closing the connection");
+                            return;
+                        }
+                    }
+                    () = activity.head_started.notified() => {}
+                }
+            }
+            let parts = (*conn).into_parts();
+            tracing::debug!("idle connection parked; its HTTP buffers released");
+            io = parts.io.into_inner();
+            // Bytes hyper read past its last request (a pipelined request's start) go to the next one.
+            io.pending = parts.read_buf;
         }
     }
 
@@ -79,23 +199,7 @@ impl Job {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let zero_copy = self.tls.is_none();
-        let app = self.app;
-        let busy = activity.clone();
-        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-            let exchange = Exchange::new(busy.clone());
-            let in_flight = InFlight::new(busy.clone());
-            let mut req = req.map(Body::new);
-            if zero_copy {
-                req.extensions_mut().insert(Delivery::SendFile);
-            }
-            let call = tower::ServiceExt::oneshot(app.clone(), req);
-            async move {
-                let resp = call.await;
-                drop(in_flight);
-                resp.map(|resp| resp.map(|body| Body::new(Sending { body, _exchange: exchange })))
-            }
-        });
+        let service = self.service(&activity);
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
         let mut conn = std::pin::pin!(conn);
         let mut drain = self.drain;
@@ -134,6 +238,61 @@ impl Job {
                 () = activity.head_started.notified() => {}
             }
         }
+    }
+}
+
+/// The response future of [`ConnService`].
+type ResponseFuture =
+    Pin<Box<dyn std::future::Future<Output = Result<hyper::Response<Body>, std::convert::Infallible>> + Send>>;
+
+/// The app, with the connection's activity counted around each exchange.
+#[derive(Clone)]
+struct ConnService {
+    app: axum::Router,
+    activity: Arc<Activity>,
+    zero_copy: bool,
+}
+
+impl hyper::service::Service<hyper::Request<Incoming>> for ConnService {
+    type Response = hyper::Response<Body>;
+    type Error = std::convert::Infallible;
+    // Boxed: a parked connection is taken apart between requests, which needs an `Unpin` future.
+    type Future = ResponseFuture;
+
+    fn call(&self, req: hyper::Request<Incoming>) -> ResponseFuture {
+        let exchange = Exchange::new(self.activity.clone());
+        let in_flight = InFlight::new(self.activity.clone());
+        let mut req = req.map(Body::new);
+        if self.zero_copy {
+            req.extensions_mut().insert(Delivery::SendFile);
+        }
+        let call = tower::ServiceExt::oneshot(self.app.clone(), req);
+        Box::pin(async move {
+            let resp = call.await;
+            drop(in_flight);
+            resp.map(|resp| resp.map(|body| Body::new(Sending { body, _exchange: exchange })))
+        })
+    }
+}
+
+/// What a plain-TCP connection's first bytes say.
+enum FirstBytes {
+    /// An HTTP/1.1 request (anything that cannot be the HTTP/2 preface).
+    Http1,
+    /// The HTTP/2 preface, or too few bytes to tell: the detecting path.
+    Other,
+    /// Closed, or nothing within the head timeout.
+    None,
+}
+
+/// Peeks at the first bytes (leaving them for whoever reads next) to choose the connection's path.
+async fn first_bytes(stream: &TcpStream, within: Duration) -> FirstBytes {
+    let mut buf = [0u8; 3];
+    let peeked = tokio::time::timeout(within, stream.peek(&mut buf)).await;
+    match peeked {
+        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => FirstBytes::None,
+        Ok(Ok(n)) if H2_PREFACE.starts_with(&buf[..n]) => FirstBytes::Other,
+        Ok(Ok(_)) => FirstBytes::Http1,
     }
 }
 
@@ -220,6 +379,12 @@ impl Activity {
     fn is_idle(&self, idle: Duration) -> bool {
         self.in_flight.load(Ordering::Relaxed) == 0 && Instant::now() >= self.idle_deadline(idle)
     }
+    /// Parkable: idle for `after`, every response sent in full, and no request head under way.
+    fn is_parkable(&self, after: Duration) -> bool {
+        self.is_idle(after)
+            && self.exchanges.load(Ordering::SeqCst) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+    }
 }
 
 /// Counts a request as in flight until its response head is ready (then its body's bytes are activity).
@@ -298,12 +463,20 @@ struct Tracked {
     /// Plain-text HTTP/2 (prior knowledge) shows itself in the first bytes.
     first_read: bool,
     zero_copy: bool,
+    /// Bytes read before the connection was parked, read again first.
+    pending: Bytes,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 impl AsyncRead for Tracked {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.pending.is_empty() {
+            let n = self.pending.len().min(buf.remaining());
+            buf.put_slice(&self.pending.split_to(n));
+            self.activity.read();
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {

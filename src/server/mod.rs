@@ -87,6 +87,7 @@ pub async fn serve_until(
     grace: Duration,
 ) -> std::io::Result<bool> {
     let builder = Arc::new(conn::builder(listen));
+    let http1 = Arc::new(conn::http1_builder(listen));
     let permits = Arc::new(Semaphore::new(listen.max_connections));
     let (drain_tx, drain_rx) = watch::channel(false);
     let connections = TaskTracker::new();
@@ -113,15 +114,19 @@ pub async fn serve_until(
         let job = conn::Job {
             app: app.clone(),
             builder: builder.clone(),
+            http1: http1.clone(),
             tls: listen.tls.clone(),
             header_timeout: listen.header_timeout,
             idle_timeout: listen.idle_timeout,
             drain: drain_rx.clone(),
         };
-        connections.spawn(async move {
+        let fut = async move {
             let _permit = permit;
             job.serve(stream).await;
-        });
+        };
+        static ONCE3: std::sync::Once = std::sync::Once::new();
+        ONCE3.call_once(|| eprintln!("SIZE conn task future {}", std::mem::size_of_val(&fut)));
+        connections.spawn(fut);
     }
     drop(listener);
     let _ = drain_tx.send(true);

@@ -587,3 +587,52 @@ async fn the_open_files_limit_is_raised_so_more_connections_than_the_soft_limit_
     .await;
     assert_eq!(answered, Ok(CONNECTIONS), "connections past the soft limit of {SOFT} were not answered");
 }
+
+/// Sends `GET /v2/` on `s` and reads the answer (`{}`, 2 bytes); returns the status line.
+async fn get_base(s: &mut TcpStream) -> String {
+    s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: wharf\r\n\r\n").await.unwrap();
+    let head = read_head(s, Duration::from_secs(15)).await;
+    let mut body = [0u8; 2];
+    s.read_exact(&mut body).await.unwrap();
+    head.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Waits until wharf has logged its `n`th parked connection.
+async fn wait_parked(wharf: &Wharf, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while wharf.log().matches("idle connection parked").count() < n {
+        assert!(Instant::now() < deadline, "no connection parked:\n{}", wharf.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_keep_alive_connection_is_parked_and_answers_its_next_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    // Both timeouts far away: only parking happens to these connections.
+    let wharf = start_with(dir.path(), "[server]\nheader_timeout = 60\nidle_timeout = 60\n", up.wharf_args());
+    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    assert_eq!(get_base(&mut s).await, "HTTP/1.1 200 OK");
+    wait_parked(&wharf, 1).await;
+    // The same connection, parked, takes requests again, and parks again when idle.
+    assert_eq!(get_base(&mut s).await, "HTTP/1.1 200 OK");
+    assert_eq!(get_base(&mut s).await, "HTTP/1.1 200 OK");
+    wait_parked(&wharf, 2).await;
+    assert_eq!(get_base(&mut s).await, "HTTP/1.1 200 OK");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_trickled_into_a_parked_connection_is_cut_at_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    // idle_timeout far away: the connection is waiting for the rest of a request head, not idle.
+    let wharf = start_with(dir.path(), "[server]\nheader_timeout = 1\nidle_timeout = 60\n", up.wharf_args());
+    let mut s = TcpStream::connect(addr(&wharf)).await.unwrap();
+    assert_eq!(get_base(&mut s).await, "HTTP/1.1 200 OK");
+    wait_parked(&wharf, 1).await;
+    let sent = Instant::now();
+    s.write_all(b"GET /v2/ HTTP/1.1\r\n").await.unwrap();
+    let (lo, hi) = (Duration::from_millis(950), Duration::from_secs(8));
+    assert_closed_between(&mut s, sent, lo, hi, "a head trickled into a parked connection (header_timeout 1 s)").await;
+}
