@@ -35,10 +35,11 @@ cargo bench --bench pull -- [FLAGS]
 
   --quick               small smoke run (~1-2 min): 10 MiB + 4×25 MiB app, 200 MiB large layer, 200 MB/s,
                         herd 2,4, 10 repositories, ab 1 s
-  --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7,8,9): 1 cold single pull, 2 warm single pull,
+  --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7,8,9,10): 1 cold single pull, 2 warm single pull,
                         3 cold herd, 4 late joiners, 5 many images, 6 large layer with 4 clients,
                         7 manifest req/s, 8 cluster, 9 refill an empty node from an S3 bucket (s3s-fs from
-                        target/s3s-fs/bin or $WHARF_S3S_FS; skipped if missing) vs from the upstream
+                        target/s3s-fs/bin or $WHARF_S3S_FS; skipped if missing) vs from the upstream,
+                        10 warm pulls with many idle keep-alive connections held open
   --peers LIST          wharf,proxy,nginx,direct,cluster,independent,bucket (default: all)
   --rates LIST          per-connection upstream MB/s (default: 50,200; --quick: 200)
   --latency-ms N        added before every upstream response (default: 20)
@@ -50,6 +51,7 @@ cargo bench --bench pull -- [FLAGS]
   --downloads N         concurrent requests per client, like max_concurrent_downloads (default: 3)
   --many-repos N        scenario 5 repositories (default: 50)
   --many-clients N      scenario 5 clients (default: 16)
+  --idle-connections N  scenario 10 idle keep-alive connections (default: 10000; --quick: 1000)
   --large-clients N     scenario 6 clients (default: 4)
   --cluster-clients N   scenario 8 herd, spread over the 3 nodes (default: 12)
   --refill-large        scenario 9 also refills the large layer (default: bench/app only)
@@ -77,6 +79,8 @@ pub struct Opts {
     pub par: usize,
     pub downloads: usize,
     pub many_clients: usize,
+    /// Scenario 10: idle keep-alive connections held open.
+    pub idle_connections: usize,
     pub many_pulls: usize,
     pub large_clients: usize,
     pub cluster_clients: usize,
@@ -110,7 +114,7 @@ impl Opts {
         let quick = args.iter().any(|a| a == "--quick");
         let mut o = Opts {
             quick,
-            scenarios: (1..=9).collect(),
+            scenarios: (1..=10).collect(),
             peers: vec![
                 PeerKind::Wharf,
                 PeerKind::Proxy,
@@ -137,6 +141,7 @@ impl Opts {
             par: 3,
             downloads: 3,
             many_clients: if quick { 4 } else { 16 },
+            idle_connections: if quick { 1000 } else { 10_000 },
             many_pulls: if quick { 2 } else { 3 },
             large_clients: 4,
             cluster_clients: 12,
@@ -183,6 +188,7 @@ impl Opts {
                 "--downloads" => o.downloads = num(value()) as usize,
                 "--many-repos" => o.sizes.many_repos = num(value()) as usize,
                 "--many-clients" => o.many_clients = num(value()) as usize,
+                "--idle-connections" => o.idle_connections = num(value()) as usize,
                 "--large-clients" => o.large_clients = num(value()) as usize,
                 "--cluster-clients" => o.cluster_clients = (num(value()) as usize).max(1),
                 "--refill-large" => o.refill_large = true,
@@ -301,6 +307,7 @@ async fn run(opts: Opts) {
             7 => scenarios::manifests(&mut ctx).await,
             8 => scenarios::cluster(&mut ctx).await,
             9 => scenarios::refill(&mut ctx).await,
+            10 => scenarios::idle_connections(&mut ctx).await,
             other => eprintln!("bench: no scenario {other}"),
         }
         timings.push(format!("{s}: {:.0} s", t.elapsed().as_secs_f64()));

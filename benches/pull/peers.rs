@@ -274,6 +274,8 @@ impl Peers {
                 cmd.env_remove(key);
             }
         }
+        // Scenario 10 holds more idle connections than the default limit (4096) admits at once.
+        cmd.env("WHARF_SERVER__MAX_CONNECTIONS", "65536");
         // The per-request log line is off unless asked for (nginx and the registries log no requests either).
         let filter = if self.request_log { "info" } else { "info,wharf::request=warn" };
         cmd.env("RUST_LOG", filter);

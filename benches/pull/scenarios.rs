@@ -3,7 +3,8 @@
 //! 7 manifest requests per second with `ab -k`) and issue 12's cluster tier (8: a herd spread over three
 //! clustered nodes against three independent wharfs, the reference proxy and one wharf; a warm blob through
 //! a peer against a local warm hit) and issue 13's bucket tier (9: an empty node refilled from an S3 bucket
-//! against one refilled from the throttled upstream).
+//! against one refilled from the throttled upstream), and issue 15's idle connections (10: warm pulls with
+//! thousands of idle keep-alive connections held open).
 //!
 //! Every measured run goes through [`Ctx::measured`]: server CPU (`/proc/PID/stat` deltas), sampled peak
 //! RSS, and the shim's counters, read after the shim has been quiet for 300 ms so that background fills
@@ -1174,4 +1175,130 @@ async fn refill_run(
         eprintln!("bench: [9] errors; wharf logs:\n{}", ctx.peers.wharf_logs(40));
     }
     (row, used)
+}
+
+/// Scenario 10: warm pulls of the app image from wharf alone, then with `--idle-connections` keep-alive
+/// connections held open (each made one `GET /v2/` first); peak RSS over both, and whether every idle
+/// connection still answers at the end.
+pub async fn idle_connections(ctx: &mut Ctx) {
+    let n = ctx.opts.idle_connections;
+    let img = ctx.catalog.app.clone();
+    let target = ctx.peers.cold(PeerKind::Wharf).await;
+    ctx.warm_up(&target, std::slice::from_ref(&img)).await;
+    raise_open_files();
+    let case = |idle: bool| {
+        if idle {
+            format!("{}, warm, with {n} idle connections", image_label(&img))
+        } else {
+            format!("{}, warm, no idle connections", image_label(&img))
+        }
+    };
+    let mut rows = Vec::new();
+    rows.push(warm_runs(ctx, &target, &img, case(false)).await);
+    let host = target.url.trim_start_matches("http://").to_string();
+    let (opened, m_open) = ctx.measured(&target, open_idle(&host, n)).await;
+    let mut notes = Vec::new();
+    match opened {
+        Ok(mut conns) => {
+            let mut with_idle = warm_runs(ctx, &target, &img, case(true)).await;
+            let answered = answer_again(&mut conns).await;
+            with_idle.note = format!(
+                "{} idle connections opened ({} KiB RSS peak while opening); {answered} of {} answered a second \
+                 request after the pulls",
+                conns.len(),
+                m_open.peak_rss_kib,
+                conns.len()
+            );
+            with_idle.m.peak_rss_kib = with_idle.m.peak_rss_kib.max(m_open.peak_rss_kib);
+            let (alone, busy) = (rows[0].mbps(), with_idle.mbps());
+            notes.push(format!(
+                "With the idle connections the pulls ran at {busy:.0} MB/s against {alone:.0} MB/s without: \
+                 {:.2}× the time.",
+                if busy > 0.0 { alone / busy } else { f64::INFINITY }
+            ));
+            rows.push(with_idle);
+            notes.push(format!(
+                "Each idle connection sent one `GET /v2/` and read its answer, then stayed open; wharf parks an \
+                 HTTP/1.1 connection idle for 200 ms (its HTTP buffers released). Each figure is the median of {} \
+                 runs.",
+                ctx.opts.repeat
+            ));
+        }
+        Err(e) => notes.push(format!("opening {n} idle connections failed: {e}")),
+    }
+    let title = format!("10. Warm pulls with {n} idle keep-alive connections held open (1 client)");
+    ctx.push(10, title, rows, notes);
+}
+
+/// `--repeat` warm pulls of `img` from `target`: the median run.
+async fn warm_runs(ctx: &Ctx, target: &Target, img: &Image, case: String) -> Row {
+    let mut all = Vec::new();
+    for _ in 0..ctx.opts.repeat {
+        let job = pull_all(&target.url, vec![(img.clone(), Mode::Whole)], ctx.opts.downloads);
+        let (res, m) = ctx.measured(target, job).await;
+        let spec = RowSpec {
+            scenario: 10,
+            case: case.clone(),
+            image: "app",
+            mode: Mode::Whole.name(),
+            peer: PeerKind::Wharf,
+            reference_bytes: img.bytes(),
+        };
+        all.push(pull_row(spec, &res, m));
+    }
+    median_row(all).expect("at least one run")
+}
+
+/// This process's open-files soft limit raised to the hard one (the idle connections are ours too).
+fn raise_open_files() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid pointers to an rlimit for the calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Opens `n` connections to `host`, 500 at a time, each sending one `GET /v2/` and reading its answer.
+async fn open_idle(host: &str, n: usize) -> R<Vec<tokio::net::TcpStream>> {
+    use futures_util::StreamExt;
+    let opened: Vec<R<tokio::net::TcpStream>> = futures_util::stream::iter(0..n)
+        .map(|_| async move {
+            let mut s = tokio::net::TcpStream::connect(host).await.map_err(|e| e.to_string())?;
+            ask_base(&mut s).await?;
+            Ok(s)
+        })
+        .buffer_unordered(500)
+        .collect()
+        .await;
+    opened.into_iter().collect()
+}
+
+/// `GET /v2/` on `s`, reading the whole answer (`{}`); an error unless it is a 200.
+async fn ask_base(s: &mut tokio::net::TcpStream) -> R<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: wharf\r\n\r\n").await.map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"{}")) {
+        let k = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if k == 0 {
+            return Err("closed before the answer".into());
+        }
+        got.extend_from_slice(&buf[..k]);
+    }
+    if got.starts_with(b"HTTP/1.1 200") { Ok(()) } else { Err(String::from_utf8_lossy(&got).into_owned()) }
+}
+
+/// How many of `conns` answer a second `GET /v2/`.
+async fn answer_again(conns: &mut [tokio::net::TcpStream]) -> usize {
+    use futures_util::StreamExt;
+    futures_util::stream::iter(conns.iter_mut())
+        .map(|s| async move { ask_base(s).await.is_ok() })
+        .buffer_unordered(500)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await
 }
