@@ -92,10 +92,9 @@ async fn base(State(state): State<AppState>, method: Method, headers: HeaderMap)
 }
 
 async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let headers = req.headers().clone();
-    let delivery = req.extensions().get::<Delivery>().copied().unwrap_or_default();
+    // Requests carry no body: the head is taken apart rather than copied.
+    let (http::request::Parts { method, uri, headers, extensions, .. }, _body) = req.into_parts();
+    let delivery = extensions.get::<Delivery>().copied().unwrap_or_default();
     let rest = uri.path().strip_prefix("/v2/").unwrap_or_default();
     let ns = uri.query().and_then(ns_param);
     let result = async {
