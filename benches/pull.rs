@@ -35,11 +35,12 @@ cargo bench --bench pull -- [FLAGS]
 
   --quick               small smoke run (~1-2 min): 10 MiB + 4×25 MiB app, 200 MiB large layer, 200 MB/s,
                         herd 2,4, 10 repositories, ab 1 s
-  --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7,8,9,10): 1 cold single pull, 2 warm single pull,
+  --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7,8,9,10,11): 1 cold single pull, 2 warm single pull,
                         3 cold herd, 4 late joiners, 5 many images, 6 large layer with 4 clients,
                         7 manifest req/s, 8 cluster, 9 refill an empty node from an S3 bucket (s3s-fs from
                         target/s3s-fs/bin or $WHARF_S3S_FS; skipped if missing) vs from the upstream,
-                        10 warm pulls with many idle keep-alive connections held open
+                        10 warm pulls with many idle keep-alive connections held open, 11 a cold fill's
+                        CPU against the floor (receive with curl, hash with openssl, write with dd)
   --peers LIST          wharf,proxy,nginx,direct,cluster,independent,bucket (default: all)
   --rates LIST          per-connection upstream MB/s (default: 50,200; --quick: 200)
   --latency-ms N        added before every upstream response (default: 20)
@@ -114,7 +115,7 @@ impl Opts {
         let quick = args.iter().any(|a| a == "--quick");
         let mut o = Opts {
             quick,
-            scenarios: (1..=10).collect(),
+            scenarios: (1..=11).collect(),
             peers: vec![
                 PeerKind::Wharf,
                 PeerKind::Proxy,
@@ -269,6 +270,10 @@ fn needed_tools(opts: &Opts) -> Vec<(&'static str, &'static str)> {
         tools.push(("ab", "apache2-utils"));
         tools.push(("wrk", "wrk"));
     }
+    if opts.scenarios.contains(&11) {
+        tools.push(("curl", "curl"));
+        tools.push(("openssl", "openssl"));
+    }
     tools
 }
 
@@ -293,7 +298,8 @@ async fn run(opts: Opts) {
     let catalog = origin::seed(&origin, &opts.sizes, &run_dir.join("scratch")).await;
     let shim = shim::Shim::start(origin.addr, 0, Duration::from_millis(opts.latency_ms));
     let peers = peers::Peers::new(&run_dir, &shim.url(), &origin, &catalog, opts.request_log);
-    let mut ctx = scenarios::Ctx { opts: opts.clone(), shim, peers, catalog, sections: Vec::new() };
+    let origin_root = origin.root.clone();
+    let mut ctx = scenarios::Ctx { opts: opts.clone(), shim, peers, catalog, origin_root, sections: Vec::new() };
     let mut timings = Vec::new();
     for s in opts.scenarios.clone() {
         let t = Instant::now();
@@ -308,6 +314,7 @@ async fn run(opts: Opts) {
             8 => scenarios::cluster(&mut ctx).await,
             9 => scenarios::refill(&mut ctx).await,
             10 => scenarios::idle_connections(&mut ctx).await,
+            11 => scenarios::fill_floor(&mut ctx).await,
             other => eprintln!("bench: no scenario {other}"),
         }
         timings.push(format!("{s}: {:.0} s", t.elapsed().as_secs_f64()));

@@ -31,6 +31,8 @@ pub struct Ctx {
     pub shim: Shim,
     pub peers: Peers,
     pub catalog: Catalog,
+    /// The origin registry's storage root (its blob files, for scenario 11's floor).
+    pub origin_root: std::path::PathBuf,
     pub sections: Vec<Section>,
 }
 
@@ -1301,4 +1303,93 @@ async fn answer_again(conns: &mut [tokio::net::TcpStream]) -> usize {
         .filter(|ok| std::future::ready(*ok))
         .count()
         .await
+}
+
+/// Scenario 11: the CPU of one cold GET of the large layer through a fresh wharf (the fill and serving the
+/// client, unthrottled upstream) against the floor for the same bytes on this machine: receiving them
+/// (`curl -o /dev/null` from the upstream), hashing them (`openssl dgst -sha256`, SHA extensions like
+/// `sha2`) and writing them (`dd` of as many bytes into a file). Medians of `--repeat` runs, taking turns.
+pub async fn fill_floor(ctx: &mut Ctx) {
+    let img = ctx.catalog.large.clone();
+    let Some(blob) = img.blobs().into_iter().max_by_key(|b| b.size) else { return };
+    let blob = blob.clone();
+    ctx.set_rate(0);
+    let file = crate::origin::blob_path(&ctx.origin_root, &blob.digest);
+    let run_dir = ctx.origin_root.parent().and_then(|p| p.parent()).unwrap_or(&ctx.origin_root).to_path_buf();
+    let scratch = run_dir.join("floor-write");
+    let mut floors = Vec::new();
+    let mut fills = Vec::new();
+    let mut notes = Vec::new();
+    for _ in 0..ctx.opts.repeat {
+        let url = format!("{}/v2/{}/blobs/{}", ctx.shim.url(), img.repo, blob.digest);
+        let receive = child_cpu(std::process::Command::new("curl").args(["-s", "-o", "/dev/null", &url]));
+        let hash = child_cpu(std::process::Command::new("openssl").args(["dgst", "-sha256"]).arg(&file));
+        // The same number of bytes from /dev/zero (the bytes are already received above), into the page
+        // cache on the filesystem wharf writes to; no sync: the flusher threads write back for wharf too,
+        // outside its CPU time.
+        let write = child_cpu(
+            std::process::Command::new("dd")
+                .arg("if=/dev/zero")
+                .arg(format!("of={}", scratch.display()))
+                .arg(format!("count={}", blob.size.div_ceil(MIB)))
+                .args(["bs=1M", "status=none"]),
+        );
+        let _ = std::fs::remove_file(&scratch);
+        floors.push((receive, hash, write));
+        let target = ctx.peers.cold(PeerKind::Wharf).await;
+        let (res, m) = ctx.measured(&target, one_blob(&target.url, &img.repo, &blob)).await;
+        match res {
+            Ok(_) => fills.push(m.cpu_s),
+            Err(e) => notes.push(format!("a cold GET failed: {e}")),
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let totals: Vec<f64> = floors.iter().map(|(r, h, w)| r + h + w).collect();
+    let (floor, fill) = (median(totals.clone()), median(fills.clone()));
+    let part = |f: fn(&(f64, f64, f64)) -> f64| median(floors.iter().map(f).collect());
+    let least = |f: fn(&(f64, f64, f64)) -> f64| floors.iter().map(f).fold(f64::INFINITY, f64::min);
+    let best = least(|f| f.0) + least(|f| f.1) + least(|f| f.2);
+    let runs = |v: &[f64]| v.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(", ");
+    let gib = blob.size as f64 / GIB as f64;
+    let line = format!(
+        "Cold fill of one {gib:.2} GiB layer from the unthrottled upstream through a fresh wharf: {fill:.2} CPU-s \
+         ({:.2} CPU-s/GiB; runs: {}). The floor: {floor:.2} CPU-s by medians (receive {:.2} + hash {:.2} + write \
+         {:.2}; runs: {}), {best:.2} CPU-s from each part's best run (writes: {}). wharf: **{:.2}×** the median \
+         floor, **{:.2}×** the best.",
+        fill / gib,
+        runs(&fills),
+        part(|f| f.0),
+        part(|f| f.1),
+        part(|f| f.2),
+        runs(&totals),
+        runs(&floors.iter().map(|f| f.2).collect::<Vec<_>>()),
+        fill / floor,
+        fill / best,
+    );
+    eprintln!("bench: [11] {line}");
+    notes.insert(0, line);
+    let section = Section {
+        scenario: 11,
+        title: "11. A cold fill's CPU against the floor (receive, hash, write the same bytes)".into(),
+        notes,
+        table: Table::Transfer(Vec::new()),
+        base: PeerKind::Wharf,
+    };
+    println!("{}", crate::report::render_section(&section));
+    ctx.sections.push(section);
+}
+
+/// CPU seconds (user + system) the command took, run to completion; NaN if it could not run. Read from
+/// `wait4` for that child alone: the bench reaps other children (stopped peers) meanwhile.
+fn child_cpu(cmd: &mut std::process::Command) -> f64 {
+    let Ok(child) = cmd.spawn() else { return f64::NAN };
+    let (mut status, mut u): (libc::c_int, libc::rusage) = (0, unsafe { std::mem::zeroed() });
+    // SAFETY: our own child's pid and valid pointers; the child is reaped here and not waited on again.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut u) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let ok = pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    if ok { secs(u.ru_utime) + secs(u.ru_stime) } else { f64::NAN }
 }
