@@ -1187,7 +1187,10 @@ pub async fn idle_connections(ctx: &mut Ctx) {
     let img = ctx.catalog.app.clone();
     let target = ctx.peers.cold(PeerKind::Wharf).await;
     ctx.warm_up(&target, std::slice::from_ref(&img)).await;
-    raise_open_files();
+    // The idle connections are ours too.
+    if let Err(e) = wharf::server::raise_open_files_limit() {
+        eprintln!("bench: could not raise the open files limit: {e}");
+    }
     let case = |idle: bool| {
         if idle {
             format!("{}, warm, with {n} idle connections", image_label(&img))
@@ -1249,18 +1252,6 @@ async fn warm_runs(ctx: &Ctx, target: &Target, img: &Image, case: String) -> Row
         all.push(pull_row(spec, &res, m));
     }
     median_row(all).expect("at least one run")
-}
-
-/// This process's open-files soft limit raised to the hard one (the idle connections are ours too).
-fn raise_open_files() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: valid pointers to an rlimit for the calls.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
 }
 
 /// Opens `n` connections to `host`, 500 at a time, each sending one `GET /v2/` and reading its answer.
