@@ -85,8 +85,14 @@ impl Job {
     }
 
     async fn plain(self, tracked: Tracked, activity: Arc<Activity>) {
-        // A connection that sends nothing is closed at whichever limit comes first, as on every path.
-        match first_bytes(&tracked.inner, self.header_timeout.min(self.idle_timeout)).await {
+        // A connection that sends nothing is closed at whichever limit comes first, as on every path, and at
+        // once when the server drains.
+        let mut drain = self.drain.clone();
+        let first = tokio::select! {
+            first = first_bytes(&tracked.inner, self.header_timeout.min(self.idle_timeout)) => first,
+            _ = drain.wait_for(|draining| *draining) => FirstBytes::None,
+        };
+        match first {
             FirstBytes::Http1 => Box::pin(self.http1_parking(tracked, activity)).await,
             FirstBytes::Other => Box::pin(self.http(tracked, activity)).await,
             FirstBytes::None => {}
@@ -137,23 +143,28 @@ impl Job {
                     () = sleep_until_some(head_at) => return,
                 }
             }
+            // The next request is arriving: the park clock starts again now, not at the last response.
+            activity.touch();
             // On the heap, freed when the connection parks.
             let mut conn = Box::new(self.http1.serve_connection(TokioIo::new(io), service.clone()));
             let mut parking = false;
             let mut closing = false;
+            // A check that finds the connection busy (a request waiting on a slow upstream) is not repeated
+            // before this, or the loop would spin on a deadline already past.
+            let mut next_check = Instant::now();
             loop {
-                let idle_at = activity.idle_deadline(self.idle_timeout);
-                let park_at = activity.idle_deadline(PARK_AFTER);
+                let idle_at = activity.idle_deadline(self.idle_timeout).max(next_check);
+                let park_at = activity.idle_deadline(PARK_AFTER).max(next_check);
                 let head_at = activity.head_deadline(self.header_timeout);
                 tokio::select! {
-                    res = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                    // Polled as a future (which flushes what hyper holds before shutting the socket down)
+                    // unless parking: then hyper is idle with nothing left to write, and the socket is kept.
+                    res = std::future::poll_fn(|cx| {
+                        if parking { conn.poll_without_shutdown(cx) } else { Pin::new(&mut *conn).poll(cx) }
+                    }) => {
                         match res {
                             Ok(()) if parking => break,
-                            Ok(()) => {
-                                // The client closed, or keep-alive ended: close our side too.
-                                let mut io = (*conn).into_parts().io.into_inner();
-                                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
-                            }
+                            Ok(()) => {}
                             Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
                         }
                         return;
@@ -166,16 +177,20 @@ impl Job {
                     }
                     () = tokio::time::sleep_until(park_at), if !closing && !parking => {
                         if activity.is_parkable(PARK_AFTER) {
-                            // hyper closes an idle connection at once (without touching the socket, polled
-                            // without shutdown), and finishes one that has a request under way first.
+                            // Nothing read of a next request and nothing left to write: hyper closes at once,
+                            // without touching the socket (polled without shutdown).
                             parking = true;
                             Pin::new(&mut *conn).graceful_shutdown();
+                        } else {
+                            next_check = Instant::now() + PARK_AFTER;
                         }
                     }
                     () = tokio::time::sleep_until(idle_at), if !closing && !parking => {
                         if activity.is_idle(self.idle_timeout) {
                             closing = true;
                             Pin::new(&mut *conn).graceful_shutdown();
+                        } else {
+                            next_check = Instant::now() + PARK_AFTER;
                         }
                     }
                     () = sleep_until_some(head_at) => {
@@ -190,8 +205,12 @@ impl Job {
             let parts = (*conn).into_parts();
             tracing::debug!("idle connection parked; its HTTP buffers released");
             io = parts.io.into_inner();
-            // Bytes hyper read past its last request (a pipelined request's start) go to the next one.
-            io.pending = parts.read_buf;
+            // Bytes hyper read past its last request go to the next one, before any it had not read yet.
+            if !parts.read_buf.is_empty() {
+                let mut pending = bytes::BytesMut::from(parts.read_buf);
+                pending.extend_from_slice(&io.pending);
+                io.pending = pending.freeze();
+            }
         }
     }
 
@@ -204,8 +223,10 @@ impl Job {
         let mut conn = std::pin::pin!(conn);
         let mut drain = self.drain;
         let mut closing = false;
+        // See `http1_parking`: a busy connection is not checked again at once.
+        let mut next_check = Instant::now();
         loop {
-            let idle_at = activity.idle_deadline(self.idle_timeout);
+            let idle_at = activity.idle_deadline(self.idle_timeout).max(next_check);
             let head_at = activity.head_deadline(self.header_timeout);
             tokio::select! {
                 res = conn.as_mut() => {
@@ -224,6 +245,8 @@ impl Job {
                     if activity.is_idle(self.idle_timeout) {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
+                    } else {
+                        next_check = Instant::now() + PARK_AFTER;
                     }
                 }
                 () = sleep_until_some(head_at) => {
@@ -321,6 +344,8 @@ struct Activity {
     head_started: Notify,
     /// HTTP/2 multiplexes and pings: there is no "between requests", so heads are not timed.
     h2: AtomicBool,
+    /// The socket refused the last write: hyper still holds bytes to send.
+    write_blocked: AtomicBool,
 }
 
 impl Activity {
@@ -336,6 +361,7 @@ impl Activity {
             head_since: AtomicU64::new(1),
             head_started: Notify::new(),
             h2: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
         }
     }
     fn now_ms(&self) -> u64 {
@@ -379,11 +405,13 @@ impl Activity {
     fn is_idle(&self, idle: Duration) -> bool {
         self.in_flight.load(Ordering::Relaxed) == 0 && Instant::now() >= self.idle_deadline(idle)
     }
-    /// Parkable: idle for `after`, every response sent in full, and no request head under way.
+    /// Parkable: idle for `after`, every response handed over and written to the socket, and no request
+    /// head under way.
     fn is_parkable(&self, after: Duration) -> bool {
         self.is_idle(after)
             && self.exchanges.load(Ordering::SeqCst) == 0
             && self.head_since.load(Ordering::Relaxed) == 0
+            && !self.write_blocked.load(Ordering::Relaxed)
     }
 }
 
@@ -491,8 +519,13 @@ impl AsyncRead for Tracked {
 
 impl Tracked {
     fn wrote(&self, res: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        match &res {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.activity.touch();
+                self.activity.write_blocked.store(false, Ordering::Relaxed);
+            }
+            Poll::Pending => self.activity.write_blocked.store(true, Ordering::Relaxed),
+            _ => {}
         }
         res
     }

@@ -120,13 +120,10 @@ pub async fn serve_until(
             idle_timeout: listen.idle_timeout,
             drain: drain_rx.clone(),
         };
-        let fut = async move {
+        connections.spawn(async move {
             let _permit = permit;
             job.serve(stream).await;
-        };
-        static ONCE3: std::sync::Once = std::sync::Once::new();
-        ONCE3.call_once(|| eprintln!("SIZE conn task future {}", std::mem::size_of_val(&fut)));
-        connections.spawn(fut);
+        });
     }
     drop(listener);
     let _ = drain_tx.send(true);

@@ -138,14 +138,13 @@ async fn sync(settings: &WarmSettings, metrics: &Metrics, board: &Board, wanted:
     };
     let pull_within = Duration::from_secs(settings.runtime_pull_timeout);
     for item in wanted {
-        let status = match one(&runtime, &version, item, board, pull_within).await {
-            Ok(status) => status,
-            Err(e) => {
-                let why = chain(&e);
-                tracing::warn!(image = %item.image, reference = %item.reference, error = %why, "warm image: runtime step failed");
-                InRuntime { error: Some(why), ..unchecked(board, item) }
-            }
-        };
+        let mut status = unchecked(board, item);
+        // A step that fails keeps what the steps before it found (the image pulled, say, then the pin failed).
+        if let Err(e) = one(&runtime, &version, item, &mut status, pull_within).await {
+            let why = chain(&e);
+            tracing::warn!(image = %item.image, reference = %item.reference, error = %why, "warm image: runtime step failed");
+            status.error = Some(why);
+        }
         record(metrics, board, item, status);
     }
     if version.name != "containerd" {
@@ -187,20 +186,20 @@ fn record(metrics: &Metrics, board: &Board, item: &Wanted, status: InRuntime) {
     board.set(&item.image, status);
 }
 
-/// Pulls one image into the runtime unless it is there at wharf's digest, then sets its pin as wanted.
+/// Pulls one image into the runtime unless it is there at wharf's digest, then sets its pin as wanted,
+/// recording in `status` what it finds as it goes.
 async fn one(
     runtime: &Runtime,
     version: &RuntimeVersion,
     item: &Wanted,
-    board: &Board,
+    status: &mut InRuntime,
     pull_within: Duration,
-) -> Result<InRuntime, crate::runtime::RuntimeError> {
-    let mut status = unchecked(board, item);
+) -> Result<(), crate::runtime::RuntimeError> {
     // A pass that failed leaves the runtime at the last digest wharf had: report on that one, pull nothing
     // (the runtime would go through wharf to a failing upstream).
     let Some(digest) = status.digest.clone() else {
         status.error = item.error.clone().map(|e| format!("not cached in wharf: {e}"));
-        return Ok(status);
+        return Ok(());
     };
     let at_digest = |image: &Option<RuntimeImage>| image.as_ref().is_some_and(|i| i.has_digest(&digest.to_string()));
     let mut image = runtime.image(&item.reference).await?;
@@ -224,7 +223,7 @@ async fn one(
         if item.pin {
             status.note = Some(format!("{}: pinning needs containerd; not pinned", version.name));
         }
-        return Ok(status);
+        return Ok(());
     }
     // Set again after every pull: a pull that moves a tag replaces the record and its labels.
     status.pinned = runtime.set_pinned(&item.reference, item.pin).await?;
@@ -238,7 +237,7 @@ async fn one(
             version.name, version.version
         ));
     }
-    Ok(status)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -636,3 +636,58 @@ async fn a_head_trickled_into_a_parked_connection_is_cut_at_header_timeout() {
     let (lo, hi) = (Duration::from_millis(950), Duration::from_secs(8));
     assert_closed_between(&mut s, sent, lo, hi, "a head trickled into a parked connection (header_timeout 1 s)").await;
 }
+
+/// Connects with a small receive buffer, so that a response of a few MiB fills the socket while the client
+/// does not read.
+async fn small_window(wharf: &Wharf) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    socket.connect(wharf.addr).await.unwrap()
+}
+
+/// Reads a response head and then exactly `len` body bytes; returns the head and the body.
+async fn read_response(s: &mut TcpStream, len: usize) -> (String, Vec<u8>) {
+    let head = read_head(s, Duration::from_secs(15)).await;
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut body))
+        .await
+        .expect("the body did not arrive in time")
+        .unwrap_or_else(|e| panic!("the body broke off: {e} (head {head:?})"));
+    (head, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_gets_the_whole_body_when_it_reads_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start().await;
+    // Both timeouts far away: the stall below is longer than the parking delay, nothing else.
+    let wharf = start_with(dir.path(), "[server]\nheader_timeout = 60\nidle_timeout = 60\n", up.wharf_args());
+    let (digest, data) = up.add_random_blob(24 << 20);
+    let url = format!("{}/v2/test/app/blobs/{digest}", wharf.url());
+    let warm = client().get(&url).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(warm.len(), data.len(), "the blob was not cached whole");
+    let request = |close: bool| {
+        let extra = if close { "Connection: close\r\n" } else { "" };
+        format!("GET /v2/test/app/blobs/{digest} HTTP/1.1\r\nHost: wharf\r\n{extra}\r\n")
+    };
+
+    // Keep-alive: the socket fills, the client pauses longer than the parking delay, then reads on; the
+    // connection must neither park with bytes unsent nor lose them, and takes a request after.
+    let mut s = small_window(&wharf).await;
+    s.write_all(request(false).as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (head, body) = read_response(&mut s, data.len()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body == data, "the body's bytes differ");
+    assert_eq!(get_base(&mut s).await, "HTTP/1.1 200 OK", "the connection did not take the next request");
+
+    // Connection: close: the whole body, then the close.
+    let mut s = small_window(&wharf).await;
+    s.write_all(request(true).as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (head, body) = read_response(&mut s, data.len()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body == data, "the body's bytes differ");
+    let rest = read_to_close(&mut s, Duration::from_secs(15)).await;
+    assert!(rest.is_empty(), "bytes after the body: {rest:?}");
+}
