@@ -31,23 +31,30 @@ use tokio::time::Instant;
 /// that a client sending requests back to back never pays for fresh ones.
 const PARK_AFTER: Duration = Duration::from_millis(200);
 
-/// The HTTP/1.1 settings of parked-and-resumed plain-TCP connections: those of [`builder`].
+/// hyper's HTTP/1.1 settings, for both builders below (two types with the same methods, no common trait).
+macro_rules! http1_settings {
+    ($b:expr, $listen:expr) => {
+        // hyper's own header timeout also runs while a keep-alive connection waits for its next request,
+        // which would cut idle connections at `header_timeout` and race clients reusing them; `Job` times
+        // heads instead.
+        $b.timer(TokioTimer::new())
+            .header_read_timeout(None)
+            // Requests carry no body, so the read buffer bounds the request head (hyper answers 431 beyond it).
+            .max_buf_size($listen.max_header_bytes.max(8192))
+    };
+}
+
+/// The HTTP/1.1 connections of plain TCP, parked between requests.
 pub(super) fn http1_builder(listen: &Listen) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
-    b.timer(TokioTimer::new()).header_read_timeout(None).max_buf_size(listen.max_header_bytes.max(8192));
+    http1_settings!(b, listen);
     b
 }
 
 /// The HTTP settings shared by every connection of a listener.
 pub(super) fn builder(listen: &Listen) -> Builder<TokioExecutor> {
     let mut b = Builder::new(TokioExecutor::new());
-    // hyper's own header timeout also runs while a keep-alive connection waits for its next request, which
-    // would cut idle connections at `header_timeout` and race clients reusing them; `Job` times heads instead.
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        // Requests carry no body, so the read buffer bounds the request head (hyper answers 431 beyond it).
-        .max_buf_size(listen.max_header_bytes.max(8192));
+    http1_settings!(b.http1(), listen);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(listen.max_header_bytes.try_into().unwrap_or(u32::MAX))
@@ -194,7 +201,7 @@ impl Job {
                         }
                     }
                     () = sleep_until_some(head_at) => {
-                        if activity.head_deadline(self.header_timeout).is_some_and(|at| at <= Instant::now()) {
+                        if activity.head_overdue(self.header_timeout) {
                             tracing::debug!("request head not received in time; closing the connection");
                             return;
                         }
@@ -250,7 +257,7 @@ impl Job {
                     }
                 }
                 () = sleep_until_some(head_at) => {
-                    if activity.head_deadline(self.header_timeout).is_some_and(|at| at <= Instant::now()) {
+                    if activity.head_overdue(self.header_timeout) {
                         // A request head that does not arrive in time: close without an answer.
                         tracing::debug!("request head not received in time; closing the connection");
                         return;
@@ -397,6 +404,10 @@ impl Activity {
             0 => None,
             since => Some(self.start + Duration::from_millis(since - 1) + limit),
         }
+    }
+    /// Whether a request head has been arriving for longer than `limit`.
+    fn head_overdue(&self, limit: Duration) -> bool {
+        self.head_deadline(limit).is_some_and(|at| at <= Instant::now())
     }
     fn idle_deadline(&self, idle: Duration) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
