@@ -98,9 +98,14 @@ impl Reserve {
     }
 }
 
-/// Pieces queued for a fill's writer thread, and the largest piece: the bound on its buffered bytes.
-const QUEUED: usize = 64;
-const PIECE: usize = 64 * 1024;
+/// Batches queued for a fill's writer thread, and the most bytes in a batch: the bound on its buffered
+/// bytes (4 MiB).
+const QUEUED: usize = 16;
+const BATCH: usize = 256 * 1024;
+/// How long received bytes may wait for more before they go to the writer as a smaller batch.
+const BATCH_DELAY: Duration = Duration::from_millis(2);
+/// At most this many bytes are written before readers hear of them while more are queued (see [`write_at`]).
+const PUBLISH_EVERY: u64 = 1024 * 1024;
 
 /// Bounds on the bytes a fill writes between two free-space checks.
 const MIN_CHECK_EVERY: u64 = 256 * 1024;
@@ -559,13 +564,15 @@ impl Fill {
     ) -> Result<(), Error> {
         let from = resume.written.load(Ordering::Relaxed);
         let (me, v, w, peer) = (self.clone(), resume.verifier.clone(), resume.written.clone(), peer.cloned());
-        write_at(&temp.file, from, Some(total - from), reserve, body, move |bytes, written| {
+        write_at(&temp.file, from, Some(total - from), reserve, body, move |bytes, written, publish| {
             if let Some(cluster) = &peer {
                 cluster.count_bytes("in", bytes.len() as u64);
             }
             v.lock().unwrap().update(bytes);
             w.store(from + written, Ordering::Relaxed);
-            me.publish_prefix(from + written);
+            if publish {
+                me.publish_prefix(from + written);
+            }
         })
         .await
         .map(drop)
@@ -686,19 +693,23 @@ impl Fill {
                 }
             };
             let (me, p, stats) = (self.clone(), progress.clone(), stats.clone());
-            let mut last = 0;
-            let result = write_at(&temp.file, start + got, Some(len - got), reserve, stream, move |_, written| {
-                if let Some(f) = first_byte.as_mut() {
-                    f.arrived();
-                }
-                stats.received.fetch_add(written - last, Ordering::Relaxed);
-                let moved = p.lock().unwrap().add(i, written - last);
-                last = written;
-                if let Some(prefix) = moved {
-                    me.publish_prefix(prefix);
-                }
-            })
-            .await;
+            let (mut last, mut unpublished) = (0, None);
+            let result =
+                write_at(&temp.file, start + got, Some(len - got), reserve, stream, move |_, written, publish| {
+                    if let Some(f) = first_byte.as_mut() {
+                        f.arrived();
+                    }
+                    stats.received.fetch_add(written - last, Ordering::Relaxed);
+                    let moved = p.lock().unwrap().add(i, written - last);
+                    last = written;
+                    if let Some(prefix) = moved {
+                        unpublished = Some(prefix);
+                    }
+                    if publish && let Some(prefix) = unpublished.take() {
+                        me.publish_prefix(prefix);
+                    }
+                })
+                .await;
             match result {
                 Ok(n) if got + n == len => return Ok(()),
                 Ok(n) => {
@@ -765,55 +776,98 @@ impl Fill {
 }
 
 /// Writes `body` at `offset` on the blocking pool (no more than `limit` bytes, and none while free space is
-/// below `reserve`) and calls `on_write` with each piece and the running count after it is in the file.
-/// Returns the bytes written.
+/// below `reserve`) and calls `on_write` with each piece, the running count after it is in the file, and
+/// whether to publish the progress to readers now. Returns the bytes written.
+///
+/// Received pieces go to the writer thread in batches of up to [`BATCH`] bytes, or what arrived within
+/// [`BATCH_DELAY`]: a source that sends small pieces (an object store, a busy peer) otherwise woke the
+/// writer thread for each one, and those wake-ups and context switches cost more CPU than the writes.
+/// Progress is published when the writer has nothing more queued (so a stalled source never holds back
+/// bytes already written) or every [`PUBLISH_EVERY`] bytes, rather than per piece, which woke every reader
+/// as often.
 async fn write_at(
     file: &Arc<File>,
     offset: u64,
     limit: Option<u64>,
     reserve: &Reserve,
     mut body: futures_util::stream::BoxStream<'static, Result<Bytes, upstream::Error>>,
-    mut on_write: impl FnMut(&[u8], u64) + Send + 'static,
+    mut on_write: impl FnMut(&[u8], u64, bool) + Send + 'static,
 ) -> Result<u64, Error> {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUED);
+    let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(QUEUED);
     let (file, reserve) = (file.clone(), reserve.clone());
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
         let mut written = 0u64;
         let mut next_check = 0u64;
-        while let Some(chunk) = rx.blocking_recv() {
-            if written >= next_check {
-                next_check = written.saturating_add(reserve.check()?);
+        let mut published = 0u64;
+        while let Some(batch) = rx.blocking_recv() {
+            let pieces = batch.len();
+            for (i, chunk) in batch.into_iter().enumerate() {
+                if written >= next_check {
+                    next_check = written.saturating_add(reserve.check()?);
+                }
+                file.write_all_at(&chunk, offset + written)?;
+                written += chunk.len() as u64;
+                let publish = (i + 1 == pieces && rx.is_empty()) || written - published >= PUBLISH_EVERY;
+                if publish {
+                    published = written;
+                }
+                on_write(&chunk, written, publish);
             }
-            file.write_all_at(&chunk, offset + written)?;
-            written += chunk.len() as u64;
-            on_write(&chunk, written);
         }
         Ok(written)
     });
     let mut received = 0u64;
     let mut failure = None;
-    'body: while let Some(chunk) = body.next().await {
-        match chunk {
-            Ok(mut chunk) => {
+    let (mut batch, mut batched) = (Vec::new(), 0usize);
+    let delay = tokio::time::sleep(BATCH_DELAY);
+    tokio::pin!(delay);
+    'body: loop {
+        let item = tokio::select! {
+            biased;
+            item = body.next() => item,
+            () = &mut delay, if batched > 0 => {
+                batched = 0;
+                if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        match item {
+            Some(Ok(chunk)) => {
                 received += chunk.len() as u64;
                 if limit.is_some_and(|l| received > l) {
                     failure = Some(Error::SizeMismatch { announced: limit.unwrap_or(0), received });
                     break;
                 }
-                // The queue is bounded in pieces: large chunks (an object store may send hundreds of KiB
-                // at once) are cut, so that it holds at most QUEUED × PIECE bytes, not QUEUED × any size.
+                let mut chunk = chunk;
+                // Large chunks (an object store may send hundreds of KiB at once) are cut, so that a batch
+                // never holds more than BATCH bytes and the queue at most QUEUED × BATCH.
                 while !chunk.is_empty() {
-                    let piece = chunk.split_to(chunk.len().min(PIECE));
-                    if tx.send(piece).await.is_err() {
-                        break 'body;
+                    if batched == 0 {
+                        delay.as_mut().reset(tokio::time::Instant::now() + BATCH_DELAY);
+                    }
+                    let piece = chunk.split_to(chunk.len().min(BATCH - batched));
+                    batched += piece.len();
+                    batch.push(piece);
+                    if batched == BATCH {
+                        batched = 0;
+                        if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                            break 'body;
+                        }
                     }
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 failure = Some(e.into());
                 break;
             }
+            None => break,
         }
+    }
+    // What arrived before the body ended (or broke) is written too: resuming starts after it.
+    if !batch.is_empty() {
+        let _ = tx.send(batch).await;
     }
     drop(tx);
     let written = writer.await??;

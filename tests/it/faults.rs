@@ -287,7 +287,9 @@ async fn unknown_upstream_content_is_404_with_oci_codes() {
 async fn slow_upstream_first_bytes_reach_the_client_before_the_upstream_finishes() {
     let up = FakeUpstream::start().await;
     let (digest, data) = up.add_random_blob(2 * 1024 * 1024);
-    let gate = up.gate(&digest, 256 * 1024);
+    // Less than the writer's batch (256 KiB): the bytes must go out after the batch delay, not wait for it
+    // to fill.
+    let gate = up.gate(&digest, 100 * 1024);
     let dir = tempfile::tempdir().unwrap();
     let wharf = wharf_with(&up, dir.path(), &[]);
     let mut resp = client()
