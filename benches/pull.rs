@@ -40,7 +40,8 @@ cargo bench --bench pull -- [FLAGS]
                         7 manifest req/s, 8 cluster, 9 refill an empty node from an S3 bucket (s3s-fs from
                         target/s3s-fs/bin or $WHARF_S3S_FS; skipped if missing) vs from the upstream,
                         10 warm pulls with many idle keep-alive connections held open, 11 a cold fill's
-                        CPU against the floor (receive with curl, hash with openssl, write with dd)
+                        CPU against the floor (receive with curl, hash with openssl, write with dd),
+                        for each origin --peers names: wharf (the upstream), cluster (a peer), bucket
   --peers LIST          wharf,proxy,nginx,direct,cluster,independent,bucket (default: all)
   --rates LIST          per-connection upstream MB/s (default: 50,200; --quick: 200)
   --latency-ms N        added before every upstream response (default: 20)

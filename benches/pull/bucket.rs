@@ -85,6 +85,19 @@ impl S3sFs {
         )
     }
 
+    /// A `curl` that GETs the object of `digest` (`sha256:<hex>`) to /dev/null, signed with SigV4 as wharf
+    /// signs (scenario 11's floor for receiving the bytes from the bucket).
+    pub fn curl_get(&self, digest: &str) -> Command {
+        let hex = digest.trim_start_matches("sha256:");
+        let mut cmd = Command::new("curl");
+        // curl signs without the payload hash header, which S3 (and s3s) require.
+        cmd.args(["-sf", "-o", "/dev/null", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+            .arg(format!("{ACCESS_KEY}:{SECRET_KEY}"))
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .arg(format!("{}/{BUCKET}/blobs/sha256/{hex}", self.endpoint));
+        cmd
+    }
+
     /// True if the bucket holds the object of `digest` (`sha256:<hex>`, no prefix) with `size` bytes: a
     /// partial or missing file is not there yet.
     pub fn has_blob(&self, digest: &str, size: u64) -> bool {

@@ -1,7 +1,8 @@
 //! The servers a client can pull from, all on 127.0.0.1, and their cold/warm life cycle.
 //!
-//! * `wharf`: the binary cargo built (`CARGO_BIN_EXE_wharf`), copied into the run directory first so that a
-//!   concurrent `cargo build` cannot swap it mid-run; upstream `origin.test=http://SHIM`.
+//! * `wharf`: the binary cargo built (`CARGO_BIN_EXE_wharf`, or `$WHARF_BENCH_BIN` to measure another build),
+//!   copied into the run directory first so that a concurrent `cargo build` cannot swap it mid-run; upstream
+//!   `origin.test=http://SHIM`.
 //! * `registry-proxy`: `docker-registry` with `proxy.remoteurl: http://SHIM`, the reference pull-through cache.
 //! * `nginx`: `sendfile on`, serving the origin's blob files in place (a regex location + `alias` maps
 //!   `/v2/<name>/blobs/sha256:<hex>` to `<root>/docker/registry/v2/blobs/sha256/<2 hex>/<hex>/data`) and the
@@ -137,7 +138,9 @@ impl Peers {
             std::fs::write(dir.join(&img.manifest_digest), &img.manifest).expect("write manifest");
         }
         let wharf_bin = run_dir.join("wharf");
-        std::fs::copy(env!("CARGO_BIN_EXE_wharf"), &wharf_bin).expect("copy the wharf binary");
+        // WHARF_BENCH_BIN: another build to measure (a before/after comparison in the same conditions).
+        let built = std::env::var_os("WHARF_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_wharf").into());
+        std::fs::copy(&built, &wharf_bin).expect("copy the wharf binary");
         Peers {
             run_dir: run_dir.to_path_buf(),
             shim_url: shim_url.to_string(),

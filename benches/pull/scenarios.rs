@@ -1297,9 +1297,12 @@ async fn answer_again(conns: &mut [tokio::net::TcpStream]) -> usize {
 }
 
 /// Scenario 11: the CPU of one cold GET of the large layer through a fresh wharf (the fill and serving the
-/// client, unthrottled upstream) against the floor for the same bytes on this machine: receiving them
-/// (`curl -o /dev/null` from the upstream), hashing them (`openssl dgst -sha256`, SHA extensions like
-/// `sha2`) and writing them (`dd` of as many bytes into a file). Medians of `--repeat` runs, taking turns.
+/// client) against the floor for the same bytes on this machine: receiving them from the same origin
+/// (`curl -o /dev/null`), hashing them (`openssl dgst -sha256`, SHA extensions like `sha2`) and writing them
+/// (`dd` of as many bytes into a file). Three origins, as `--peers` names them: the unthrottled upstream
+/// (`wharf`), a peer that has the blob (`cluster`: the edge node's CPU), and the bucket (`bucket`). Receiving
+/// is measured per origin: on loopback it costs the receiver more from a sender that uses `sendfile(2)` (a
+/// peer) than from one that writes from its own buffers (the registry). Medians of `--repeat` runs.
 pub async fn fill_floor(ctx: &mut Ctx) {
     let img = ctx.catalog.large.clone();
     let Some(blob) = img.blobs().into_iter().max_by_key(|b| b.size) else { return };
@@ -1308,60 +1311,73 @@ pub async fn fill_floor(ctx: &mut Ctx) {
     let file = crate::origin::blob_path(&ctx.origin_root, &blob.digest);
     let run_dir = ctx.origin_root.parent().and_then(|p| p.parent()).unwrap_or(&ctx.origin_root).to_path_buf();
     let scratch = run_dir.join("floor-write");
-    let mut floors = Vec::new();
-    let mut fills = Vec::new();
+    let mut parts = FloorParts { hash_file: file, scratch, size: blob.size, hashes: Vec::new(), writes: Vec::new() };
     let mut notes = Vec::new();
-    for _ in 0..ctx.opts.repeat {
-        let url = format!("{}/v2/{}/blobs/{}", ctx.shim.url(), img.repo, blob.digest);
-        let receive = child_cpu(std::process::Command::new("curl").args(["-s", "-o", "/dev/null", &url]));
-        let hash = child_cpu(std::process::Command::new("openssl").args(["dgst", "-sha256"]).arg(&file));
-        // The same number of bytes from /dev/zero (the bytes are already received above), into the page
-        // cache on the filesystem wharf writes to; no sync: the flusher threads write back for wharf too,
-        // outside its CPU time.
-        let write = child_cpu(
-            std::process::Command::new("dd")
-                .arg("if=/dev/zero")
-                .arg(format!("of={}", scratch.display()))
-                .arg(format!("count={}", blob.size.div_ceil(MIB)))
-                .args(["bs=1M", "status=none"]),
-        );
-        let _ = std::fs::remove_file(&scratch);
-        floors.push((receive, hash, write));
-        let target = ctx.peers.cold(PeerKind::Wharf).await;
-        let (res, m) = ctx.measured(&target, one_blob(&target.url, &img.repo, &blob)).await;
-        match res {
-            Ok(_) => fills.push(m.cpu_s),
-            Err(e) => notes.push(format!("a cold GET failed: {e}")),
+    let mut origins = Vec::new();
+    if ctx.opts.peers.contains(&PeerKind::Wharf) {
+        let mut up = OriginFill::new("the upstream (docker-registry, unthrottled)");
+        for _ in 0..ctx.opts.repeat {
+            let url = format!("{}/v2/{}/blobs/{}", ctx.shim.url(), img.repo, blob.digest);
+            up.receive.push(child_cpu(std::process::Command::new("curl").args(["-s", "-o", "/dev/null", &url])));
+            parts.measure();
+            let target = ctx.peers.cold(PeerKind::Wharf).await;
+            let (res, m) = ctx.measured(&target, one_blob(&target.url, &img.repo, &blob)).await;
+            match res {
+                Ok(_) => up.fill.push(m.cpu_s),
+                Err(e) => up.notes.push(format!("a cold GET failed: {e}")),
+            }
         }
+        ctx.peers.stop(PeerKind::Wharf);
+        origins.push(up);
     }
+    if ctx.opts.peers.contains(&PeerKind::Cluster) {
+        origins.push(peer_fills(ctx, &img, &blob, &mut parts).await);
+    }
+    if ctx.opts.peers.contains(&PeerKind::Bucket) {
+        origins.push(bucket_fills(ctx, &img, &blob, &mut parts).await);
+    }
+    let (hashes, writes) = (parts.hashes, parts.writes);
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    let totals: Vec<f64> = floors.iter().map(|(r, h, w)| r + h + w).collect();
-    let (floor, fill) = (median(totals.clone()), median(fills.clone()));
-    let part = |f: fn(&(f64, f64, f64)) -> f64| median(floors.iter().map(f).collect());
-    let least = |f: fn(&(f64, f64, f64)) -> f64| floors.iter().map(f).fold(f64::INFINITY, f64::min);
-    let best = least(|f| f.0) + least(|f| f.1) + least(|f| f.2);
+    let least = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let runs = |v: &[f64]| v.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(", ");
     let gib = blob.size as f64 / GIB as f64;
-    let line = format!(
-        "Cold fill of one {gib:.2} GiB layer from the unthrottled upstream through a fresh wharf: {fill:.2} CPU-s \
-         ({:.2} CPU-s/GiB; runs: {}). The floor: {floor:.2} CPU-s by medians (receive {:.2} + hash {:.2} + write \
-         {:.2}; runs: {}), {best:.2} CPU-s from each part's best run (writes: {}). wharf: **{:.2}×** the median \
-         floor, **{:.2}×** the best.",
-        fill / gib,
-        runs(&fills),
-        part(|f| f.0),
-        part(|f| f.1),
-        part(|f| f.2),
-        runs(&totals),
-        runs(&floors.iter().map(|f| f.2).collect::<Vec<_>>()),
-        fill / floor,
-        fill / best,
-    );
-    eprintln!("bench: [11] {line}");
-    notes.insert(0, line);
+    let (hash, write) = (median(hashes.clone()), median(writes.clone()));
+    notes.push(format!(
+        "The {gib:.2} GiB layer; CPU-s of each child from `wait4`. Hash (openssl): {hash:.2} (runs: {}); write \
+         (dd into the run directory's file system): {write:.2} (runs: {}). Both run right before each fill, so \
+         that dd's pages, freed again, are the ones the fill writes into: on this VM, page-cache pages the guest \
+         has not touched for a while cost many times more to fill (1 GiB of dd: 0.23 to 7 CPU-s). dd still varies, \
+         so the floor is also given from each part's best run.",
+        runs(&hashes),
+        runs(&writes)
+    ));
+    let mut table = vec![
+        "| fill from | wharf CPU-s (runs) | CPU-s/GiB | receive (curl) | floor, medians | floor, best parts | \
+         wharf / floor (medians) | wharf / floor (best) |"
+            .to_string(),
+        "|---|---|---|---|---|---|---|---|".to_string(),
+    ];
+    for o in &origins {
+        let (fill, receive) = (median(o.fill.clone()), median(o.receive.clone()));
+        let floor = receive + hash + write;
+        let best = least(&o.receive) + least(&hashes) + least(&writes);
+        let line = format!(
+            "| {} | {fill:.2} ({}) | {:.2} | {receive:.2} ({}) | {floor:.2} | {best:.2} | {:.2}× | **{:.2}×** |",
+            o.name,
+            runs(&o.fill),
+            fill / gib,
+            runs(&o.receive),
+            fill / floor,
+            fill / best
+        );
+        eprintln!("bench: [11] {line}");
+        table.push(line);
+        notes.extend(o.notes.iter().cloned());
+    }
+    notes.insert(0, table.join("\n"));
     let section = Section {
         scenario: 11,
         title: "11. A cold fill's CPU against the floor (receive, hash, write the same bytes)".into(),
@@ -1373,10 +1389,127 @@ pub async fn fill_floor(ctx: &mut Ctx) {
     ctx.sections.push(section);
 }
 
+/// Scenario 11's floor for hashing and writing the layer's bytes, measured anew before every fill.
+struct FloorParts {
+    /// The origin registry's copy of the layer, hashed by `openssl`.
+    hash_file: std::path::PathBuf,
+    /// Where `dd` writes as many bytes (removed after each run).
+    scratch: std::path::PathBuf,
+    size: u64,
+    hashes: Vec<f64>,
+    writes: Vec<f64>,
+}
+
+impl FloorParts {
+    fn measure(&mut self) {
+        self.hashes
+            .push(child_cpu(std::process::Command::new("openssl").args(["dgst", "-sha256"]).arg(&self.hash_file)));
+        // The same number of bytes from /dev/zero (receiving is measured per origin), into the page cache on
+        // the filesystem wharf writes to, in pieces of the size wharf writes (its body chunks, tens of KiB):
+        // 1 MiB writes sometimes cost dd many times more CPU on this VM. No sync: the flusher threads write
+        // back for wharf too, outside its CPU time.
+        self.writes.push(child_cpu(
+            std::process::Command::new("dd")
+                .arg("if=/dev/zero")
+                .arg(format!("of={}", self.scratch.display()))
+                .arg(format!("count={}", self.size.div_ceil(64 * 1024)))
+                .args(["bs=64k", "status=none"]),
+        ));
+        let _ = std::fs::remove_file(&self.scratch);
+    }
+}
+
+/// Scenario 11's figures for one origin.
+struct OriginFill {
+    name: &'static str,
+    /// CPU-s of the filling wharf per run (the fill and serving its client).
+    fill: Vec<f64>,
+    /// CPU-s of `curl -o /dev/null` receiving the same bytes from the same origin.
+    receive: Vec<f64>,
+    notes: Vec<String>,
+}
+
+impl OriginFill {
+    fn new(name: &'static str) -> OriginFill {
+        OriginFill { name, fill: Vec::new(), receive: Vec::new(), notes: Vec::new() }
+    }
+}
+
+/// Scenario 11 from a peer: a cold cluster's owner of the blob fills it from the unthrottled upstream; curl
+/// receives it from the owner (the same server, the same `sendfile` path the peer API uses); then a node that
+/// has never had it fills it from the owner while serving one client: that node's CPU.
+async fn peer_fills(ctx: &mut Ctx, img: &Image, blob: &Blob, parts: &mut FloorParts) -> OriginFill {
+    let mut o = OriginFill::new("a peer (the blob's owner in a 3-node cluster)");
+    let mut served = Vec::new();
+    for _ in 0..ctx.opts.repeat {
+        let target = ctx.peers.cold(PeerKind::Cluster).await;
+        let ranked = wharf::cluster::hrw::rank(target.peer_addrs.iter().map(String::as_str), &blob.digest);
+        let index = |addr: &str| target.peer_addrs.iter().position(|p| p == addr).expect("a node");
+        let (owner, edge) = (index(ranked[0]), index(ranked[1]));
+        if let Err(e) = one_blob(&target.urls[owner], &img.repo, blob).await {
+            o.notes.push(format!("warming the owner failed: {e}"));
+            continue;
+        }
+        let url = format!("{}/v2/{}/blobs/{}", target.urls[owner], img.repo, blob.digest);
+        o.receive.push(child_cpu(std::process::Command::new("curl").args(["-s", "-o", "/dev/null", &url])));
+        parts.measure();
+        let (edge_cpu, owner_cpu) = (procs::cpu_seconds(target.pids[edge]), procs::cpu_seconds(target.pids[owner]));
+        match one_blob(&target.urls[edge], &img.repo, blob).await {
+            Ok(_) => {
+                o.fill.push(procs::cpu_seconds(target.pids[edge]) - edge_cpu);
+                served.push(procs::cpu_seconds(target.pids[owner]) - owner_cpu);
+            }
+            Err(e) => o.notes.push(format!("the GET through another node failed: {e}")),
+        }
+    }
+    ctx.peers.stop(PeerKind::Cluster);
+    o.notes.push(format!(
+        "Peer fill: the owner's CPU while it served the blob to the filling node: {} CPU-s.",
+        served.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(", ")
+    ));
+    o
+}
+
+/// Scenario 11 from the bucket: s3s-fs is seeded with the blob by a wharf with the bucket; then, per run, curl
+/// receives the object (signed as wharf signs) and a new wharf with the bucket on an empty disk fills it from
+/// there while serving one client.
+async fn bucket_fills(ctx: &mut Ctx, img: &Image, blob: &Blob, parts: &mut FloorParts) -> OriginFill {
+    let mut o = OriginFill::new("the bucket (s3s-fs)");
+    if let Some(why) = bucket::missing() {
+        o.notes.push(format!("Bucket fill skipped: {why}"));
+        return o;
+    }
+    let s3 = match S3sFs::start(&ctx.peers.run_dir().join("s3s-fs-11")).await {
+        Ok(s) => s,
+        Err(e) => {
+            o.notes.push(format!("Bucket fill skipped: {e}"));
+            return o;
+        }
+    };
+    ctx.peers.set_bucket_config(&s3.config_toml());
+    let seeded = seed_bucket(ctx, &s3, &[("large", img.clone())]).await;
+    o.notes.push(format!("Bucket fill: {seeded}"));
+    for _ in 0..ctx.opts.repeat {
+        o.receive.push(child_cpu(&mut s3.curl_get(&blob.digest)));
+        let target = ctx.peers.cold(PeerKind::Bucket).await;
+        parts.measure();
+        let read = metric_sum(std::slice::from_ref(&target.url), BUCKET_READ).await;
+        let (res, m) = ctx.measured(&target, one_blob(&target.url, &img.repo, blob)).await;
+        let read = metric_sum(std::slice::from_ref(&target.url), BUCKET_READ).await - read;
+        match res {
+            Ok(_) if read >= blob.size as f64 => o.fill.push(m.cpu_s),
+            Ok(_) => o.notes.push(format!("a run read only {read:.0} bytes from the bucket: left out")),
+            Err(e) => o.notes.push(format!("a cold GET failed: {e}")),
+        }
+        ctx.peers.stop(PeerKind::Bucket);
+    }
+    o
+}
+
 /// CPU seconds (user + system) the command took, run to completion; NaN if it could not run. Read from
 /// `wait4` for that child alone: the bench reaps other children (stopped peers) meanwhile.
 fn child_cpu(cmd: &mut std::process::Command) -> f64 {
-    let Ok(child) = cmd.spawn() else { return f64::NAN };
+    let Ok(child) = cmd.stdout(std::process::Stdio::null()).spawn() else { return f64::NAN };
     let (mut status, mut u): (libc::c_int, libc::rusage) = (0, unsafe { std::mem::zeroed() });
     // SAFETY: our own child's pid and valid pointers; the child is reaped here and not waited on again.
     let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut u) };
