@@ -5,12 +5,15 @@
 //! `target/bench-results/pull-<timestamp>.md`. Modules:
 //! `procs` (child processes, `/proc`), `origin` (docker-registry + seeding), `shim` (throttling proxy),
 //! `peers` (wharf, registry-proxy, nginx, direct, the three-node sets, wharf with a bucket), `bucket` (the
-//! S3 server of scenario 9), `client` (load generator), `scenarios`, `report`.
+//! S3 server of scenario 9), `cri` (containerd and page-cache tools of scenario 12), `client` (load
+//! generator), `scenarios`, `report`.
 
 #[path = "pull/bucket.rs"]
 mod bucket;
 #[path = "pull/client.rs"]
 mod client;
+#[path = "pull/cri.rs"]
+mod cri;
 #[path = "pull/origin.rs"]
 mod origin;
 #[path = "pull/peers.rs"]
@@ -35,18 +38,21 @@ cargo bench --bench pull -- [FLAGS]
 
   --quick               small smoke run (~1-2 min): 10 MiB + 4×25 MiB app, 200 MiB large layer, 200 MB/s,
                         herd 2,4, 10 repositories, ab 1 s
-  --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7,8,9,10,11): 1 cold single pull, 2 warm single pull,
+  --scenarios LIST      e.g. 1,2,7 (default: 1,2,3,4,5,6,7,8,9,10,11,12): 1 cold single pull, 2 warm single pull,
                         3 cold herd, 4 late joiners, 5 many images, 6 large layer with 4 clients,
                         7 manifest req/s, 8 cluster, 9 refill an empty node from an S3 bucket (s3s-fs from
                         target/s3s-fs/bin or $WHARF_S3S_FS; skipped if missing) vs from the upstream,
                         10 warm pulls with many idle keep-alive connections held open, 11 a cold fill's
                         CPU against the floor (receive with curl, hash with openssl, write with dd),
-                        for each origin --peers names: wharf (the upstream), cluster (a peer), bucket
+                        for each origin --peers names: wharf (the upstream), cluster (a peer), bucket;
+                        12 the kubelet's pull: containerd's CRI PullImage of a one-layer image (a tar of the
+                        large layer's size) through a warm wharf vs from the origin registry, blob pages cold
+                        and warm (needs containerd, wharf among --peers; skipped otherwise)
   --peers LIST          wharf,proxy,nginx,direct,cluster,independent,bucket (default: all)
   --rates LIST          per-connection upstream MB/s (default: 50,200; --quick: 200)
   --latency-ms N        added before every upstream response (default: 20)
   --herd LIST           cold-herd client counts (default: 2,4,8,16)
-  --large-mib N         size of the large layer (default: 1024)
+  --large-mib N         size of the large layer and of scenario 12's (default: 1024)
   --huge                also seed and pull a 4 GiB layer (scenarios 1, 2, 6)
   --chunk-mib N         containerd / bounded-range chunk size (default: 8)
   --parallel N          containerd / bounded-range parallelism P (default: 3)
@@ -59,7 +65,7 @@ cargo bench --bench pull -- [FLAGS]
   --refill-large        scenario 9 also refills the large layer (default: bench/app only)
   --ab-secs N           seconds per ab run (default: 5)
   --ab-concurrency N    ab -c (default: 16)
-  --repeat N            runs per figure (warm: scenarios 2, 6; 8; 9), the median reported (default: 3;
+  --repeat N            runs per figure (warm: scenarios 2, 6; 8; 9; 12), the median reported (default: 3;
                         --quick: 1)
   --ab-runs N           ab runs per figure, the best one reported (default: 2; --quick: 1)
   --request-log         keep wharf's per-request log lines on and print wharf's last 200 log lines when
@@ -116,7 +122,7 @@ impl Opts {
         let quick = args.iter().any(|a| a == "--quick");
         let mut o = Opts {
             quick,
-            scenarios: (1..=11).collect(),
+            scenarios: (1..=12).collect(),
             peers: vec![
                 PeerKind::Wharf,
                 PeerKind::Proxy,
@@ -137,6 +143,7 @@ impl Opts {
                 },
                 large: if quick { 200 * MIB } else { GIB },
                 huge: None,
+                cri: None,
                 many_repos: if quick { 10 } else { 50 },
             },
             chunk: 8 * MIB,
@@ -206,6 +213,10 @@ impl Opts {
                 }
                 other => die(&format!("unknown flag {other}")),
             }
+        }
+        if o.scenarios.contains(&12) {
+            // Seeded only when asked for: a real tar of the large layer's size.
+            o.sizes.cri = Some(o.sizes.large);
         }
         if o.rates.is_empty() || o.herd.is_empty() || o.sizes.many_repos == 0 || o.chunk == 0 {
             die("empty --rates/--herd or zero sizes");
@@ -299,8 +310,9 @@ async fn run(opts: Opts) {
     let catalog = origin::seed(&origin, &opts.sizes, &run_dir.join("scratch")).await;
     let shim = shim::Shim::start(origin.addr, 0, Duration::from_millis(opts.latency_ms));
     let peers = peers::Peers::new(&run_dir, &shim.url(), &origin, &catalog, opts.request_log);
-    let origin_root = origin.root.clone();
-    let mut ctx = scenarios::Ctx { opts: opts.clone(), shim, peers, catalog, origin_root, sections: Vec::new() };
+    let (origin_root, origin_url) = (origin.root.clone(), origin.url());
+    let mut ctx =
+        scenarios::Ctx { opts: opts.clone(), shim, peers, catalog, origin_root, origin_url, sections: Vec::new() };
     let mut timings = Vec::new();
     for s in opts.scenarios.clone() {
         let t = Instant::now();
@@ -316,6 +328,7 @@ async fn run(opts: Opts) {
             9 => scenarios::refill(&mut ctx).await,
             10 => scenarios::idle_connections(&mut ctx).await,
             11 => scenarios::fill_floor(&mut ctx).await,
+            12 => scenarios::cri_pull(&mut ctx).await,
             other => eprintln!("bench: no scenario {other}"),
         }
         timings.push(format!("{s}: {:.0} s", t.elapsed().as_secs_f64()));

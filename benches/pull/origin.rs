@@ -84,6 +84,9 @@ pub struct Sizes {
     pub large: u64,
     /// `bench/huge:v1`: one layer (optional).
     pub huge: Option<u64>,
+    /// `bench/cri:v1` (scenario 12, optional): one layer that is a real tar holding one file of this many
+    /// random bytes, so that containerd can unpack it (the other layers are bare random bytes).
+    pub cri: Option<u64>,
     /// `bench/many-NN:v1` repositories (5 layers each, 3 of them shared).
     pub many_repos: usize,
 }
@@ -94,6 +97,8 @@ pub struct Catalog {
     pub app: Image,
     pub large: Image,
     pub huge: Option<Image>,
+    /// Scenario 12's image (see [`Sizes::cri`]).
+    pub cri: Option<Image>,
     pub many: Vec<Image>,
 }
 
@@ -102,6 +107,7 @@ impl Catalog {
     pub fn all(&self) -> Vec<&Image> {
         let mut v = vec![&self.app, &self.large];
         v.extend(self.huge.as_ref());
+        v.extend(self.cri.as_ref());
         v.extend(self.many.iter());
         v
     }
@@ -180,13 +186,13 @@ pub async fn seed(origin: &Registry, sizes: &Sizes, scratch: &Path) -> Catalog {
     std::fs::create_dir_all(scratch).expect("create scratch dir");
     let http = reqwest::Client::builder().no_proxy().build().expect("client");
     let base = origin.url();
-    let push = |repo: &'static str, tag: &'static str, layers: Vec<(String, u64)>| {
+    let push = |repo: &'static str, tag: &'static str, layers: Vec<(String, u64)>, tar: bool| {
         let (http, base) = (http.clone(), base.clone());
         async move {
             let mut blobs = Vec::new();
             for (seed, size) in layers {
                 let path = scratch.join(&seed);
-                let blob = generate(&path, &seed, size).await;
+                let blob = generate(&path, &seed, size, tar).await;
                 push_file(&http, &base, repo, &blob, &path).await;
                 let _ = std::fs::remove_file(&path);
                 blobs.push(blob);
@@ -196,15 +202,19 @@ pub async fn seed(origin: &Registry, sizes: &Sizes, scratch: &Path) -> Catalog {
     };
     let started = Instant::now();
     let app_layers = sizes.app.iter().enumerate().map(|(i, &s)| (format!("app-{i}-{s}"), s)).collect();
-    let app = push("bench/app", "v1", app_layers).await;
-    let large = push("bench/large", "v1", vec![(format!("large-{}", sizes.large), sizes.large)]).await;
+    let app = push("bench/app", "v1", app_layers, false).await;
+    let large = push("bench/large", "v1", vec![(format!("large-{}", sizes.large), sizes.large)], false).await;
     let huge = match sizes.huge {
-        Some(s) => Some(push("bench/huge", "v1", vec![(format!("huge-{s}"), s)]).await),
+        Some(s) => Some(push("bench/huge", "v1", vec![(format!("huge-{s}"), s)], false).await),
+        None => None,
+    };
+    let cri = match sizes.cri {
+        Some(s) => Some(push("bench/cri", "v1", vec![(format!("cri-{s}"), s)], true).await),
         None => None,
     };
     let many = seed_many(&http, &base, sizes.many_repos).await;
     eprintln!("bench: origin seeded in {:.1?}", started.elapsed());
-    Catalog { app, large, huge, many }
+    Catalog { app, large, huge, cri, many }
 }
 
 /// `bench/many-NN:v1`: layers `base-a` (4 MiB) and `base-b` (3 MiB) shared by every repository, `mid-K`
@@ -246,27 +256,62 @@ fn seed_of(name: &str) -> u64 {
     u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))
 }
 
-/// Writes `size` seeded random bytes to `path` (1 MiB at a time, never all in memory) and hashes them.
-async fn generate(path: &Path, seed: &str, size: u64) -> Blob {
+/// Writes `size` seeded random bytes to `path` (1 MiB at a time, never all in memory) and hashes them; with
+/// `tar`, wrapped as the one regular file `data` of an uncompressed tar (the blob is then 1536 bytes and
+/// the padding to 512 longer than `size`).
+async fn generate(path: &Path, seed: &str, size: u64, tar: bool) -> Blob {
     let (path, seed) = (path.to_path_buf(), seed.to_string());
     tokio::task::spawn_blocking(move || {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(seed_of(&seed));
         let mut file = std::io::BufWriter::with_capacity(MIB as usize, std::fs::File::create(&path).expect("create"));
         let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut put = |bytes: &[u8]| {
+            hasher.update(bytes);
+            file.write_all(bytes).expect("write layer");
+            total += bytes.len() as u64;
+        };
+        if tar {
+            put(&tar_header("data", size));
+        }
         let mut buf = vec![0u8; MIB as usize];
         let mut left = size;
         while left > 0 {
             let n = left.min(MIB) as usize;
             rng.fill_bytes(&mut buf[..n]);
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).expect("write layer");
+            put(&buf[..n]);
             left -= n as u64;
         }
+        if tar {
+            // Padding to a whole record, then the two zero records that end an archive.
+            put(&vec![0u8; (size.next_multiple_of(512) - size) as usize + 1024]);
+        }
         file.flush().expect("flush layer");
-        Blob { digest: format!("sha256:{}", hex::encode(hasher.finalize())), size }
+        Blob { digest: format!("sha256:{}", hex::encode(hasher.finalize())), size: total }
     })
     .await
     .expect("generate task")
+}
+
+/// A ustar header for a regular file `name` (mode 0644, owner 0, mtime 0) of `size` bytes.
+fn tar_header(name: &str, size: u64) -> [u8; 512] {
+    assert!(name.len() < 100 && size < 1 << 33, "tar header: name or size too long for ustar");
+    let mut h = [0u8; 512];
+    let mut field = |at: usize, value: &[u8]| h[at..at + value.len()].copy_from_slice(value);
+    field(0, name.as_bytes());
+    field(100, b"0000644\0");
+    field(108, b"0000000\0");
+    field(116, b"0000000\0");
+    field(124, format!("{size:011o}\0").as_bytes());
+    field(136, b"00000000000\0");
+    field(156, b"0");
+    field(257, b"ustar\0");
+    field(263, b"00");
+    // The checksum is the byte sum with its own field counted as eight spaces.
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    h
 }
 
 /// `POST /v2/<repo>/blobs/uploads/?mount=..&from=..`; true if the registry mounted it (201).

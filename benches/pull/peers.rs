@@ -222,6 +222,14 @@ impl Peers {
         }
     }
 
+    /// Where the single wharf (if it runs) keeps the committed blob `digest`: `<data dir>/blobs/sha256/<2
+    /// hex>/<hex>`, the layout of wharf's `cache::store`.
+    pub fn wharf_blob_path(&self, digest: &str) -> Option<PathBuf> {
+        let w = self.wharf.as_ref()?;
+        let hex = digest.trim_start_matches("sha256:");
+        Some(w.dir.join("blobs/sha256").join(&hex[..2]).join(hex))
+    }
+
     /// The run directory (removed after the run unless `--keep`).
     pub fn run_dir(&self) -> &Path {
         &self.run_dir

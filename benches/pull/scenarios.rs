@@ -4,7 +4,8 @@
 //! clustered nodes against three independent wharfs, the reference proxy and one wharf; a warm blob through
 //! a peer against a local warm hit) and issue 13's bucket tier (9: an empty node refilled from an S3 bucket
 //! against one refilled from the throttled upstream), and issue 15's idle connections (10: warm pulls with
-//! thousands of idle keep-alive connections held open).
+//! thousands of idle keep-alive connections held open), 11 (a cold fill's CPU against the floor) and 12 (the
+//! kubelet's pull: containerd's CRI `PullImage` through wharf against straight from the registry).
 //!
 //! Every measured run goes through [`Ctx::measured`]: server CPU (`/proc/PID/stat` deltas), sampled peak
 //! RSS, and the shim's counters, read after the shim has been quiet for 300 ms so that background fills
@@ -13,6 +14,7 @@
 use crate::Opts;
 use crate::bucket::{self, S3sFs};
 use crate::client::{self, BlobStats, Mode, Node, PullStats};
+use crate::cri;
 use crate::origin::{ACCEPT_MANIFESTS, Blob, Catalog, GIB, Image, MIB, unique_bytes};
 use crate::peers::{PeerKind, Peers, Target};
 use crate::procs::{self, RssSampler};
@@ -33,6 +35,8 @@ pub struct Ctx {
     pub catalog: Catalog,
     /// The origin registry's storage root (its blob files, for scenario 11's floor).
     pub origin_root: std::path::PathBuf,
+    /// The origin registry itself, `http://127.0.0.1:PORT` (not through the shim; scenario 12).
+    pub origin_url: String,
     pub sections: Vec<Section>,
 }
 
@@ -1516,4 +1520,277 @@ fn child_cpu(cmd: &mut std::process::Command) -> f64 {
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     let ok = pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
     if ok { secs(u.ru_utime) + secs(u.ru_stime) } else { f64::NAN }
+}
+
+/// Scenario 12's registry name for pulls through wharf: wharf's configured upstream, so that the `?ns=`
+/// containerd adds routes there.
+const CRI_VIA_WHARF: &str = "origin.test";
+/// Scenario 12's registry name whose hosts.toml names the origin registry itself.
+const CRI_DIRECT: &str = "direct.test";
+
+/// One timed CRI pull of scenario 12.
+struct CriRun {
+    /// `PullImage`, call to answer (fetch and unpack).
+    secs: f64,
+    /// From the call until the layer was committed to containerd's content store (fetched and verified).
+    fetched: Option<f64>,
+    /// CPU seconds of the server (wharf or the origin registry) and of containerd.
+    server_cpu: f64,
+    containerd_cpu: f64,
+    /// Resident fraction of wharf's and the registry's blob file just before the call.
+    resident: (f64, f64),
+    /// Requests wharf sent its upstream during the call (tag revalidation).
+    upstream: String,
+}
+
+/// Scenario 12 (issue 15, goal 4): the kubelet's own path. containerd's CRI image service (`PullImage`, as
+/// the kubelet calls it) pulls a one-layer image through a warm wharf and straight from the origin registry
+/// (no shim), the two taking turns, `--repeat` times each with the blob files' pages cold (evicted with
+/// `posix_fadvise` before each run) and warm (read in before each run). Before each run the image is removed
+/// from containerd and the layer checked to be gone from its content store, so each pull downloads it.
+pub async fn cri_pull(ctx: &mut Ctx) {
+    let title = "12. The kubelet's pull: CRI PullImage through wharf vs from the registry".to_string();
+    let skip = |ctx: &mut Ctx, why: String| {
+        eprintln!("bench: [12] skipped: {why}");
+        let section = Section {
+            scenario: 12,
+            title: format!("{title}: skipped"),
+            notes: vec![format!("Skipped: {why}")],
+            table: Table::Transfer(vec![]),
+            base: PeerKind::Wharf,
+        };
+        println!("{}", crate::report::render_section(&section));
+        ctx.sections.push(section);
+    };
+    if !ctx.opts.peers.contains(&PeerKind::Wharf) {
+        return skip(ctx, "wharf is not among --peers".into());
+    }
+    if let Some(why) = cri::missing() {
+        return skip(ctx, why);
+    }
+    let Some(img) = ctx.catalog.cri.clone() else { return skip(ctx, "the CRI image was not seeded".into()) };
+    let layer = img.layers[0].clone();
+    // The comparison is with a registry on this machine: wharf's tag revalidations (after its tag TTL) go to
+    // the origin without the shim's rate limit or added latency.
+    let (rate, latency) = (ctx.shim.rate(), ctx.shim.latency());
+    ctx.shim.set_rate(0);
+    ctx.shim.set_latency(Duration::ZERO);
+    let target = ctx.peers.cold(PeerKind::Wharf).await;
+    ctx.warm_up(&target, std::slice::from_ref(&img)).await;
+    let registry_pid = ctx.peers.current(PeerKind::Direct).await.pids[0];
+    let files = [
+        ctx.peers.wharf_blob_path(&layer.digest).unwrap_or_default(),
+        crate::origin::blob_path(&ctx.origin_root, &layer.digest),
+    ];
+    if let Some(f) = files.iter().find(|f| !f.is_file()) {
+        ctx.shim.set_rate(rate);
+        ctx.shim.set_latency(latency);
+        return skip(ctx, format!("no blob file at {} after the warm-up", f.display()));
+    }
+    let hosts = ctx.peers.run_dir().join("cri-hosts");
+    cri::write_hosts(&hosts, CRI_VIA_WHARF, &target.url);
+    cri::write_hosts(&hosts, CRI_DIRECT, &ctx.origin_url);
+    let ctd = match cri::Containerd::start(&ctx.peers.run_dir().join("containerd"), &hosts).await {
+        Ok(c) => c,
+        Err(e) => {
+            ctx.shim.set_rate(rate);
+            ctx.shim.set_latency(latency);
+            return skip(ctx, e);
+        }
+    };
+    let sides = [(PeerKind::Wharf, CRI_VIA_WHARF, target.pids[0]), (PeerKind::Direct, CRI_DIRECT, registry_pid)];
+    let side_name = |p: PeerKind| if p == PeerKind::Wharf { "wharf" } else { "registry" };
+    let mut notes = Vec::new();
+    let mut problems = Vec::new();
+    // An untimed pull from each side first: containerd's first pull of a process pays one-time costs.
+    let mut first = Vec::new();
+    for &(peer, registry, pid) in &sides {
+        let reference = format!("{registry}/{}:{}", img.repo, img.tag);
+        match cri_run(ctx, &ctd, &reference, &layer.digest, pid, &files).await {
+            Ok(r) => first.push(format!("{} {:.2} s", side_name(peer), r.secs)),
+            Err(e) => problems.push(format!("untimed first pull from {}: {e}", side_name(peer))),
+        }
+    }
+    let mut table = String::from(
+        "| blob pages | from | PullImage s, median | runs (s) | layer fetched at (s), median | wharf / registry \
+         | server CPU-s per pull | containerd CPU-s per pull |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut summary = Vec::new();
+    for warm in [false, true] {
+        let state = if warm { "warm" } else { "cold" };
+        let mut runs: [Vec<CriRun>; 2] = [Vec::new(), Vec::new()];
+        let mut fallbacks = Vec::new();
+        for i in 0..ctx.opts.repeat {
+            for (s, &(peer, registry, pid)) in sides.iter().enumerate() {
+                if let Err(e) = page_state(&files, warm, &mut fallbacks) {
+                    problems.push(format!("{state} run {}: preparing the page cache: {e}", i + 1));
+                }
+                let reference = format!("{registry}/{}:{}", img.repo, img.tag);
+                match cri_run(ctx, &ctd, &reference, &layer.digest, pid, &files).await {
+                    Ok(r) => {
+                        eprintln!(
+                            "bench: [12] {state} run {} from {}: {:.2} s (layer fetched at {}), server CPU {:.2} s, \
+                             containerd CPU {:.2} s; resident before: wharf's file {:.0} %, the registry's {:.0} %; \
+                             wharf's upstream requests: {}",
+                            i + 1,
+                            side_name(peer),
+                            r.secs,
+                            r.fetched.map(|f| format!("{f:.2} s")).unwrap_or_else(|| "?".into()),
+                            r.server_cpu,
+                            r.containerd_cpu,
+                            r.resident.0 * 100.0,
+                            r.resident.1 * 100.0,
+                            r.upstream
+                        );
+                        runs[s].push(r);
+                    }
+                    Err(e) => {
+                        eprintln!("bench: [12] {state} run {} from {}: {e}", i + 1, side_name(peer));
+                        problems.push(format!("{state} run {} from {}: {e}", i + 1, side_name(peer)));
+                    }
+                }
+            }
+        }
+        if !fallbacks.is_empty() {
+            let n = fallbacks.len();
+            eprintln!("bench: [12] {state}: eviction fell back to drop_caches {n} times: {}", fallbacks.join("; "));
+            notes.push(format!("Cold runs where eviction fell back to drop_caches ({n}): {}.", fallbacks.join("; ")));
+        }
+        let medians: Vec<f64> = runs.iter().map(|r| median(r.iter().map(|r| r.secs).collect())).collect();
+        let ratio = medians[0] / medians[1];
+        summary.push(format!("{state} **{ratio:.3}×** ({:.2} s / {:.2} s)", medians[0], medians[1]));
+        for (s, &(peer, ..)) in sides.iter().enumerate() {
+            let r = &runs[s];
+            let list = |f: fn(&CriRun) -> f64| r.iter().map(|r| format!("{:.2}", f(r))).collect::<Vec<_>>().join(", ");
+            let fetched = median(r.iter().filter_map(|r| r.fetched).collect());
+            table.push_str(&format!(
+                "| {state} | {} | {:.2} | {} | {fetched:.2} (runs {}) | {} | {:.2} | {:.2} |\n",
+                side_name(peer),
+                medians[s],
+                list(|r| r.secs),
+                list(|r| r.fetched.unwrap_or(f64::NAN)),
+                if s == 0 { format!("{ratio:.3}×") } else { String::new() },
+                median(r.iter().map(|r| r.server_cpu).collect()),
+                median(r.iter().map(|r| r.containerd_cpu).collect()),
+            ));
+        }
+    }
+    let line = format!("wharf / registry, medians of PullImage: {}", summary.join("; "));
+    eprintln!("bench: [12] {line}");
+    notes.insert(0, format!("{line}.\n\n{table}"));
+    notes.push(format!(
+        "{} via its CRI plugin (image service, native snapshotter), a `PullImage` of `{}` ({}: one uncompressed \
+         tar layer, {} bytes, holding one file of random bytes) per run, the registry name's hosts.toml naming \
+         either a warm wharf (`{CRI_VIA_WHARF}`) or the origin docker-registry on loopback (`{CRI_DIRECT}`). \
+         Runs alternate wharf, registry, …, {} of each per page state. Before each run: `RemoveImage`, a check \
+         that containerd holds neither the layer's blob nor a snapshot, `sync`, and the blob files of both \
+         servers evicted (`POSIX_FADV_DONTNEED`, residency checked with `mincore`) or read in. \"Layer fetched \
+         at\": when the layer appeared, committed, in containerd's content store (the rest is the unpack). \
+         Server CPU: wharf's or the registry's. wharf's upstream is the origin without the shim's limits (tag \
+         revalidations only). Untimed first pulls: {}.",
+        ctd.version,
+        format_args!("{}/{}:{}", CRI_VIA_WHARF, img.repo, img.tag),
+        size_label(layer.size),
+        layer.size,
+        ctx.opts.repeat,
+        if first.is_empty() { "none".to_string() } else { first.join(", ") }
+    ));
+    if !problems.is_empty() {
+        notes.push(format!("Problems: {}.", problems.join("; ")));
+        eprintln!("bench: [12] containerd's last log lines:\n{}", ctd.proc.log_tail(30));
+    }
+    drop(ctd);
+    ctx.shim.set_rate(rate);
+    ctx.shim.set_latency(latency);
+    let section = Section { scenario: 12, title, notes, table: Table::Transfer(Vec::new()), base: PeerKind::Wharf };
+    println!("{}", crate::report::render_section(&section));
+    ctx.sections.push(section);
+}
+
+/// The median of `v` (the lower middle one of an even count); NaN if empty.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { f64::NAN } else { v[(v.len() - 1) / 2] }
+}
+
+/// Syncs, then evicts `files`' pages (cold) or reads them in (warm). Eviction is checked: should
+/// `posix_fadvise` leave more than 1 % of a file resident, the whole clean page cache is dropped too, and
+/// what stayed is said in `fallbacks` (a page mapped by a process stays whatever is asked).
+fn page_state(files: &[std::path::PathBuf; 2], warm: bool, fallbacks: &mut Vec<String>) -> Result<(), String> {
+    // SAFETY: sync has no preconditions. Dirty pages cannot be evicted, and the last run's writeback would
+    // otherwise go on during this one.
+    unsafe { libc::sync() };
+    for f in files {
+        let done = if warm { cri::read_in(f) } else { cri::evict(f) };
+        done.map_err(|e| format!("{}: {e}", f.display()))?;
+    }
+    if warm {
+        return Ok(());
+    }
+    let resident = || files.each_ref().map(|f| cri::resident(f).unwrap_or(1.0));
+    let after = resident();
+    if after.iter().all(|&r| r <= 0.01) {
+        return Ok(());
+    }
+    cri::drop_caches().map_err(|e| format!("drop_caches: {e}"))?;
+    let dropped = resident();
+    fallbacks.push(format!(
+        "after POSIX_FADV_DONTNEED wharf's blob file was {:.1} % resident and the registry's {:.1} %; after          drop_caches {:.1} % and {:.1} %",
+        after[0] * 100.0,
+        after[1] * 100.0,
+        dropped[0] * 100.0,
+        dropped[1] * 100.0
+    ));
+    Ok(())
+}
+
+/// One CRI pull of `reference` (whose layer is `digest`) served by `server_pid`, then `RemoveImage`. Fails
+/// without pulling if containerd still holds the layer: its content store dedups by digest, so the pull
+/// would not download it.
+async fn cri_run(
+    ctx: &Ctx,
+    ctd: &cri::Containerd,
+    reference: &str,
+    digest: &str,
+    server_pid: i32,
+    files: &[std::path::PathBuf; 2],
+) -> R<CriRun> {
+    let left = ctd.leftovers(digest);
+    if !left.is_empty() {
+        return Err(format!("containerd still held the layer before the pull ({})", left.join(", ")));
+    }
+    let resident = (cri::resident(&files[0]).unwrap_or(f64::NAN), cri::resident(&files[1]).unwrap_or(f64::NAN));
+    let committed = ctd.content_path(digest);
+    let done = Arc::new(AtomicBool::new(false));
+    let t = Instant::now();
+    let watcher = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                if committed.exists() {
+                    return Some(t.elapsed().as_secs_f64());
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            None
+        })
+    };
+    let (server0, ctd0, up0) =
+        (procs::cpu_seconds(server_pid), procs::cpu_seconds(ctd.proc.pid()), ctx.shim.snapshot());
+    let pulled = ctd.pull(reference).await;
+    let secs = t.elapsed().as_secs_f64();
+    let (server_cpu, containerd_cpu) =
+        (procs::cpu_seconds(server_pid) - server0, procs::cpu_seconds(ctd.proc.pid()) - ctd0);
+    done.store(true, Ordering::Relaxed);
+    let fetched = watcher.await.unwrap_or(None);
+    let upstream = ctx.shim.snapshot().since(&up0).summary();
+    // By the id too: it names the image whatever reference pulled it.
+    let id = pulled.as_ref().ok().cloned();
+    let removed = ctd.remove(reference).await;
+    if let Some(id) = id {
+        ctd.remove(&id).await?;
+    }
+    pulled?;
+    removed?;
+    Ok(CriRun { secs, fetched, server_cpu, containerd_cpu, resident, upstream })
 }

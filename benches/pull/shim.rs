@@ -131,6 +131,16 @@ impl Shim {
         self.inner.rate.load(Ordering::Relaxed)
     }
 
+    /// Sets the delay before each request is forwarded; applies to requests from now on.
+    pub fn set_latency(&self, latency: Duration) {
+        self.inner.latency_us.store(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The delay before each request is forwarded.
+    pub fn latency(&self) -> Duration {
+        Duration::from_micros(self.inner.latency_us.load(Ordering::Relaxed))
+    }
+
     /// Cumulative counters.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
