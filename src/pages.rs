@@ -53,7 +53,12 @@ pub fn map_to_send(file: &Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> 
 /// now (`mincore(2)` answers from the page cache for a file mapping); `None` otherwise. Only for
 /// [`Delivery::SendFile`]: it does no I/O, so it runs on the async runtime. Should something read such a
 /// chunk after all, its pages fault in from the page cache.
-pub fn map_resident(file: &Arc<File>, pos: u64, len: usize) -> io::Result<Option<Bytes>> {
+///
+/// `exact`: pages of this range may still be on their way from the disk (the file was not all in the page
+/// cache when the response began, so the kernel's read-ahead behind `sendfile` is reading ahead of it).
+/// `cachestat(2)` counts such a page as cached, and `sendfile` would wait for it on the async runtime (42 ms
+/// was seen), so then `mincore(2)`, which counts only pages whose read has completed, decides.
+pub fn map_resident(file: &Arc<File>, pos: u64, len: usize, exact: bool) -> io::Result<Option<Bytes>> {
     let cached = cached(file, pos, len)?;
     if cached == Some(false) {
         return Ok(None);
@@ -61,10 +66,16 @@ pub fn map_resident(file: &Arc<File>, pos: u64, len: usize) -> io::Result<Option
     // SAFETY: as in `map`: read-only, and the file is never truncated below `pos + len`.
     let map = unsafe { MmapOptions::new().offset(pos).len(len).map(&**file)? };
     let resident = match cached {
-        Some(yes) => yes,
-        None => resident(&map, page_size())?,
+        Some(yes) if !exact => yes,
+        _ => resident(&map, page_size())?,
     };
     Ok(resident.then(|| register(map, file, pos)))
+}
+
+/// Whether every page of `pos..pos + len` of `file` is in the page cache (`false` where the kernel cannot
+/// tell): one `cachestat(2)`, cheap enough for the start of every response.
+pub fn all_cached(file: &File, pos: u64, len: u64) -> bool {
+    usize::try_from(len).is_ok_and(|len| matches!(cached(file, pos, len), Ok(Some(true))))
 }
 
 /// `cachestat(2)` is 451 on every architecture (the unified syscall table); the libc crate does not name it

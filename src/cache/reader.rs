@@ -11,7 +11,7 @@
 
 use super::fill::{Fill, FillState};
 pub use crate::pages::Delivery;
-use crate::pages::{map_resident, map_to_send};
+use crate::pages::{all_cached, map_resident, map_to_send};
 use bytes::Bytes;
 use futures_util::Stream;
 use std::fs::File;
@@ -44,6 +44,10 @@ struct State {
     direct: Option<Direct>,
     pos: u64,
     end: u64,
+    /// Residency is checked page by page ([`map_resident`]'s `exact`): set for a committed file not all in
+    /// the page cache when the response began (decided at the first chunk sent with sendfile). A growing
+    /// file's pages were just written, so they are never still being read.
+    exact: Option<bool>,
 }
 
 struct Direct {
@@ -68,7 +72,9 @@ pub fn body(
     delivery: Delivery,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let state = match source {
-        Source::Committed(file) => State { file, delivery, fill: None, progress: None, direct: None, pos: start, end },
+        Source::Committed(file) => {
+            State { file, delivery, fill: None, progress: None, direct: None, pos: start, end, exact: None }
+        }
         Source::Filling(fill) => State {
             file: fill.file.clone(),
             delivery,
@@ -77,6 +83,7 @@ pub fn body(
             direct: None,
             pos: start,
             end,
+            exact: Some(false),
         },
     };
     futures_util::stream::try_unfold(state, |mut st| async move {
@@ -101,7 +108,11 @@ pub fn body(
                 },
             };
             let resident = match st.delivery {
-                Delivery::SendFile => map_resident(&st.file, st.pos, (limit - st.pos).min(SEND_CHUNK) as usize)?,
+                Delivery::SendFile => {
+                    let (file, pos, end) = (&st.file, st.pos, st.end);
+                    let exact = *st.exact.get_or_insert_with(|| !all_cached(file, pos, end - pos));
+                    map_resident(&st.file, st.pos, (limit - st.pos).min(SEND_CHUNK) as usize, exact)?
+                }
                 Delivery::Read => None,
             };
             let want = (limit - st.pos).min(CHUNK) as usize;
