@@ -5,13 +5,17 @@
 //!   does, and a CRI client on its socket (`PullImage`, `RemoveImage`) as the kubelet uses it.
 //! * [`evict`], [`read_in`], [`resident`]: a file's pages dropped from the page cache, read into it, counted.
 //!
-//! [`config_toml`] and [`write_hosts`] are cut-down copies of `config_toml` and `write_hosts_dir` in
-//! tests/it/support/containerd.rs: a bench cannot import the tests' support code. containerd's root
+//! The config file and `hosts.toml` come from tests/it/support/containerd_files.rs, which the tests use too
+//! (included here by path: a bench cannot import the tests' harness). containerd's root
 //! (content store and snapshots, GiB of them) is under the run directory, so it goes with the run even when
 //! the bench is killed; its state directory holds the gRPC socket and so is under /tmp (unix socket paths are
 //! limited to 108 bytes).
 
+#[path = "../../tests/it/support/containerd_files.rs"]
+mod containerd_files;
 use crate::procs::{self, Proc};
+use containerd_files::config_toml;
+pub use containerd_files::write_hosts_dir as write_hosts;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{ImageSpec, PullImageRequest, RemoveImageRequest, VersionRequest};
@@ -51,7 +55,7 @@ impl Containerd {
             std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
         }
         let config = root.join("config.toml");
-        std::fs::write(&config, config_toml(root, &state, hosts)).map_err(|e| format!("write config: {e}"))?;
+        std::fs::write(&config, config_toml(root, &state, Some(hosts))).map_err(|e| format!("write config: {e}"))?;
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(&config);
         let proc = Proc::spawn("containerd", cmd, None);
@@ -165,47 +169,6 @@ async fn connect(socket: &Path) -> Result<Channel, String> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("no connection in 5 s".into()),
     }
-}
-
-/// A version-2 config: CRI on with the native snapshotter and `config_path = hosts`; the other snapshotters,
-/// `opt` and tracing off, so it starts quickly and touches nothing on the host.
-fn config_toml(root: &Path, state: &Path, hosts: &Path) -> String {
-    let disabled = [
-        "io.containerd.snapshotter.v1.aufs",
-        "io.containerd.snapshotter.v1.btrfs",
-        "io.containerd.snapshotter.v1.devmapper",
-        "io.containerd.snapshotter.v1.zfs",
-        "io.containerd.snapshotter.v1.overlayfs",
-        "io.containerd.internal.v1.opt",
-        "io.containerd.internal.v1.tracing",
-        "io.containerd.tracing.processor.v1.otlp",
-    ];
-    let disabled: String = disabled.iter().map(|p| format!("  \"{p}\",\n")).collect();
-    let (r, s) = (root.display(), state.display());
-    // No CNI configuration: containerd logs that pods cannot have networks, which images do not need.
-    format!(
-        "version = 2\nroot = \"{r}/root\"\nstate = \"{s}\"\ntemp = \"{r}/tmp\"\n\
-         disabled_plugins = [\n{disabled}]\n\n\
-         [grpc]\n  address = \"{s}/containerd.sock\"\n\n\
-         [ttrpc]\n  address = \"{s}/containerd.ttrpc.sock\"\n\n\
-         [debug]\n  address = \"\"\n  level = \"info\"\n\n\
-         [plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  \
-         stream_server_port = \"0\"\n  enable_selinux = false\n\
-         [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"native\"\n\
-         [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{r}/cni/bin\"\n  conf_dir = \"{r}/cni/conf\"\n\
-         [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
-        hosts.display()
-    )
-}
-
-/// Writes `dir/<registry>/hosts.toml` naming `url` (plain http) as the only pull and resolve host; `server`
-/// is 127.0.0.1:1, where nothing listens, so a pull cannot quietly go anywhere else.
-pub fn write_hosts(dir: &Path, registry: &str, url: &str) {
-    let d = dir.join(registry);
-    std::fs::create_dir_all(&d).expect("create hosts dir");
-    let toml =
-        format!("server = \"http://127.0.0.1:1\"\n\n[host.\"{url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n");
-    std::fs::write(d.join("hosts.toml"), toml).expect("write hosts.toml");
 }
 
 /// Drops `path`'s pages from the page cache (`POSIX_FADV_DONTNEED`: clean, unmapped pages only).

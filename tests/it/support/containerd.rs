@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // harness: not every helper is used by every test
 
+use super::containerd_files::config_toml;
+pub use super::containerd_files::write_hosts_dir;
 use super::images::{run, run_ok};
 use super::registry::spawn_tied;
 use std::collections::BTreeSet;
@@ -55,7 +57,8 @@ impl Containerd {
         super::tools::require("ctr");
         let dir = tempfile::Builder::new().prefix("wharf-ctd-").tempdir_in("/tmp").expect("tempdir");
         let socket = dir.path().join("state/containerd.sock");
-        std::fs::write(dir.path().join("config.toml"), config_toml(dir.path(), cri_hosts)).expect("write config");
+        std::fs::write(dir.path().join("config.toml"), config_toml(dir.path(), &dir.path().join("state"), cri_hosts))
+            .expect("write config");
         std::fs::create_dir_all(dir.path().join("tmp")).expect("create containerd temp dir");
         Containerd { child: None, dir, socket }
     }
@@ -154,56 +157,4 @@ impl Drop for Containerd {
             }
         }
     }
-}
-
-fn config_toml(dir: &Path, cri_hosts: Option<&Path>) -> String {
-    let cri = cri_hosts.map(|hosts| {
-        let d = dir.display();
-        // No CNI configuration: containerd logs that pods cannot have networks, which images do not need.
-        format!(
-            "\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  \
-             stream_server_port = \"0\"\n  enable_selinux = false\n\
-             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"native\"\n\
-             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{d}/cni/bin\"\n  conf_dir = \"{d}/cni/conf\"\n\
-             [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
-            hosts.display()
-        )
-    });
-    let disabled = [
-        "io.containerd.grpc.v1.cri",
-        "io.containerd.snapshotter.v1.aufs",
-        "io.containerd.snapshotter.v1.btrfs",
-        "io.containerd.snapshotter.v1.devmapper",
-        "io.containerd.snapshotter.v1.zfs",
-        "io.containerd.snapshotter.v1.overlayfs",
-        "io.containerd.internal.v1.opt",
-        "io.containerd.internal.v1.tracing",
-        "io.containerd.tracing.processor.v1.otlp",
-    ];
-    let disabled: Vec<String> = disabled
-        .iter()
-        .filter(|p| cri.is_none() || **p != "io.containerd.grpc.v1.cri")
-        .map(|p| format!("  \"{p}\",\n"))
-        .collect();
-    let d = dir.display();
-    format!(
-        "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ntemp = \"{d}/tmp\"\n\
-         disabled_plugins = [\n{}]\n\n\
-         [grpc]\n  address = \"{d}/state/containerd.sock\"\n\n\
-         [ttrpc]\n  address = \"{d}/state/containerd.ttrpc.sock\"\n\n\
-         [debug]\n  address = \"\"\n  level = \"info\"\n{}",
-        disabled.concat(),
-        cri.unwrap_or_default()
-    )
-}
-
-/// Writes `DIR/<registry>/hosts.toml` naming `mirror_url` (wharf, plain http) as the only pull and resolve
-/// host; `server` points at 127.0.0.1:1, where nothing listens, so a pull can only succeed via the mirror.
-pub fn write_hosts_dir(dir: &Path, registry: &str, mirror_url: &str) {
-    let d = dir.join(registry);
-    std::fs::create_dir_all(&d).expect("create hosts dir");
-    let toml = format!(
-        "server = \"http://127.0.0.1:1\"\n\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-    );
-    std::fs::write(d.join("hosts.toml"), toml).expect("write hosts.toml");
 }

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod containerd;
+pub mod containerd_files;
 pub mod data_dir;
 pub mod fake_s3;
 pub mod fake_upstream;
