@@ -386,12 +386,16 @@ impl Fill {
         self.state.send_replace(FillState::Done { size });
     }
 
+    /// Tells readers that the first `prefix` bytes are in the file. Only ever raises the mark: range writers
+    /// publish after releasing the progress lock, so an older, smaller prefix can arrive after a newer one.
     fn publish_prefix(&self, prefix: u64) {
         self.touched_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-        self.state.send_modify(|s| {
-            if let FillState::Streaming { written, .. } = s {
+        self.state.send_if_modified(|s| match s {
+            FillState::Streaming { written, .. } if *written < prefix => {
                 *written = prefix;
+                true
             }
+            _ => false,
         });
     }
 
