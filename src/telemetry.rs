@@ -53,7 +53,6 @@ struct Pending {
 }
 
 /// A `MakeWriter` for tracing-subscriber: each formatted line is appended to the shared buffer.
-#[derive(Clone)]
 struct Batched(Arc<Shared>);
 
 impl Batched {
@@ -102,18 +101,19 @@ impl Batched {
     }
 }
 
-impl Write for Batched {
+/// Each formatted line is one `write` (tracing-subscriber formats it whole first).
+impl Write for &Shared {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let mut state = self.0.state.lock().unwrap();
+        let mut state = self.state.lock().unwrap();
         if state.lines.len() + line.len() > BUFFER_LIMIT {
-            self.0.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(line.len());
         }
         let before = state.lines.len();
         state.lines.extend_from_slice(line);
         // The writer thread waits for a first line, then for the buffer to fill or FLUSH_EVERY to pass.
         if before == 0 || (before < FLUSH_AT && state.lines.len() >= FLUSH_AT) {
-            self.0.wake.notify_one();
+            self.wake.notify_one();
         }
         Ok(line.len())
     }
@@ -123,11 +123,12 @@ impl Write for Batched {
     }
 }
 
+/// Hands out a borrow of the shared buffer: no reference count touched per line.
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Batched {
-    type Writer = Batched;
+    type Writer = &'a Shared;
 
     fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
+        &self.0
     }
 }
 
@@ -185,7 +186,7 @@ mod tests {
         let sink = Sink::default();
         let (writer, guard) = Batched::start(sink.clone());
         for i in 0..1000 {
-            writer.clone().write_all(format!("line {i}\n").as_bytes()).unwrap();
+            (&*writer.0).write_all(format!("line {i}\n").as_bytes()).unwrap();
         }
         drop(guard);
         let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
@@ -208,7 +209,7 @@ mod tests {
         for (n, expected) in [(1, &b"one line\n"[..]), (2, &b"one line\ntwo lines\n"[..])] {
             wait_for("the writer thread never went idle", &|| writer.0.idle_waits.load(Ordering::Relaxed) >= n);
             let line: &[u8] = if n == 1 { b"one line\n" } else { b"two lines\n" };
-            writer.clone().write_all(line).unwrap();
+            (&*writer.0).write_all(line).unwrap();
             wait_for("a buffered line was never written", &|| sink.0.lock().unwrap().len() == expected.len());
             assert_eq!(&sink.0.lock().unwrap()[..], expected);
         }
@@ -232,19 +233,19 @@ mod tests {
         let sink = Sink::default();
         let (writer, guard) = Batched::start(Stalled(gate.clone(), sink.clone()));
         // The first line is taken by the writer thread, which then blocks in the output.
-        writer.clone().write_all(b"first\n").unwrap();
+        (&*writer.0).write_all(b"first\n").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !writer.0.state.lock().unwrap().lines.is_empty() {
             assert!(std::time::Instant::now() < deadline, "the writer thread never took the first line");
             std::thread::sleep(Duration::from_millis(5));
         }
         // More than the limit, from another thread: were logging to wait for the output, it would never end.
-        let logger = writer.clone();
+        let logger = writer.0.clone();
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let line = [vec![b'x'; 1023], vec![b'\n']].concat();
             for _ in 0..BUFFER_LIMIT / 1024 + 100 {
-                logger.clone().write_all(&line).unwrap();
+                (&*logger).write_all(&line).unwrap();
             }
             done.send(()).unwrap();
         });
