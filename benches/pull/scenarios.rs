@@ -1341,12 +1341,7 @@ pub async fn fill_floor(ctx: &mut Ctx) {
         origins.push(bucket_fills(ctx, &img, &blob, &mut parts).await);
     }
     let (hashes, writes) = (parts.hashes, parts.writes);
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
     let least = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
-    let runs = |v: &[f64]| v.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(", ");
     let gib = blob.size as f64 / GIB as f64;
     let (hash, write) = (median(hashes.clone()), median(writes.clone()));
     notes.push(format!(
@@ -1469,7 +1464,7 @@ async fn peer_fills(ctx: &mut Ctx, img: &Image, blob: &Blob, parts: &mut FloorPa
     ctx.peers.stop(PeerKind::Cluster);
     o.notes.push(format!(
         "Peer fill: the owner's CPU while it served the blob to the filling node: {} CPU-s.",
-        served.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(", ")
+        runs(&served)
     ));
     o
 }
@@ -1705,6 +1700,11 @@ pub async fn cri_pull(ctx: &mut Ctx) {
     let section = Section { scenario: 12, title, notes, table: Table::Transfer(Vec::new()), base: PeerKind::Wharf };
     println!("{}", crate::report::render_section(&section));
     ctx.sections.push(section);
+}
+
+/// `v` as `1.23, 4.56, …`: the runs behind a median.
+fn runs(v: &[f64]) -> String {
+    v.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(", ")
 }
 
 /// The median of `v` (the lower middle one of an even count); NaN if empty.
